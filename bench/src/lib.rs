@@ -1,0 +1,1 @@
+//! Load generation for clusterd tests and benchmarks.

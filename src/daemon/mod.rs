@@ -1,0 +1,1 @@
+//! The daemon: the imperative shell around [`crate::lifecycle`].
