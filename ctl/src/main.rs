@@ -1,1 +1,375 @@
-fn main() {}
+//! clusterctl: control a running clusterd over its control socket.
+//!
+//! One request per run: connect, send the request, print each response as it
+//! arrives, exit. A small synchronous program: blocking std sockets with
+//! timeouts, no async runtime.
+//!
+//! # Exit status
+//!
+//! - 0: success.
+//! - 1: the command failed: clusterd refused it or a restart aborted (any
+//!   [`Response::Error`]), or its reply made no sense.
+//! - 2: usage or config error (nothing was sent).
+//! - 3: clusterd not reachable: no socket, nobody listening, no answer in
+//!   time, or the connection dropped before the final reply.
+//!
+//! Errors are printed once, as `clusterctl: MESSAGE` on stderr; with `--json`
+//! an `{"type":"error","data":{"message":…}}` line is also printed on stdout.
+
+mod args;
+mod client;
+mod render;
+
+use args::{Args, Command, Parsed};
+use client::{Conn, RecvError};
+use clusterd::proto::{self, Request, Response, RestartOutcome};
+use serde_json::json;
+use std::ffi::OsString;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Longest wait for clusterd to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for a reply to `status`, `scale` and `stop` (a restart may
+/// take as long as it takes; only the connection dropping ends the wait).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why clusterctl stops without success.
+#[derive(Debug)]
+enum Failure {
+    /// A bad command line (exit 2).
+    Usage(String),
+    /// The config named by `-c` does not load: `FILE:LINE: message` lines
+    /// (exit 2).
+    Config(String),
+    /// The command failed (exit 1).
+    Failed(String),
+    /// A restart aborted; its JSON event is already printed (exit 1).
+    Aborted(String),
+    /// clusterd cannot be reached, or went away (exit 3).
+    Unreachable(String),
+    /// Stdout was closed (`clusterctl status | head -1`): stop quietly.
+    Quiet,
+}
+
+fn main() -> ExitCode {
+    let raw: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let json = raw.iter().take_while(|a| *a != "--").any(|a| a == "--json");
+    let result = match args::parse(raw) {
+        Ok(Parsed::Help) => print(args::HELP.trim_end()),
+        Ok(Parsed::Version) => print(&format!("clusterctl {}", env!("CARGO_PKG_VERSION"))),
+        Ok(Parsed::Run(args)) => run(&args),
+        Err(message) => Err(Failure::Usage(message)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => report(failure, json),
+    }
+}
+
+/// Prints a failure and returns its exit code.
+fn report(failure: Failure, json: bool) -> ExitCode {
+    let mut stderr = io::stderr().lock();
+    let (code, message) = match failure {
+        Failure::Quiet => return ExitCode::SUCCESS,
+        Failure::Usage(m) => {
+            let _ = writeln!(
+                stderr,
+                "clusterctl: {m}\n{}\nTry 'clusterctl --help' for more information.",
+                args::USAGE
+            );
+            (2, Some(m))
+        }
+        Failure::Config(m) => {
+            let _ = writeln!(stderr, "{m}");
+            (2, Some(m))
+        }
+        Failure::Failed(m) => {
+            let _ = writeln!(stderr, "clusterctl: {m}");
+            (1, Some(m))
+        }
+        Failure::Aborted(m) => {
+            let _ = writeln!(stderr, "clusterctl: {m}");
+            (1, None)
+        }
+        Failure::Unreachable(m) => {
+            let _ = writeln!(stderr, "clusterctl: {m}");
+            (3, Some(m))
+        }
+    };
+    if let (true, Some(message)) = (json, message) {
+        let _ = print(&render::event("error", &json!({ "message": message })));
+    }
+    ExitCode::from(code)
+}
+
+/// Prints one line on stdout (flushed: restart progress must show at once).
+fn print(line: &str) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                Failure::Quiet
+            } else {
+                Failure::Failed(format!("cannot write to stdout: {e}"))
+            }
+        })
+}
+
+fn run(args: &Args) -> Result<(), Failure> {
+    let (path, origin) = choose_socket(args)?;
+    let request = match args.command {
+        Command::Status => Request::Status,
+        Command::Restart => Request::Restart,
+        Command::Scale(scale) => Request::Scale(scale),
+        Command::Stop => Request::Stop,
+    };
+    let mut conn = Conn::connect(&path, CONNECT_TIMEOUT).map_err(|e| {
+        Failure::Unreachable(format!(
+            "cannot reach clusterd at {} ({origin}): {}{}",
+            path.display(),
+            os_error(&e),
+            hint(&e)
+        ))
+    })?;
+    let timeout = match args.command {
+        Command::Restart => None,
+        _ => Some(REPLY_TIMEOUT),
+    };
+    conn.set_read_timeout(timeout)
+        .map_err(|e| Failure::Unreachable(format!("cannot use the connection to clusterd: {e}")))?;
+    // If sending fails, clusterd may still have answered (e.g. refused us
+    // before reading): read first, report the send error if nothing came.
+    let sent = conn.send(&request);
+    let mut session = Session {
+        conn,
+        path,
+        sent,
+        json: args.json,
+    };
+    match args.command {
+        Command::Status => session.status(),
+        Command::Restart => session.restart(),
+        Command::Scale(_) => session.scale(),
+        Command::Stop => session.stop(),
+    }
+}
+
+/// The control socket: `-s`, else the config's (`-c`), else
+/// `$CLUSTERD_SOCKET`; with a description of where it came from.
+fn choose_socket(args: &Args) -> Result<(PathBuf, String), Failure> {
+    if let Some(path) = &args.socket {
+        return Ok((path.clone(), "given with -s".into()));
+    }
+    if let Some(file) = &args.config {
+        let config = clusterd::config::read(file).map_err(|e| Failure::Config(e.to_string()))?;
+        let why = match &config.control {
+            Some(_) => "its control setting".to_string(),
+            None => clusterd::config::default_control_path(&config.name)
+                .1
+                .to_string(),
+        };
+        return Ok((
+            config.control_path(),
+            format!("chosen from -c {}: {why}", file.display()),
+        ));
+    }
+    match std::env::var_os("CLUSTERD_SOCKET").filter(|p| !p.is_empty()) {
+        Some(path) => Ok((path.into(), "from $CLUSTERD_SOCKET".into())),
+        None => Err(Failure::Usage(
+            "no control socket given: use -s SOCKET or -c CONFIG (or set CLUSTERD_SOCKET)".into(),
+        )),
+    }
+}
+
+/// An I/O error's text without the ` (os error N)` suffix.
+fn os_error(e: &io::Error) -> String {
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .unwrap_or(&text)
+            .to_string(),
+        None => text,
+    }
+}
+
+/// What a failed connect most likely means.
+fn hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => " (is clusterd running?)",
+        io::ErrorKind::PermissionDenied => {
+            " (only the user clusterd runs as, and root, may use its control socket)"
+        }
+        io::ErrorKind::TimedOut => " (clusterd is not accepting connections)",
+        _ => "",
+    }
+}
+
+/// A sent request and the responses coming back.
+struct Session {
+    conn: Conn,
+    path: PathBuf,
+    /// Whether the request went out (see [`run`]).
+    sent: io::Result<()>,
+    json: bool,
+}
+
+impl Session {
+    fn status(&mut self) -> Result<(), Failure> {
+        match self.next("a status")? {
+            Response::Status(status) => {
+                if self.json {
+                    print(&render::status_json(&status).to_string())
+                } else {
+                    print(render::status(&status).trim_end())
+                }
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn restart(&mut self) -> Result<(), Failure> {
+        let mut progress: Option<(u32, u32)> = None;
+        loop {
+            let what = match progress {
+                None => "the restart's result".to_string(),
+                Some((done, total)) => {
+                    format!("the restart's result (after {done}/{total} workers were replaced)")
+                }
+            };
+            match self.next(&what)? {
+                Response::Progress(p) => {
+                    progress = Some((p.done, p.total));
+                    if self.json {
+                        print(&render::event("progress", &render::progress_json(&p)))?;
+                    } else {
+                        print(&render::progress(&p))?;
+                    }
+                }
+                Response::Restarted(RestartOutcome::Done {
+                    generation,
+                    replaced,
+                    elapsed_ms,
+                }) => {
+                    return if self.json {
+                        print(&render::event(
+                            "done",
+                            &render::done_json(generation, replaced, elapsed_ms),
+                        ))
+                    } else {
+                        print(&render::restart_done(generation, replaced, elapsed_ms))
+                    };
+                }
+                Response::Restarted(RestartOutcome::Aborted {
+                    reason,
+                    replaced,
+                    total,
+                }) => {
+                    if self.json {
+                        print(&render::event(
+                            "aborted",
+                            &render::aborted_json(&reason, replaced, total),
+                        ))?;
+                    }
+                    return Err(Failure::Aborted(render::restart_aborted(
+                        &reason, replaced, total,
+                    )));
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    fn scale(&mut self) -> Result<(), Failure> {
+        match self.next("the result")? {
+            Response::Scaled { from, to } => {
+                if self.json {
+                    print(&render::event("scaled", &json!({ "from": from, "to": to })))
+                } else {
+                    print(&render::scaled(from, to))
+                }
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), Failure> {
+        match self.next("the result")? {
+            Response::Stopping => {
+                if self.json {
+                    print(&render::event("stopping", &json!({})))
+                } else {
+                    print(&render::stopping())
+                }
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The next response; [`Response::Error`] and every way of not getting a
+    /// response become failures. `what` names the awaited reply in messages.
+    fn next(&mut self, what: &str) -> Result<Response, Failure> {
+        let path = self.path.display();
+        match self.conn.recv() {
+            Ok(Some(Response::Error(message))) => Err(Failure::Failed(message)),
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(Failure::Unreachable(match &self.sent {
+                Err(e) => format!(
+                    "cannot send the request to clusterd at {path}: {}",
+                    os_error(e)
+                ),
+                Ok(()) => format!("clusterd at {path} closed the connection before sending {what}"),
+            })),
+            Err(RecvError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(Failure::Unreachable(format!(
+                    "clusterd at {path} did not send {what} within {} s",
+                    REPLY_TIMEOUT.as_secs()
+                )))
+            }
+            Err(RecvError::Io(e)) => Err(Failure::Unreachable(format!(
+                "lost the connection to clusterd at {path} while waiting for {what}: {}",
+                os_error(&e)
+            ))),
+            Err(RecvError::Truncated) => Err(Failure::Unreachable(format!(
+                "clusterd at {path} closed the connection in the middle of {what}"
+            ))),
+            Err(RecvError::Protocol(proto::Error::Version { theirs, ours })) => {
+                Err(Failure::Failed(format!(
+                    "clusterd at {path} speaks protocol version {theirs}, this clusterctl speaks version {ours} \
+                 (use the clusterctl that comes with this clusterd)"
+                )))
+            }
+            Err(RecvError::Protocol(e)) => Err(Failure::Failed(format!(
+                "cannot understand the reply of clusterd at {path}: {e}"
+            ))),
+        }
+    }
+}
+
+fn unexpected(response: &Response) -> Failure {
+    Failure::Failed(format!("unexpected reply from clusterd: {response:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_lose_their_number() {
+        let e = io::Error::from_raw_os_error(2);
+        assert_eq!(os_error(&e), "No such file or directory");
+        assert_eq!(hint(&e), " (is clusterd running?)");
+        let e = io::Error::other("custom");
+        assert_eq!(os_error(&e), "custom");
+    }
+}

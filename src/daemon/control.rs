@@ -1,0 +1,1526 @@
+//! The control socket: where `clusterctl` talks to clusterd.
+//!
+//! A unix stream socket, mode 0600 in a 0700 folder. Each connection carries
+//! **one request**: the client sends one [`proto::frame`] holding a
+//! [`Request`], clusterd answers with one or more [`Response`] frames (a
+//! rolling restart streams [`Response::Progress`] before its final
+//! [`Response::Restarted`]) and then closes the connection. A client that
+//! wants to send another request opens another connection.
+//!
+//! [`ControlSocket::bind`] creates the socket (replacing a stale one, refusing
+//! to steal one a live clusterd answers on); [`ControlSocket::serve`] accepts
+//! clients and hands their requests to the main loop as [`ControlRequest`]s.
+//! Dropping the [`ControlSocket`] removes the socket file.
+//!
+//! # Implementation
+//!
+//! - `serve` owns a private [`LocalExecutor`] that runs one task per client,
+//!   so `serve` borrows nothing from the caller's executor and dropping the
+//!   `serve` future disconnects every client. It must be polled for clients to
+//!   make progress (spawn it on the main loop's executor).
+//! - Every client is checked with `SO_PEERCRED`: only the daemon's euid and
+//!   root may talk to it, whatever the file mode says. Anyone else gets one
+//!   [`Response::Error`] frame and is disconnected.
+//! - The request frame (length prefix, at most [`proto::MAX_REQUEST`] bytes,
+//!   refused before allocating) must arrive within [`READ_TIMEOUT`]. Every
+//!   response frame must be written within [`WRITE_TIMEOUT`] or the client is
+//!   dropped, so a client that stops reading cannot pin memory.
+//! - At most [`MAX_CLIENTS`] clients at once. When a new client arrives and
+//!   all slots are taken, the oldest client that has not yet sent its request
+//!   is dropped to make room (so a pile of idle or stuck connections cannot
+//!   lock the operator out); if every slot holds a request being served, the
+//!   new client gets a "busy" error and is closed. Either is logged once per
+//!   burst.
+//! - `accept` failing (`EMFILE`, `ENFILE`, ...) is logged once and retried
+//!   every [`ACCEPT_BACKOFF`], so it cannot spin the CPU.
+//! - Writes use `send(MSG_NOSIGNAL)`: a client that went away is an error,
+//!   never a `SIGPIPE`.
+
+use crate::proto::{self, FRAME_HEADER, MAX_REQUEST, MAX_RESPONSE, Request, Response};
+use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::process::Uid;
+use smol::channel::{Receiver, Sender};
+use smol::future::FutureExt as _;
+use smol::io::AsyncReadExt as _;
+use smol::lock::{Semaphore, SemaphoreGuardArc};
+use smol::{Async, LocalExecutor, Timer};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
+};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most clients served at once.
+pub const MAX_CLIENTS: usize = 64;
+
+/// A client must send its whole request frame within this.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Each response frame must be written within this, or the client is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause before retrying a failed `accept` (e.g. out of file descriptors).
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long [`ControlSocket::bind`] waits for a clusterd already listening on
+/// the path to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long [`ControlSocket::bind`] waits for another process's lock on the
+/// socket's folder (held while it checks and binds its own socket).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A request from a control client and where to send its replies.
+///
+/// The main loop sends one or more [`Response`]s on `reply` and then drops it;
+/// the connection is closed once `reply` is dropped and every response is
+/// written. `reply` is unbounded, so sending never waits (use
+/// [`Sender::try_send`] from synchronous code); a send error means the client
+/// has gone away and can be ignored.
+///
+/// The main loop must not close its receiver while requests are queued in
+/// it and keep `serve` running: a queued request keeps its client waiting.
+/// (Dropping the `serve` future disconnects everyone; a closed, empty
+/// channel makes new clients get "clusterd is shutting down".)
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub request: Request,
+    pub reply: Sender<Response>,
+}
+
+/// The bound control socket. Dropping it removes the socket file (if it is
+/// still the one this value created).
+#[derive(Debug)]
+pub struct ControlSocket {
+    /// Where the socket lives; removed on drop.
+    path: PathBuf,
+    listener: Async<UnixListener>,
+    /// `(st_dev, st_ino)` of the socket file created by `bind`, so that drop
+    /// never removes a socket someone else put at the same path.
+    id: (u64, u64),
+    /// The daemon's effective uid: with root, the only peer allowed in.
+    owner: Uid,
+}
+
+impl ControlSocket {
+    /// Creates the control socket at `path`.
+    ///
+    /// - The folder is created with mode 0700 if it does not exist. An
+    ///   existing one must be a directory owned by this user or root and not
+    ///   writable by others unless sticky (like `/tmp`); its mode is left
+    ///   alone. Otherwise someone else could replace the socket.
+    /// - A socket file nobody listens on (connecting is refused) is a stale
+    ///   leftover and is replaced. If a clusterd answers on it, binding fails
+    ///   naming its pid; if something else listens there, binding fails too.
+    ///   Any other file at `path` is never removed.
+    /// - The socket is made mode 0600.
+    ///
+    /// While checking and binding, the folder is `flock`ed so that two
+    /// clusterds starting at once cannot both decide the socket is stale.
+    ///
+    /// # Errors
+    ///
+    /// One-line [`io::Error`]s naming the path, e.g. `control socket
+    /// /run/clusterd/shop.sock is in use by clusterd pid 1234`.
+    pub fn bind(path: &Path) -> io::Result<ControlSocket> {
+        let shown = path.display();
+        let len = path.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "control socket path {shown} is too long ({len} bytes; a unix socket path has at most {MAX_SOCKET_PATH})"
+                ),
+            ));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        ensure_dir(dir)?;
+        let _lock = lock_dir(dir)?;
+        remove_if_stale(path)?;
+        let listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot bind control socket {shown}: {e}"))
+        })?;
+        let meta = fs::symlink_metadata(path)
+            .and_then(|m| {
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+                Ok(m)
+            })
+            .map_err(|e| {
+                let _ = fs::remove_file(path);
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot set up control socket {shown}: {e}"),
+                )
+            })?;
+        let id = (meta.dev(), meta.ino());
+        let listener = Async::new(listener).map_err(|e| {
+            let _ = fs::remove_file(path);
+            io::Error::new(
+                e.kind(),
+                format!("cannot watch control socket {shown}: {e}"),
+            )
+        })?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            listener,
+            id,
+            owner: rustix::process::geteuid(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts clients until the returned future is dropped, sending each
+    /// client's request to the main loop on `requests`.
+    ///
+    /// Clients are served by tasks on an executor private to this future, so
+    /// it must be polled continuously (spawn it on the main loop's
+    /// executor); dropping it disconnects every client. If `requests` is
+    /// closed, clients are told clusterd is shutting down.
+    pub async fn serve(&self, requests: Sender<ControlRequest>) {
+        let clients = LocalExecutor::new();
+        clients.run(self.accept_loop(&clients, requests)).await
+    }
+
+    async fn accept_loop(&self, clients: &LocalExecutor<'_>, requests: Sender<ControlRequest>) {
+        let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        // Clients that have not sent their request yet, oldest first. Dropping
+        // a client's sender tells it to go away.
+        let waiting: Rc<RefCell<BTreeMap<u64, Sender<()>>>> = Rc::default();
+        let mut next_id = 0u64;
+        let mut accept_failing = false;
+        // Over the client limit: (evicted, refused) in the current burst.
+        let mut burst: Option<(u64, u64)> = None;
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    if accept_failing {
+                        accept_failing = false;
+                        log!(info, "control.accept_recovered");
+                    }
+                    stream
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOMEM: the pending connection stays queued
+                    // and the listener stays readable, so wait before retrying.
+                    if !accept_failing {
+                        accept_failing = true;
+                        log!(
+                            error,
+                            "control.accept_failed",
+                            error = e,
+                            retry_ms = ACCEPT_BACKOFF.as_millis()
+                        );
+                    }
+                    Timer::after(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+
+            let slot = match slots.try_acquire_arc() {
+                Some(slot) => {
+                    if let Some((evicted, refused)) = burst.take() {
+                        log!(
+                            info,
+                            "control.busy_end",
+                            evicted = evicted,
+                            refused = refused
+                        );
+                    }
+                    slot
+                }
+                None => {
+                    let (evicted, refused) = burst.get_or_insert_with(|| {
+                        log!(
+                            warn,
+                            "control.busy",
+                            limit = MAX_CLIENTS,
+                            action = "dropping the oldest clients that have not sent a request, refusing new ones if none"
+                        );
+                        (0, 0)
+                    });
+                    let oldest = waiting.borrow_mut().pop_first();
+                    // The evicted client's task ends (and frees its slot) the
+                    // next time it runs: it polls its eviction signal first.
+                    let freed = match oldest {
+                        Some((_, evict)) => {
+                            drop(evict);
+                            *evicted += 1;
+                            async { Some(slots.acquire_arc().await) }
+                                .or(async {
+                                    Timer::after(Duration::from_secs(1)).await;
+                                    None
+                                })
+                                .await
+                        }
+                        None => None,
+                    };
+                    match freed {
+                        Some(slot) => slot,
+                        None => {
+                            *refused += 1;
+                            try_send_error(
+                                &stream,
+                                format!(
+                                    "clusterd is busy: {MAX_CLIENTS} control requests are in progress; try again"
+                                ),
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+
+            let id = next_id;
+            next_id += 1;
+            let (evict, evicted) = smol::channel::bounded::<()>(1);
+            waiting.borrow_mut().insert(id, evict);
+            let client = Client {
+                stream,
+                owner: self.owner,
+                _slot: slot,
+                waiting: Waiting {
+                    id,
+                    list: waiting.clone(),
+                },
+            };
+            clients
+                .spawn(client.run(requests.clone(), evicted))
+                .detach();
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.id => {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    log!(
+                        warn,
+                        "control.unlink_failed",
+                        path = self.path.display(),
+                        error = e
+                    );
+                }
+            }
+            Ok(_) => log!(
+                warn,
+                "control.unlink_skipped",
+                path = self.path.display(),
+                reason = "the path now holds another file"
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// One connected client; its fields are released when its task ends.
+struct Client {
+    stream: Async<UnixStream>,
+    owner: Uid,
+    /// One of the [`MAX_CLIENTS`] permits.
+    _slot: SemaphoreGuardArc,
+    /// Membership in the list of clients that may be evicted.
+    waiting: Waiting,
+}
+
+/// Removes a client from the eviction list when it has sent its request (or
+/// ends).
+struct Waiting {
+    id: u64,
+    list: Rc<RefCell<BTreeMap<u64, Sender<()>>>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.list.borrow_mut().remove(&self.id);
+    }
+}
+
+/// Why a client's request could not be read.
+#[derive(Debug)]
+enum BadRequest {
+    /// The connection was closed after `got` bytes (0: before anything was
+    /// sent); `want` is the frame's size when its header had arrived.
+    Closed { got: usize, want: Option<usize> },
+    /// No complete frame within [`READ_TIMEOUT`].
+    TimedOut { got: usize },
+    /// Reading failed.
+    Io(io::Error),
+    /// The frame was too large or its contents are not a valid request.
+    Invalid(proto::Error),
+}
+
+impl BadRequest {
+    /// The text logged and sent back to the client.
+    fn reason(&self) -> String {
+        match self {
+            BadRequest::Closed { got: 0, .. } => {
+                "connection closed before a request was sent".into()
+            }
+            BadRequest::Closed {
+                got,
+                want: Some(want),
+            } => {
+                format!("connection closed after {got} of {want} bytes of the request")
+            }
+            BadRequest::Closed { got, want: None } => {
+                format!("connection closed after {got} bytes, inside the request's length prefix")
+            }
+            BadRequest::TimedOut { got } => format!(
+                "no complete request within {} s ({got} bytes received)",
+                READ_TIMEOUT.as_secs()
+            ),
+            BadRequest::Io(e) => format!("cannot read the request: {e}"),
+            BadRequest::Invalid(proto::Error::Version { theirs, ours }) => format!(
+                "protocol version mismatch: the client speaks version {theirs}, this clusterd speaks version {ours}"
+            ),
+            BadRequest::Invalid(proto::Error::TooLarge { len, limit }) => {
+                format!("request of {len} bytes exceeds the limit of {limit}")
+            }
+            BadRequest::Invalid(e) => format!("bad request: {e}"),
+        }
+    }
+}
+
+impl Client {
+    async fn run(self, requests: Sender<ControlRequest>, evicted: Receiver<()>) {
+        let cred = match rustix::net::sockopt::socket_peercred(&self.stream) {
+            Ok(cred) => cred,
+            Err(e) => {
+                log!(
+                    warn,
+                    "control.bad_request",
+                    reason = "cannot read the peer's credentials",
+                    error = e
+                );
+                return;
+            }
+        };
+        let (pid, uid) = (cred.pid.as_raw_pid(), cred.uid.as_raw());
+
+        // Until the request is in, the client may be evicted to make room. The
+        // eviction signal is polled first, so an evicted client always ends
+        // the next time it runs.
+        let eviction = async {
+            let _ = evicted.recv().await;
+            None
+        };
+        let Some(request) = eviction.or(self.read_checked(cred.uid, pid)).await else {
+            // Evicted (rather than refused or failed): our sender was dropped.
+            if evicted.is_closed() {
+                try_send_error(
+                    &self.stream,
+                    format!(
+                        "dropped: {MAX_CLIENTS} control clients were connected and this one had not sent a request"
+                    ),
+                );
+            }
+            return;
+        };
+        drop(self.waiting);
+
+        if !matches!(request, Request::Status) {
+            log!(
+                info,
+                "control.request",
+                pid = pid,
+                uid = uid,
+                request = format!("{request:?}")
+            );
+        }
+        let (reply, replies) = smol::channel::unbounded();
+        if requests
+            .send(ControlRequest { request, reply })
+            .await
+            .is_err()
+        {
+            let _ = write_frame(
+                &self.stream,
+                &proto::frame(&Response::Error("clusterd is shutting down".into())),
+            )
+            .await;
+            return;
+        }
+        while let Ok(response) = replies.recv().await {
+            let mut frame = proto::frame(&response);
+            if frame.len() - FRAME_HEADER > MAX_RESPONSE {
+                let len = frame.len() - FRAME_HEADER;
+                log!(
+                    error,
+                    "control.response_too_large",
+                    pid = pid,
+                    len = len,
+                    limit = MAX_RESPONSE
+                );
+                frame = proto::frame(&Response::Error(format!(
+                    "internal error: the response of {len} bytes exceeds the limit of {MAX_RESPONSE}"
+                )));
+            }
+            if let Err(e) = write_frame(&self.stream, &frame).await {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    log!(
+                        warn,
+                        "control.slow_client",
+                        pid = pid,
+                        uid = uid,
+                        reason = e
+                    );
+                } else {
+                    log!(info, "control.client_gone", pid = pid, uid = uid, error = e);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Checks the peer and reads its request. `None`: the client was refused
+    /// or sent a bad request (already answered and logged).
+    async fn read_checked(&self, peer: Uid, pid: i32) -> Option<Request> {
+        let uid = peer.as_raw();
+        if peer != self.owner && !peer.is_root() {
+            let owner = self.owner.as_raw();
+            log!(
+                warn,
+                "control.refused",
+                pid = pid,
+                uid = uid,
+                owner = owner,
+                reason = "not the owner or root"
+            );
+            let msg = format!(
+                "permission denied: uid {uid} may not control this clusterd (owner uid {owner})"
+            );
+            let _ = write_frame(&self.stream, &proto::frame(&Response::Error(msg))).await;
+            return None;
+        }
+        let got = Cell::new(0);
+        let timeout = async {
+            Timer::after(READ_TIMEOUT).await;
+            Err(BadRequest::TimedOut { got: got.get() })
+        };
+        match read_request(&self.stream, &got).or(timeout).await {
+            Ok(request) => Some(request),
+            Err(bad) => {
+                let reason = bad.reason();
+                if let BadRequest::Closed { got: 0, .. } = bad {
+                    // Connect-and-close: a probe or a port check, not an attack.
+                    log!(
+                        info,
+                        "control.bad_request",
+                        pid = pid,
+                        uid = uid,
+                        reason = reason
+                    );
+                } else {
+                    log!(
+                        warn,
+                        "control.bad_request",
+                        pid = pid,
+                        uid = uid,
+                        reason = reason
+                    );
+                }
+                if !matches!(bad, BadRequest::Io(_)) {
+                    let _ =
+                        write_frame(&self.stream, &proto::frame(&Response::Error(reason))).await;
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Reads one request frame, counting the bytes received in `got`.
+async fn read_request(
+    stream: &Async<UnixStream>,
+    got: &Cell<usize>,
+) -> Result<Request, BadRequest> {
+    let mut header = [0u8; FRAME_HEADER];
+    read_full(stream, &mut header, got, None).await?;
+    let len = proto::frame_len(header, MAX_REQUEST).map_err(BadRequest::Invalid)?;
+    let mut body = vec![0u8; len];
+    read_full(stream, &mut body, got, Some(FRAME_HEADER + len)).await?;
+    proto::decode::<Request>(&body, MAX_REQUEST).map_err(BadRequest::Invalid)
+}
+
+async fn read_full(
+    mut stream: &Async<UnixStream>,
+    buf: &mut [u8],
+    got: &Cell<usize>,
+    want: Option<usize>,
+) -> Result<(), BadRequest> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]).await {
+            Ok(0) => {
+                return Err(BadRequest::Closed {
+                    got: got.get(),
+                    want,
+                });
+            }
+            Ok(n) => {
+                filled += n;
+                got.set(got.get() + n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(BadRequest::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a whole frame within [`WRITE_TIMEOUT`] (`TimedOut` otherwise).
+async fn write_frame(stream: &Async<UnixStream>, frame: &[u8]) -> io::Result<()> {
+    let write = async {
+        let mut sent = 0;
+        while sent < frame.len() {
+            sent += stream
+                .write_with(|s| {
+                    rustix::net::send(s, &frame[sent..], SendFlags::NOSIGNAL)
+                        .map_err(io::Error::from)
+                })
+                .await?;
+        }
+        Ok(())
+    };
+    let timeout = async {
+        Timer::after(WRITE_TIMEOUT).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client did not read a response within {} s",
+                WRITE_TIMEOUT.as_secs()
+            ),
+        ))
+    };
+    write.or(timeout).await
+}
+
+/// Sends an error frame if the socket buffer takes it right away; for clients
+/// being turned away, which get no more of clusterd's time.
+fn try_send_error(stream: &Async<UnixStream>, message: String) {
+    let frame = proto::frame(&Response::Error(message));
+    let _ = rustix::net::send(stream, &frame, SendFlags::NOSIGNAL | SendFlags::DONTWAIT);
+}
+
+/// Makes sure the socket's folder exists (creating it 0700) and is a private
+/// directory: owned by this user or root, and not writable by others (unless
+/// sticky, like `/tmp`), so nobody else can replace the socket in it.
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    let shown = dir.display();
+    let meta = match fs::metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot create control socket folder {shown}: {e}"),
+                    )
+                })?;
+            fs::metadata(dir)
+        }
+        other => other,
+    }
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot access control socket folder {shown}: {e}"),
+        )
+    })?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("control socket folder {shown} is not a directory"),
+        ));
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "control socket folder {shown} belongs to uid {}, not to this user (uid {euid}) or root",
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "control socket folder {shown} is writable by other users (mode {mode:04o}); make it private (0700)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes an exclusive `flock` on the folder, released when the returned file
+/// is dropped. Another clusterd holds it for at most [`PROBE_TIMEOUT`] and a
+/// bit, so waiting longer than [`LOCK_TIMEOUT`] is an error. Best effort
+/// otherwise: a folder that cannot be opened or locked is not locked.
+fn lock_dir(dir: &Path) -> io::Result<Option<fs::File>> {
+    use rustix::fs::FlockOperation::NonBlockingLockExclusive;
+    let Ok(file) = fs::File::open(dir) else {
+        return Ok(None);
+    };
+    let deadline = Instant::now() + LOCK_TIMEOUT;
+    loop {
+        match rustix::fs::flock(&file, NonBlockingLockExclusive) {
+            Ok(()) => return Ok(Some(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "cannot lock control socket folder {}: another process has held its lock for {} s",
+                        dir.display(),
+                        LOCK_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// Removes a stale socket at `path`; fails if the path is in use or is not a
+/// socket.
+fn remove_if_stale(path: &Path) -> io::Result<()> {
+    let shown = path.display();
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot inspect control socket {shown}: {e}"),
+            ));
+        }
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "control socket path {shown} exists and is not a socket (refusing to replace it)"
+                ),
+            ));
+        }
+        Ok(_) => {}
+    }
+    let in_use = |what: String| {
+        io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("control socket {shown} is in use by {what}"),
+        )
+    };
+    match probe(path) {
+        Ok(Probe::Stale) => match fs::remove_file(path) {
+            Ok(()) => {
+                log!(info, "control.stale_removed", path = shown);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot remove stale control socket {shown}: {e}"),
+            )),
+        },
+        Ok(Probe::Gone) => Ok(()),
+        Ok(Probe::Clusterd(pid)) => Err(in_use(format!("clusterd pid {pid}"))),
+        Ok(Probe::Other(what)) => Err(in_use(what)),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot check whether control socket {shown} is in use: {e}"),
+        )),
+    }
+}
+
+/// What listens on an existing socket file.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// Nobody: connecting is refused.
+    Stale,
+    /// The file disappeared meanwhile.
+    Gone,
+    /// A clusterd that answered `Status` with this pid.
+    Clusterd(u32),
+    /// Something else, described.
+    Other(String),
+}
+
+/// Asks whatever listens at `path` for its `Status`, within [`PROBE_TIMEOUT`].
+fn probe(path: &Path) -> io::Result<Probe> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    // A nonblocking connect to a unix socket completes at once, or fails with
+    // EAGAIN when the listener's backlog is full (rather than waiting).
+    match rustix::net::connect(&fd, &SocketAddrUnix::new(path)?) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::CONNREFUSED) => return Ok(Probe::Stale),
+        Err(rustix::io::Errno::NOENT) => return Ok(Probe::Gone),
+        Err(rustix::io::Errno::AGAIN) => {
+            return Ok(Probe::Other(
+                "a program that is not accepting connections (its backlog is full)".into(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let mut stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    let answer = (|| {
+        stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
+        stream.write_all(&proto::frame(&Request::Status))?;
+        let mut header = [0u8; FRAME_HEADER];
+        read_exact_by(&mut stream, &mut header, deadline)?;
+        let len = proto::frame_len(header, MAX_RESPONSE).map_err(io::Error::other)?;
+        let mut body = vec![0u8; len];
+        read_exact_by(&mut stream, &mut body, deadline)?;
+        proto::decode::<Response>(&body, MAX_RESPONSE).map_err(io::Error::other)
+    })();
+    Ok(match answer {
+        Ok(Response::Status(status)) => Probe::Clusterd(status.pid),
+        Ok(Response::Error(msg)) => Probe::Other(format!(
+            "a clusterd that refused to give its status ({msg})"
+        )),
+        Ok(other) => Probe::Other(format!(
+            "a program that gave an unexpected answer ({other:?})"
+        )),
+        Err(e) => Probe::Other(format!(
+            "a program that did not answer as clusterd within {} s ({e})",
+            PROBE_TIMEOUT.as_secs()
+        )),
+    })
+}
+
+/// `read_exact` on a blocking stream, failing with `TimedOut` at `deadline`.
+fn read_exact_by(stream: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{ListenerInfo, Progress, RestartOutcome, Status, WorkerStatus};
+    use std::os::unix::process::CommandExt as _;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::mpsc;
+    use std::thread::JoinHandle;
+
+    const PID: u32 = 4242;
+
+    /// A fresh, empty folder of our own under the system temp dir (mode
+    /// 0755), removed on drop.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "clusterd-control-{}-{n}-{name}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(dir)
+    }
+
+    fn status() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            pid: PID,
+            uptime_ms: 11_520_000,
+            config: "/etc/clusterd/shop.conf".into(),
+            protocol: "clusterd".into(),
+            listeners: vec![ListenerInfo {
+                name: "http".into(),
+                address: "127.0.0.1:3000".into(),
+            }],
+            desired: 1,
+            ready: 1,
+            generation: 4,
+            operation: None,
+            workers: vec![WorkerStatus {
+                id: 1,
+                pid: Some(812),
+                generation: 4,
+                state: "ready".into(),
+                uptime_ms: 60_000,
+                restarts: 0,
+                last_exit: None,
+                rss_bytes: Some(14_900_000),
+                requests: Some(10),
+                active: Some(1),
+                note: None,
+            }],
+        }
+    }
+
+    fn restart_replies() -> Vec<Response> {
+        let step = |done, old, new| {
+            Response::Progress(Progress {
+                worker_id: done,
+                done,
+                total: 2,
+                old_pid: Some(old),
+                new_pid: new,
+                elapsed_ms: 41,
+            })
+        };
+        vec![
+            step(1, 812, 907),
+            step(2, 813, 908),
+            Response::Restarted(RestartOutcome::Done {
+                generation: 5,
+                replaced: 2,
+                elapsed_ms: 1320,
+            }),
+        ]
+    }
+
+    /// How the fake main loop behaves.
+    #[derive(Clone, Copy)]
+    enum Main {
+        /// Answers like a daemon: Status, Restart (streamed), Stop; refuses Scale.
+        Normal,
+        /// Answers Status with a status of some MiB (more than socket buffers hold).
+        Big,
+        /// Answers Status with a status too large to send.
+        Huge,
+        /// Has gone away: the request channel is closed.
+        Gone,
+    }
+
+    async fn fake_main(mode: Main, requests: Receiver<ControlRequest>) {
+        while let Ok(ControlRequest { request, reply }) = requests.recv().await {
+            let replies = match (mode, request) {
+                (Main::Big, _) => {
+                    let mut s = status();
+                    s.workers = vec![s.workers[0].clone(); 40_000];
+                    vec![Response::Status(Box::new(s))]
+                }
+                (Main::Huge, _) => {
+                    let mut s = status();
+                    s.workers[0].note = Some("x".repeat(MAX_RESPONSE));
+                    vec![Response::Status(Box::new(s))]
+                }
+                (_, Request::Status) => vec![Response::Status(Box::new(status()))],
+                (_, Request::Restart) => restart_replies(),
+                (_, Request::Scale(_)) => {
+                    vec![Response::Error("scaling is refused in this test".into())]
+                }
+                (_, Request::Stop) => vec![Response::Stopping],
+            };
+            for r in replies {
+                reply.try_send(r).unwrap();
+            }
+        }
+    }
+
+    /// A ControlSocket served on its own thread by a LocalExecutor, with a
+    /// fake main loop. Dropping it stops the thread (and so the socket).
+    struct Server {
+        path: PathBuf,
+        stop: Option<smol::channel::Sender<()>>,
+        done: mpsc::Receiver<()>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Server {
+        fn start(dir: &Path) -> Server {
+            Server::with(
+                ControlSocket::bind(&dir.join("ctl/test.sock")).unwrap(),
+                Main::Normal,
+            )
+        }
+
+        fn with(socket: ControlSocket, mode: Main) -> Server {
+            let path = socket.path().to_path_buf();
+            let (stop, stopped) = smol::channel::bounded::<()>(1);
+            let (done_tx, done) = mpsc::channel();
+            let thread = std::thread::spawn(move || {
+                let ex = LocalExecutor::new();
+                let (tx, rx) = smol::channel::unbounded();
+                if let Main::Gone = mode {
+                    rx.close();
+                }
+                smol::block_on(ex.run(async {
+                    let main = ex.spawn(fake_main(mode, rx));
+                    socket
+                        .serve(tx)
+                        .or(async {
+                            let _ = stopped.recv().await;
+                        })
+                        .await;
+                    drop(main);
+                }));
+                drop(socket);
+                let _ = done_tx.send(());
+            });
+            Server {
+                path,
+                stop: Some(stop),
+                done,
+                thread: Some(thread),
+            }
+        }
+
+        /// Stops serving and drops the socket; bounded in time.
+        fn stop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                drop(stop);
+                self.done
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("the server thread did not stop within 10 s");
+                self.thread.take().unwrap().join().unwrap();
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                self.stop();
+            }
+        }
+    }
+
+    fn connect(path: &Path) -> UnixStream {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// Reads responses until the server closes the connection.
+    fn read_all(s: &mut UnixStream) -> Vec<Response> {
+        let mut out = Vec::new();
+        loop {
+            let mut header = [0u8; FRAME_HEADER];
+            match s.read_exact(&mut header) {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return out,
+                // Closing with our unsent junk unread resets the connection
+                // after the buffered replies have been read.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return out,
+                Err(e) => panic!("reading a response: {e}"),
+                Ok(()) => {}
+            }
+            let len = proto::frame_len(header, MAX_RESPONSE).unwrap();
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).unwrap();
+            out.push(proto::decode(&body, MAX_RESPONSE).unwrap());
+        }
+    }
+
+    fn send_raw(path: &Path, bytes: &[u8], shutdown: bool) -> Vec<Response> {
+        let mut s = connect(path);
+        s.write_all(bytes).unwrap();
+        if shutdown {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        read_all(&mut s)
+    }
+
+    fn ask(path: &Path, request: &Request) -> Vec<Response> {
+        send_raw(path, &proto::frame(request), false)
+    }
+
+    /// The one reply must be an error containing every piece of `needles`.
+    #[track_caller]
+    fn assert_error(replies: &[Response], needles: &[&str]) {
+        match replies {
+            [Response::Error(msg)] => {
+                for needle in needles {
+                    assert!(msg.contains(needle), "{msg:?} does not contain {needle:?}");
+                }
+            }
+            other => panic!("expected one error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_round_trip() {
+        let dir = temp_dir("status");
+        let server = Server::start(&dir);
+        assert_eq!(
+            ask(&server.path, &Request::Status),
+            [Response::Status(Box::new(status()))]
+        );
+        assert_eq!(ask(&server.path, &Request::Stop), [Response::Stopping]);
+        assert_error(
+            &ask(&server.path, &Request::Scale(proto::Scale::To(3))),
+            &["refused"],
+        );
+    }
+
+    #[test]
+    fn restart_replies_are_streamed_in_order() {
+        let dir = temp_dir("restart");
+        let server = Server::start(&dir);
+        assert_eq!(ask(&server.path, &Request::Restart), restart_replies());
+    }
+
+    #[test]
+    fn random_bytes_get_an_error() {
+        let dir = temp_dir("random");
+        let server = Server::start(&dir);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        };
+        // A plausible length, then junk.
+        let mut bytes = vec![0, 0, 0, 32];
+        bytes.extend((0..32).map(|_| random()));
+        assert!(matches!(
+            &send_raw(&server.path, &bytes, false)[..],
+            [Response::Error(_)]
+        ));
+        // Junk all the way, then the client stops sending.
+        let bytes: Vec<u8> = (0..200).map(|_| random()).collect();
+        assert!(matches!(
+            &send_raw(&server.path, &bytes, true)[..],
+            [Response::Error(_)]
+        ));
+        // The server is still fine.
+        assert_eq!(ask(&server.path, &Request::Status).len(), 1);
+    }
+
+    #[test]
+    fn a_4_gib_length_is_refused_at_once() {
+        let dir = temp_dir("huge-length");
+        let server = Server::start(&dir);
+        let start = Instant::now();
+        assert_error(
+            &send_raw(&server.path, &[0xff; 4], false),
+            &["4294967295 bytes exceeds the limit of 65536"],
+        );
+        assert!(start.elapsed() < READ_TIMEOUT, "it waited for the body");
+    }
+
+    #[test]
+    fn a_truncated_frame_gets_an_error() {
+        let dir = temp_dir("truncated");
+        let server = Server::start(&dir);
+        let mut bytes = 100u32.to_be_bytes().to_vec();
+        bytes.extend([1; 10]);
+        assert_error(
+            &send_raw(&server.path, &bytes, true),
+            &["closed after 14 of 104 bytes"],
+        );
+        assert_error(
+            &send_raw(&server.path, &[0, 0], true),
+            &["closed after 2 bytes"],
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let dir = temp_dir("trailing");
+        let server = Server::start(&dir);
+        let mut record = proto::encode(&Request::Status);
+        record.push(0);
+        let mut bytes = (record.len() as u32).to_be_bytes().to_vec();
+        bytes.extend(record);
+        assert_error(
+            &send_raw(&server.path, &bytes, false),
+            &["1 trailing bytes"],
+        );
+    }
+
+    #[test]
+    fn a_wrong_version_is_named() {
+        let dir = temp_dir("version");
+        let server = Server::start(&dir);
+        let mut record = bincode::serde::encode_to_vec(99u16, bincode::config::standard()).unwrap();
+        record.extend(
+            bincode::serde::encode_to_vec(Request::Status, bincode::config::standard()).unwrap(),
+        );
+        let mut bytes = (record.len() as u32).to_be_bytes().to_vec();
+        bytes.extend(record);
+        assert_error(
+            &send_raw(&server.path, &bytes, false),
+            &[
+                "version mismatch",
+                "version 99",
+                &format!("version {}", proto::VERSION),
+            ],
+        );
+    }
+
+    #[test]
+    fn idle_clients_do_not_block_others() {
+        let dir = temp_dir("idle");
+        let server = Server::start(&dir);
+        let idle: Vec<UnixStream> = (0..100).map(|_| connect(&server.path)).collect();
+        let start = Instant::now();
+        assert_eq!(
+            ask(&server.path, &Request::Status),
+            [Response::Status(Box::new(status()))]
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "status took {:?}",
+            start.elapsed()
+        );
+
+        // The 64 slots were full: the oldest idle clients were dropped to make
+        // room (36 for the other idle ones, one for the status request), each
+        // told why; the newer ones are still connected.
+        let closed: Vec<bool> = idle
+            .iter()
+            .map(|s| {
+                s.set_nonblocking(true).unwrap();
+                let mut buf = [0u8; 512];
+                let mut s = s;
+                match s.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                    Ok(n) => {
+                        assert!(n > FRAME_HEADER);
+                        let reply: Response = proto::decode(&buf[FRAME_HEADER..n], MAX_RESPONSE).unwrap();
+                        assert!(matches!(reply, Response::Error(m) if m.contains("had not sent a request")));
+                        true
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            })
+            .collect();
+        let evicted = 100 + 1 - MAX_CLIENTS;
+        assert!(closed[..evicted].iter().all(|&c| c), "{closed:?}");
+        if start.elapsed() < READ_TIMEOUT {
+            assert!(closed[evicted..].iter().all(|&c| !c), "{closed:?}");
+        }
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_dropped() {
+        let dir = temp_dir("slow");
+        let server = Server::with(ControlSocket::bind(&dir.join("s.sock")).unwrap(), Main::Big);
+        let slow = connect(&server.path);
+        (&slow).write_all(&proto::frame(&Request::Status)).unwrap();
+        let start = Instant::now();
+        // Others are served meanwhile.
+        assert!(matches!(
+            &ask(&server.path, &Request::Status)[..],
+            [Response::Status(_)]
+        ));
+        // Without reading, poke the connection until clusterd has closed it.
+        let deadline = start + WRITE_TIMEOUT + Duration::from_secs(10);
+        loop {
+            match rustix::net::send(&slow, &[0], SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+                Err(rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET) => break,
+                Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(Instant::now() < deadline, "the slow client was not dropped");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let waited = start.elapsed();
+        assert!(
+            waited > WRITE_TIMEOUT - Duration::from_millis(500),
+            "dropped after {waited:?}"
+        );
+    }
+
+    #[test]
+    fn a_response_over_the_limit_becomes_an_error() {
+        let dir = temp_dir("huge");
+        let server = Server::with(
+            ControlSocket::bind(&dir.join("s.sock")).unwrap(),
+            Main::Huge,
+        );
+        assert_error(&ask(&server.path, &Request::Status), &["exceeds the limit"]);
+    }
+
+    #[test]
+    fn the_main_loop_gone_is_reported() {
+        let dir = temp_dir("gone");
+        let server = Server::with(
+            ControlSocket::bind(&dir.join("s.sock")).unwrap(),
+            Main::Gone,
+        );
+        assert_error(&ask(&server.path, &Request::Status), &["shutting down"]);
+    }
+
+    #[test]
+    fn folder_and_socket_permissions() {
+        let dir = temp_dir("modes");
+        let server = Server::start(&dir);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(server.path.parent().unwrap()), 0o700);
+        assert_eq!(mode(&server.path), 0o600);
+        assert!(
+            fs::symlink_metadata(&server.path)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced() {
+        let dir = temp_dir("stale");
+        let path = dir.join("s.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists(), "the stale socket file stays behind");
+        let server = Server::with(ControlSocket::bind(&path).unwrap(), Main::Normal);
+        assert_eq!(ask(&server.path, &Request::Status).len(), 1);
+    }
+
+    #[test]
+    fn a_live_socket_is_refused_naming_the_pid() {
+        let dir = temp_dir("live");
+        let server = Server::start(&dir);
+        let err = ControlSocket::bind(&server.path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "control socket {} is in use by clusterd pid {PID}",
+                server.path.display()
+            )
+        );
+        // Still served.
+        assert_eq!(ask(&server.path, &Request::Status).len(), 1);
+    }
+
+    #[test]
+    fn concurrent_binds_leave_one_winner() {
+        let dir = temp_dir("race");
+        let path = dir.join("ctl/s.sock");
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let binds: Vec<_> = (0..4)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    ControlSocket::bind(&path)
+                })
+            })
+            .collect();
+        let results: Vec<io::Result<ControlSocket>> =
+            binds.into_iter().map(|t| t.join().unwrap()).collect();
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "{results:?}");
+        for err in results.iter().filter_map(|r| r.as_ref().err()) {
+            // Nobody serves the winner here, so it does not answer as clusterd.
+            assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        }
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_socket());
+    }
+
+    #[test]
+    fn the_folder_must_be_private() {
+        let dir = temp_dir("private");
+        let shared = dir.join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ControlSocket::bind(&shared.join("s.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is writable by other users (mode 0777)"),
+            "{err}"
+        );
+        // Sticky, like /tmp: others cannot remove or rename our socket.
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        drop(ControlSocket::bind(&shared.join("s.sock")).unwrap());
+
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.join("theirs");
+            fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = ControlSocket::bind(&theirs.join("s.sock"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("belongs to uid 65534, not to this user (uid 0) or root"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_files_are_never_replaced() {
+        let dir = temp_dir("files");
+        let path = dir.join("s.sock");
+        fs::write(&path, "data").unwrap();
+        let err = ControlSocket::bind(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("exists and is not a socket") && err.contains(&*path.to_string_lossy()),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), "data");
+
+        let err = ControlSocket::bind(&path.join("x.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+
+        let long = dir.join("x".repeat(120));
+        let err = ControlSocket::bind(&long).unwrap_err().to_string();
+        assert!(err.contains("too long"), "{err}");
+    }
+
+    #[test]
+    fn the_socket_is_removed_on_drop_if_still_ours() {
+        let dir = temp_dir("drop");
+        let mut server = Server::start(&dir);
+        let path = server.path.clone();
+        server.stop();
+        assert!(!path.exists(), "{} was left behind", path.display());
+
+        // Someone replaced the socket with another file: leave it alone.
+        let socket = ControlSocket::bind(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, "not ours").unwrap();
+        drop(socket);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "not ours");
+    }
+
+    #[test]
+    fn another_uid_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!(
+                "note: another_uid_is_refused skipped (needs root to run a client as uid 65534)"
+            );
+            return;
+        }
+        let python = Path::new("/usr/bin/python3");
+        if !python.exists() {
+            eprintln!("note: another_uid_is_refused skipped (no /usr/bin/python3)");
+            return;
+        }
+        let dir = temp_dir("uid");
+        let server = Server::start(&dir);
+        // Let uid 65534 reach the socket: only SO_PEERCRED stops it now.
+        fs::set_permissions(
+            server.path.parent().unwrap(),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        fs::set_permissions(&server.path, fs::Permissions::from_mode(0o777)).unwrap();
+        let script = "import socket, sys\n\
+                      s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+                      s.settimeout(10)\n\
+                      s.connect(sys.argv[1])\n\
+                      data = b''\n\
+                      while True:\n    \
+                          chunk = s.recv(65536)\n    \
+                          if not chunk: break\n    \
+                          data += chunk\n\
+                      sys.stdout.write(data.hex())\n";
+        let mut child = std::process::Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .arg(&server.path)
+            .uid(65534)
+            .gid(65534)
+            .current_dir("/")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the python client did not finish within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "python client failed: {stderr}");
+        let hex = String::from_utf8(out.stdout).unwrap();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let len =
+            proto::frame_len(bytes[..FRAME_HEADER].try_into().unwrap(), MAX_RESPONSE).unwrap();
+        assert_eq!(bytes.len(), FRAME_HEADER + len, "exactly one frame");
+        let reply: Response = proto::decode(&bytes[FRAME_HEADER..], MAX_RESPONSE).unwrap();
+        let owner = rustix::process::geteuid().as_raw();
+        assert_eq!(
+            reply,
+            Response::Error(format!(
+                "permission denied: uid 65534 may not control this clusterd (owner uid {owner})"
+            ))
+        );
+        // The daemon is unaffected.
+        assert_eq!(ask(&server.path, &Request::Status).len(), 1);
+    }
+}
