@@ -21,6 +21,7 @@ pub mod config;
 pub mod fdpass;
 pub mod lifecycle;
 pub mod proto;
+pub mod users;
 pub mod worker;
 
 #[doc(hidden)]

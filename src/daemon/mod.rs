@@ -1,1 +1,890 @@
 //! The daemon: the imperative shell around [`crate::lifecycle`].
+//!
+//! # Implementation
+//!
+//! One thread runs a `smol::LocalExecutor`. Small tasks turn every source of
+//! input into an [`Event`] on one channel: the signal stream (TERM, INT, QUIT,
+//! HUP, TTIN, TTOU, CHLD), one reader per worker IPC channel, and one task
+//! per control client. The main loop ([`Daemon::run`]) only waits for the
+//! next event or the state machine's next deadline, hands it to the
+//! [`Supervisor`], and carries out the actions that come back. Signals and
+//! control commands go through the same functions.
+//!
+//! Children are reaped by one `waitpid(-1, WNOHANG)` loop on SIGCHLD, orphans
+//! included: clusterd is a correct PID 1, and a child subreaper otherwise.
+
+#[macro_use]
+pub mod log;
+pub mod control;
+pub mod listen;
+pub mod spawn;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use smol::channel::{Receiver, Sender};
+use smol::{Async, LocalExecutor};
+
+use crate::config::{self, Config, Protocol};
+use crate::lifecycle::{Action, Exit, InstanceId, Notice, ScaleTo, Supervisor, Timing, human};
+use crate::proto::{self, FromWorker, Response, ToWorker};
+use control::{ControlRequest, ControlSocket};
+use listen::Listener;
+use spawn::Spec;
+
+/// Malformed IPC records tolerated from one worker before its channel is
+/// ignored (each one is logged).
+const MAX_BAD_RECORDS: u32 = 16;
+
+/// Something the main loop must handle.
+#[derive(Debug)]
+enum Event {
+    Signal(async_signal::Signal),
+    Worker(InstanceId, WorkerEvent),
+    Control(ControlRequest),
+}
+
+#[derive(Debug)]
+enum WorkerEvent {
+    Message(FromWorker),
+    /// A record that could not be used (logged, then ignored).
+    Bad(String),
+    /// The worker closed its end of the channel.
+    Closed,
+}
+
+/// What clusterd knows about one running worker process beyond the state
+/// machine's view.
+#[derive(Debug)]
+struct Proc {
+    pid: u32,
+    protocol: Protocol,
+    ipc: Option<Rc<Async<OwnedFd>>>,
+    stats: Option<(u64, u32)>,
+}
+
+/// Runs clusterd with `config` until it stops; returns the exit code.
+pub fn run(config: Config) -> i32 {
+    let mut listeners = Vec::new();
+    for listen in &config.listen {
+        match listen::bind(listen, config.backlog) {
+            Ok(l) => {
+                log!(info, "listening", name = l.name, addr = l.address);
+                listeners.push(l);
+            }
+            Err(e) => {
+                log!(error, "listen.failed", error = e);
+                eprintln!("clusterd: {e}");
+                return 1;
+            }
+        }
+    }
+    let control_path = config.control_path();
+    let control = match ControlSocket::bind(&control_path) {
+        Ok(c) => c,
+        Err(e) => {
+            log!(error, "control.failed", error = e);
+            eprintln!("clusterd: {e}");
+            return 1;
+        }
+    };
+    log!(info, "control", path = control_path.display());
+    if rustix::process::getpid() != rustix::process::Pid::INIT {
+        // Orphaned grandchildren are re-parented to us, and reaped.
+        let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
+    }
+    let signals = match async_signal::Signals::new([
+        async_signal::Signal::Term,
+        async_signal::Signal::Int,
+        async_signal::Signal::Quit,
+        async_signal::Signal::Hup,
+        async_signal::Signal::Ttin,
+        async_signal::Signal::Ttou,
+        async_signal::Signal::Child,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("clusterd: cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+
+    let ex = Rc::new(LocalExecutor::new());
+    let (tx, rx) = smol::channel::unbounded();
+    let mut daemon = Daemon::new(config, listeners, ex.clone(), tx.clone());
+    smol::block_on(ex.run(async {
+        let tx_signals = tx.clone();
+        ex.spawn(async move {
+            use smol::stream::StreamExt;
+            let mut signals = signals;
+            while let Some(Ok(sig)) = signals.next().await {
+                if tx_signals.send(Event::Signal(sig)).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+        let (ctl_tx, ctl_rx) = smol::channel::unbounded::<ControlRequest>();
+        let tx_ctl = tx.clone();
+        ex.spawn(async move {
+            while let Ok(req) = ctl_rx.recv().await {
+                if tx_ctl.send(Event::Control(req)).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+        // Dropped with this future when the loop ends: the socket file goes.
+        let serve = async {
+            control.serve(ctl_tx).await;
+            std::future::pending::<i32>().await
+        };
+        smol::future::or(daemon.run(rx), serve).await
+    }))
+}
+
+struct Daemon {
+    config: Config,
+    listeners: Vec<Listener>,
+    /// The worker spec of every generation still in use.
+    specs: BTreeMap<u64, Spec>,
+    next_generation: u64,
+    sup: Supervisor,
+    procs: HashMap<InstanceId, Proc>,
+    pids: HashMap<u32, InstanceId>,
+    ex: Rc<LocalExecutor<'static>>,
+    tx: Sender<Event>,
+    /// Control clients following the rolling restart in progress.
+    restart_watchers: Vec<Sender<Response>>,
+    started: Instant,
+    exit_code: Option<i32>,
+}
+
+fn timing(config: &Config) -> Timing {
+    Timing {
+        ready_timeout: config.ready_timeout,
+        drain_timeout: config.drain_timeout,
+        restart_delay: config.restart_delay,
+        restart_delay_max: config.restart_delay_max,
+        min_uptime: config.min_uptime,
+        fast_stop_grace: Duration::from_secs(1),
+    }
+}
+
+impl Daemon {
+    fn new(
+        config: Config,
+        listeners: Vec<Listener>,
+        ex: Rc<LocalExecutor<'static>>,
+        tx: Sender<Event>,
+    ) -> Daemon {
+        let sup = Supervisor::new(timing(&config), config.worker_count(), 1);
+        let specs = BTreeMap::from([(1, Spec::from_config(&config))]);
+        Daemon {
+            config,
+            listeners,
+            specs,
+            next_generation: 2,
+            sup,
+            procs: HashMap::new(),
+            pids: HashMap::new(),
+            ex,
+            tx,
+            restart_watchers: Vec::new(),
+            started: Instant::now(),
+            exit_code: None,
+        }
+    }
+
+    async fn run(&mut self, rx: Receiver<Event>) -> i32 {
+        log!(
+            info,
+            "started",
+            version = env!("CARGO_PKG_VERSION"),
+            pid = rustix::process::getpid().as_raw_nonzero(),
+            workers = self.sup.desired(),
+            config = self.config.path.display()
+        );
+        self.sup.start(Instant::now());
+        self.execute();
+        while self.exit_code.is_none() {
+            let event = match self.sup.next_deadline() {
+                Some(deadline) => {
+                    let timer = async {
+                        smol::Timer::at(deadline).await;
+                        None
+                    };
+                    smol::future::or(async { rx.recv().await.ok() }, timer).await
+                }
+                None => rx.recv().await.ok(),
+            };
+            if let Some(event) = event {
+                self.handle(event);
+            }
+            self.sup.tick(Instant::now());
+            self.execute();
+        }
+        let code = self.exit_code.unwrap_or(1);
+        log!(info, "exit", code = code);
+        code
+    }
+
+    fn handle(&mut self, event: Event) {
+        use async_signal::Signal as S;
+        match event {
+            Event::Signal(S::Child) => self.reap(),
+            Event::Signal(sig @ (S::Term | S::Int)) => {
+                log!(info, "signal", name = format!("{sig:?}").to_uppercase());
+                self.sup.stop(Instant::now(), false);
+            }
+            Event::Signal(S::Quit) => {
+                log!(info, "signal", name = "QUIT");
+                self.sup.stop(Instant::now(), true);
+            }
+            Event::Signal(S::Hup) => {
+                log!(info, "signal", name = "HUP");
+                self.restart(None);
+            }
+            Event::Signal(S::Ttin) => self.scale(ScaleTo::Up(1), None),
+            Event::Signal(S::Ttou) => self.scale(ScaleTo::Down(1), None),
+            Event::Signal(other) => log!(warn, "signal.unexpected", name = format!("{other:?}")),
+            Event::Worker(id, ev) => self.worker_event(id, ev),
+            Event::Control(req) => self.control(req),
+        }
+    }
+
+    /// Reaps every child that has exited, workers and orphans alike.
+    fn reap(&mut self) {
+        loop {
+            match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
+                Ok(Some((pid, status))) => {
+                    let pid = pid.as_raw_nonzero().get() as u32;
+                    let exit = match (status.exit_status(), status.terminating_signal()) {
+                        (Some(code), _) => Exit::Code(code),
+                        (_, Some(sig)) => Exit::Signal(sig),
+                        _ => continue, // stopped or continued: not an exit
+                    };
+                    match self.pids.remove(&pid) {
+                        Some(id) => {
+                            self.procs.remove(&id);
+                            self.sup.exited(Instant::now(), id, exit);
+                        }
+                        None => log!(info, "reaped", pid = pid, status = exit),
+                    }
+                }
+                Ok(None) => break,
+                Err(rustix::io::Errno::CHILD) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    log!(error, "reap.failed", error = e);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn worker_event(&mut self, id: InstanceId, ev: WorkerEvent) {
+        let Some(inst) = self.sup.instance(id) else {
+            return;
+        };
+        let (slot, pid) = (inst.slot, inst.pid.unwrap_or(0));
+        match ev {
+            WorkerEvent::Message(FromWorker::Ready) => {
+                if !self.sup.ready_reported(Instant::now(), id) {
+                    log!(
+                        info,
+                        "worker.ready_ignored",
+                        id = slot,
+                        pid = pid,
+                        state = inst_state(&self.sup, id)
+                    );
+                }
+            }
+            WorkerEvent::Message(FromWorker::Drained) => {
+                if self.sup.drained_reported(id) {
+                    log!(info, "worker.drained", id = slot, pid = pid);
+                } else {
+                    log!(
+                        warn,
+                        "worker.protocol",
+                        id = slot,
+                        pid = pid,
+                        error = "DRAINED before DRAIN (ignored)"
+                    );
+                }
+            }
+            WorkerEvent::Message(FromWorker::Stats { requests, active }) => {
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.stats = Some((requests, active));
+                }
+            }
+            WorkerEvent::Bad(why) => {
+                log!(warn, "worker.protocol", id = slot, pid = pid, error = why)
+            }
+            WorkerEvent::Closed => {
+                log!(info, "worker.ipc_closed", id = slot, pid = pid);
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.ipc = None;
+                }
+            }
+        }
+    }
+
+    /// Carries out the state machine's actions until it has no more.
+    fn execute(&mut self) {
+        loop {
+            let actions = self.sup.take_actions();
+            if actions.is_empty() {
+                break;
+            }
+            for action in actions {
+                self.act(action);
+            }
+        }
+        self.forget_unused_specs();
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Spawn {
+                instance,
+                slot,
+                generation,
+            } => self.spawn(instance, slot, generation),
+            Action::Drain { instance, timeout } => {
+                let Some(p) = self.procs.get(&instance) else {
+                    return;
+                };
+                let slot = self.sup.instance(instance).map_or(0, |i| i.slot);
+                log!(
+                    info,
+                    "worker.drain",
+                    id = slot,
+                    pid = p.pid,
+                    timeout = human(timeout)
+                );
+                let sent = match (&p.ipc, p.protocol) {
+                    (Some(ipc), Protocol::Clusterd) => {
+                        let msg = proto::encode(&ToWorker::Drain {
+                            timeout_ms: timeout.as_millis() as u64,
+                        });
+                        crate::fdpass::send_with_fds(ipc.get_ref(), &msg, &[]).is_ok()
+                    }
+                    _ => false,
+                };
+                if !sent {
+                    spawn::signal_group(p.pid, rustix::process::Signal::TERM);
+                }
+            }
+            Action::Terminate { instance } => {
+                if let Some(p) = self.procs.get(&instance) {
+                    spawn::signal_group(p.pid, rustix::process::Signal::TERM);
+                }
+            }
+            Action::Kill { instance, reason } => {
+                if let Some(p) = self.procs.get(&instance) {
+                    let slot = self.sup.instance(instance).map_or(0, |i| i.slot);
+                    log!(
+                        warn,
+                        "worker.kill",
+                        id = slot,
+                        pid = p.pid,
+                        reason = reason.as_str()
+                    );
+                    spawn::signal_group(p.pid, rustix::process::Signal::KILL);
+                }
+            }
+            Action::Notice(n) => self.notice(n),
+            Action::Exit { code } => self.exit_code = Some(code),
+        }
+    }
+
+    fn spawn(&mut self, instance: InstanceId, slot: u32, generation: u64) {
+        let Some(spec) = self.specs.get(&generation) else {
+            self.sup.spawn_failed(
+                Instant::now(),
+                instance,
+                format!("generation {generation} is unknown"),
+            );
+            return;
+        };
+        let protocol = spec.protocol;
+        match spawn::spawn(spec, slot, generation) {
+            Ok(spawned) => {
+                let pid = spawned.pid;
+                self.sup.spawned(instance, pid);
+                self.pids.insert(pid, instance);
+                log!(
+                    info,
+                    "worker.spawn",
+                    id = slot,
+                    pid = pid,
+                    generation = generation
+                );
+                let ipc = spawned.ipc.and_then(|fd| match Async::new(fd) {
+                    Ok(a) => Some(Rc::new(a)),
+                    Err(e) => {
+                        log!(error, "worker.ipc_failed", id = slot, pid = pid, error = e);
+                        None
+                    }
+                });
+                if let Some(ipc) = &ipc {
+                    if let Err(e) = self.hello(ipc.get_ref(), slot, generation) {
+                        log!(
+                            error,
+                            "worker.hello_failed",
+                            id = slot,
+                            pid = pid,
+                            error = e
+                        );
+                    }
+                    self.ex
+                        .spawn(read_worker(instance, ipc.clone(), self.tx.clone()))
+                        .detach();
+                }
+                self.procs.insert(
+                    instance,
+                    Proc {
+                        pid,
+                        protocol,
+                        ipc,
+                        stats: None,
+                    },
+                );
+            }
+            Err(e) => {
+                log!(
+                    error,
+                    "worker.spawn_failed",
+                    id = slot,
+                    generation = generation,
+                    error = e
+                );
+                self.sup
+                    .spawn_failed(Instant::now(), instance, e.to_string());
+            }
+        }
+    }
+
+    fn hello(&self, ipc: &OwnedFd, slot: u32, generation: u64) -> io::Result<()> {
+        let hello = ToWorker::Hello(proto::Hello {
+            worker_id: slot,
+            generation,
+            listeners: self.listeners.iter().map(Listener::info).collect(),
+        });
+        let fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        crate::fdpass::send_with_fds(ipc, &proto::encode(&hello), &fds)
+    }
+
+    fn notice(&mut self, notice: Notice) {
+        match notice {
+            Notice::Ready {
+                slot,
+                pid,
+                generation,
+                took,
+            } => {
+                log!(
+                    info,
+                    "worker.ready",
+                    id = slot,
+                    pid = opt(pid),
+                    generation = generation,
+                    took_ms = took.as_millis()
+                );
+            }
+            Notice::Exited {
+                slot,
+                pid,
+                generation,
+                exit,
+                expected,
+                uptime,
+            } => {
+                if expected {
+                    log!(
+                        info,
+                        "worker.exit",
+                        id = slot,
+                        pid = opt(pid),
+                        generation = generation,
+                        status = exit,
+                        uptime_ms = uptime.as_millis()
+                    );
+                } else {
+                    log!(
+                        warn,
+                        "worker.crash",
+                        id = slot,
+                        pid = opt(pid),
+                        generation = generation,
+                        status = exit,
+                        uptime_ms = uptime.as_millis()
+                    );
+                }
+            }
+            Notice::Backoff {
+                slot,
+                delay,
+                restarts,
+            } => {
+                log!(
+                    warn,
+                    "worker.backoff",
+                    id = slot,
+                    delay_ms = delay.as_millis(),
+                    restarts = restarts
+                );
+            }
+            Notice::AllReady {
+                workers,
+                generation,
+            } => {
+                log!(
+                    info,
+                    "pool.ready",
+                    workers = workers,
+                    generation = generation
+                );
+            }
+            Notice::RestartBegun { generation, total } => {
+                log!(
+                    info,
+                    "restart.begin",
+                    generation = generation,
+                    workers = total
+                );
+            }
+            Notice::RestartProgress {
+                slot,
+                done,
+                total,
+                old_pid,
+                new_pid,
+                took,
+            } => {
+                log!(
+                    info,
+                    "restart.progress",
+                    id = slot,
+                    done = done,
+                    total = total,
+                    old_pid = opt(old_pid),
+                    new_pid = opt(new_pid),
+                    took_ms = took.as_millis()
+                );
+                let progress = proto::Progress {
+                    worker_id: slot,
+                    done,
+                    total,
+                    old_pid,
+                    new_pid: new_pid.unwrap_or(0),
+                    elapsed_ms: took.as_millis() as u64,
+                };
+                self.tell_watchers(Response::Progress(progress), false);
+            }
+            Notice::RestartDone {
+                generation,
+                replaced,
+                took,
+            } => {
+                log!(
+                    info,
+                    "restart.done",
+                    generation = generation,
+                    replaced = replaced,
+                    took_ms = took.as_millis()
+                );
+                let outcome = proto::RestartOutcome::Done {
+                    generation,
+                    replaced,
+                    elapsed_ms: took.as_millis() as u64,
+                };
+                self.tell_watchers(Response::Restarted(outcome), true);
+            }
+            Notice::RestartAborted {
+                generation,
+                reason,
+                replaced,
+                total,
+            } => {
+                log!(
+                    error,
+                    "restart.aborted",
+                    generation = generation,
+                    replaced = replaced,
+                    total = total,
+                    reason = reason
+                );
+                let outcome = proto::RestartOutcome::Aborted {
+                    reason,
+                    replaced,
+                    total,
+                };
+                self.tell_watchers(Response::Restarted(outcome), true);
+            }
+            Notice::Scaled { from, to } => log!(info, "scale", from = from, to = to),
+            Notice::Stopping { fast, workers } => {
+                log!(
+                    info,
+                    "stopping",
+                    mode = if fast { "fast" } else { "graceful" },
+                    workers = workers
+                );
+            }
+        }
+    }
+
+    fn tell_watchers(&mut self, response: Response, last: bool) {
+        self.restart_watchers
+            .retain(|w| w.try_send(response.clone()).is_ok());
+        if last {
+            self.restart_watchers.clear();
+        }
+    }
+
+    /// A rolling restart (HUP or `clusterctl restart`): re-read the config,
+    /// then replace every worker with the new generation.
+    fn restart(&mut self, watcher: Option<Sender<Response>>) {
+        let refuse = |watcher: Option<Sender<Response>>, why: String| {
+            log!(error, "restart.refused", reason = why);
+            if let Some(w) = watcher {
+                let _ = w.try_send(Response::Error(format!("restart refused: {why}")));
+            }
+        };
+        let config = match config::load(&self.config.path) {
+            Ok(c) => c,
+            Err(e) => return refuse(watcher, format!("the config has errors:\n{e}")),
+        };
+        for (key, changed) in [
+            ("listen", config.listen != self.config.listen),
+            ("backlog", config.backlog != self.config.backlog),
+            (
+                "control",
+                config.control_path() != self.config.control_path(),
+            ),
+            ("metrics", config.metrics != self.config.metrics),
+            ("workers", config.workers != self.config.workers),
+        ] {
+            if changed {
+                log!(
+                    warn,
+                    "config.not_reloaded",
+                    key = key,
+                    reason = "takes effect when clusterd is started again (use clusterctl scale for workers)"
+                );
+            }
+        }
+        let generation = self.next_generation;
+        self.specs.insert(generation, Spec::from_config(&config));
+        self.sup.set_timing(timing(&config));
+        match self.sup.restart(Instant::now(), generation) {
+            Ok(()) => {
+                self.next_generation += 1;
+                let (listen, backlog, control, metrics, workers) = (
+                    self.config.listen.clone(),
+                    self.config.backlog,
+                    self.config.control.clone(),
+                    self.config.metrics,
+                    self.config.workers,
+                );
+                self.config = Config {
+                    listen,
+                    backlog,
+                    control,
+                    metrics,
+                    workers,
+                    ..config
+                };
+                self.restart_watchers.extend(watcher);
+            }
+            Err(why) => {
+                self.specs.remove(&generation);
+                refuse(watcher, why);
+            }
+        }
+    }
+
+    fn scale(&mut self, to: ScaleTo, reply: Option<&Sender<Response>>) {
+        match self.sup.scale(Instant::now(), to) {
+            Ok((from, to)) => {
+                if let Some(r) = reply {
+                    let _ = r.try_send(Response::Scaled { from, to });
+                }
+            }
+            Err(why) => {
+                log!(warn, "scale.refused", reason = why);
+                if let Some(r) = reply {
+                    let _ = r.try_send(Response::Error(why));
+                }
+            }
+        }
+    }
+
+    fn control(&mut self, req: ControlRequest) {
+        use proto::{Request, Scale};
+        match req.request {
+            Request::Status => {
+                let _ = req
+                    .reply
+                    .try_send(Response::Status(Box::new(self.status())));
+            }
+            Request::Restart => self.restart(Some(req.reply)),
+            Request::Scale(s) => {
+                let to = match s {
+                    Scale::To(n) => ScaleTo::Exactly(n),
+                    Scale::Up(n) => ScaleTo::Up(n),
+                    Scale::Down(n) => ScaleTo::Down(n),
+                };
+                self.scale(to, Some(&req.reply));
+            }
+            Request::Stop => {
+                let _ = req.reply.try_send(Response::Stopping);
+                self.sup.stop(Instant::now(), false);
+            }
+        }
+    }
+
+    fn status(&self) -> proto::Status {
+        let now = Instant::now();
+        let mut workers = Vec::new();
+        for slot in self.sup.slots() {
+            let mut any = false;
+            for inst in self.sup.instances().filter(|i| i.slot == slot.id) {
+                any = true;
+                let proc = self.procs.get(&inst.id);
+                workers.push(proto::WorkerStatus {
+                    id: slot.id,
+                    pid: inst.pid,
+                    generation: inst.generation,
+                    state: inst.state.as_str().into(),
+                    uptime_ms: now.saturating_duration_since(inst.started).as_millis() as u64,
+                    restarts: slot.restarts,
+                    last_exit: slot.last_exit.clone(),
+                    rss_bytes: inst.pid.and_then(spawn::rss_bytes),
+                    requests: proc.and_then(|p| p.stats.map(|s| s.0)),
+                    active: proc.and_then(|p| p.stats.map(|s| s.1)),
+                    note: None,
+                });
+            }
+            if !any {
+                workers.push(proto::WorkerStatus {
+                    id: slot.id,
+                    pid: None,
+                    generation: slot.generation,
+                    state: "backoff".into(),
+                    uptime_ms: 0,
+                    restarts: slot.restarts,
+                    last_exit: slot.last_exit.clone(),
+                    rss_bytes: None,
+                    requests: None,
+                    active: None,
+                    note: None,
+                });
+            }
+        }
+        // Workers of slots scaled away, still draining.
+        for inst in self
+            .sup
+            .instances()
+            .filter(|i| !self.sup.slots().any(|s| s.id == i.slot))
+        {
+            workers.push(proto::WorkerStatus {
+                id: inst.slot,
+                pid: inst.pid,
+                generation: inst.generation,
+                state: inst.state.as_str().into(),
+                uptime_ms: now.saturating_duration_since(inst.started).as_millis() as u64,
+                restarts: 0,
+                last_exit: None,
+                rss_bytes: inst.pid.and_then(spawn::rss_bytes),
+                requests: None,
+                active: None,
+                note: None,
+            });
+        }
+        proto::Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: rustix::process::getpid().as_raw_nonzero().get() as u32,
+            uptime_ms: now.duration_since(self.started).as_millis() as u64,
+            config: self.config.path.display().to_string(),
+            protocol: match self.config.protocol {
+                Protocol::Clusterd => "clusterd".into(),
+                Protocol::Systemd => "systemd".into(),
+            },
+            listeners: self.listeners.iter().map(Listener::info).collect(),
+            desired: self.sup.desired(),
+            ready: self.sup.ready(),
+            generation: self.sup.generation(),
+            operation: self.sup.operation(),
+            workers,
+        }
+    }
+
+    fn forget_unused_specs(&mut self) {
+        if self.specs.len() > 1 {
+            let used = self.sup.generations_in_use();
+            self.specs.retain(|g, _| used.contains(g));
+        }
+    }
+}
+
+fn inst_state(sup: &Supervisor, id: InstanceId) -> &'static str {
+    sup.instance(id).map_or("gone", |i| i.state.as_str())
+}
+
+fn opt(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "-".into(), |p| p.to_string())
+}
+
+/// Reads one worker's IPC records and forwards them as events until the
+/// channel closes (or the worker has sent too much garbage).
+async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>) {
+    let mut buf = vec![0u8; proto::MAX_IPC_RECORD];
+    let mut bad = 0;
+    loop {
+        let received = ipc
+            .read_with(|fd| {
+                crate::fdpass::recv_with_fds(fd, &mut buf, rustix::net::RecvFlags::DONTWAIT)
+            })
+            .await;
+        let event = match received {
+            Ok(r) if r.len == 0 && r.fds.is_empty() => WorkerEvent::Closed,
+            Ok(r) if r.truncated => WorkerEvent::Bad(format!(
+                "record larger than {} bytes",
+                proto::MAX_IPC_RECORD
+            )),
+            Ok(r) if !r.fds.is_empty() => {
+                WorkerEvent::Bad("unexpected fds attached (closed)".into())
+            }
+            Ok(r) => match proto::decode::<FromWorker>(&buf[..r.len], proto::MAX_IPC_RECORD) {
+                Ok(msg) => WorkerEvent::Message(msg),
+                Err(e) => WorkerEvent::Bad(e.to_string()),
+            },
+            // A killed worker resets the channel when records were left unread.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => WorkerEvent::Closed,
+            Err(e) => WorkerEvent::Bad(format!("receive failed: {e}")),
+        };
+        let closed = matches!(event, WorkerEvent::Closed);
+        if let WorkerEvent::Bad(_) = event {
+            bad += 1;
+        }
+        if tx.send(Event::Worker(id, event)).await.is_err() || closed {
+            return;
+        }
+        if bad >= MAX_BAD_RECORDS {
+            let _ = tx
+                .send(Event::Worker(
+                    id,
+                    WorkerEvent::Bad(
+                        "too many malformed records: its channel is now ignored".into(),
+                    ),
+                ))
+                .await;
+            return;
+        }
+    }
+}
