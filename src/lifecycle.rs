@@ -65,7 +65,9 @@ impl Timing {
             return Duration::ZERO;
         }
         let factor = 1u32.checked_shl(streak - 1).unwrap_or(u32::MAX);
-        self.restart_delay.saturating_mul(factor).min(self.restart_delay_max)
+        self.restart_delay
+            .saturating_mul(factor)
+            .min(self.restart_delay_max)
     }
 }
 
@@ -197,13 +199,23 @@ pub struct Slot {
 pub enum Action {
     /// Start a worker process for `slot` running `generation`'s spec, then
     /// report [`Supervisor::spawned`] or [`Supervisor::spawn_failed`].
-    Spawn { instance: InstanceId, slot: SlotId, generation: u64 },
+    Spawn {
+        instance: InstanceId,
+        slot: SlotId,
+        generation: u64,
+    },
     /// Ask the worker to drain (DRAIN message, or SIGTERM).
-    Drain { instance: InstanceId, timeout: Duration },
+    Drain {
+        instance: InstanceId,
+        timeout: Duration,
+    },
     /// SIGTERM (fast stop).
     Terminate { instance: InstanceId },
     /// SIGKILL.
-    Kill { instance: InstanceId, reason: KillReason },
+    Kill {
+        instance: InstanceId,
+        reason: KillReason,
+    },
     /// Something to log (and to tell control clients).
     Notice(Notice),
     /// Every worker is gone after a stop: exit with this code.
@@ -213,12 +225,34 @@ pub enum Action {
 /// Events worth reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    Ready { slot: SlotId, pid: Option<u32>, generation: u64, took: Duration },
-    Exited { slot: SlotId, pid: Option<u32>, generation: u64, exit: Exit, expected: bool, uptime: Duration },
-    Backoff { slot: SlotId, delay: Duration, restarts: u32 },
+    Ready {
+        slot: SlotId,
+        pid: Option<u32>,
+        generation: u64,
+        took: Duration,
+    },
+    Exited {
+        slot: SlotId,
+        pid: Option<u32>,
+        generation: u64,
+        exit: Exit,
+        expected: bool,
+        uptime: Duration,
+    },
+    Backoff {
+        slot: SlotId,
+        delay: Duration,
+        restarts: u32,
+    },
     /// Every slot has a ready worker again.
-    AllReady { workers: u32, generation: u64 },
-    RestartBegun { generation: u64, total: u32 },
+    AllReady {
+        workers: u32,
+        generation: u64,
+    },
+    RestartBegun {
+        generation: u64,
+        total: u32,
+    },
     RestartProgress {
         slot: SlotId,
         done: u32,
@@ -227,10 +261,25 @@ pub enum Notice {
         new_pid: Option<u32>,
         took: Duration,
     },
-    RestartDone { generation: u64, replaced: u32, took: Duration },
-    RestartAborted { generation: u64, reason: String, replaced: u32, total: u32 },
-    Scaled { from: u32, to: u32 },
-    Stopping { fast: bool, workers: u32 },
+    RestartDone {
+        generation: u64,
+        replaced: u32,
+        took: Duration,
+    },
+    RestartAborted {
+        generation: u64,
+        reason: String,
+        replaced: u32,
+        total: u32,
+    },
+    Scaled {
+        from: u32,
+        to: u32,
+    },
+    Stopping {
+        fast: bool,
+        workers: u32,
+    },
 }
 
 /// A rolling restart in progress.
@@ -278,7 +327,14 @@ impl Supervisor {
     pub fn new(timing: Timing, desired: u32, generation: u64) -> Supervisor {
         let slots = (1..=desired.clamp(1, MAX_WORKERS))
             .map(|id| {
-                let slot = Slot { id, generation, restarts: 0, last_exit: None, streak: 0, respawn_at: None };
+                let slot = Slot {
+                    id,
+                    generation,
+                    restarts: 0,
+                    last_exit: None,
+                    streak: 0,
+                    respawn_at: None,
+                };
                 (id, slot)
             })
             .collect();
@@ -326,7 +382,10 @@ impl Supervisor {
 
     /// Instances that are ready (not draining).
     pub fn ready(&self) -> u32 {
-        self.instances.values().filter(|i| i.state == State::Ready && i.live()).count() as u32
+        self.instances
+            .values()
+            .filter(|i| i.state == State::Ready && i.live())
+            .count() as u32
     }
 
     /// The generation new workers get.
@@ -355,7 +414,9 @@ impl Supervisor {
         if self.stopping.is_some() {
             return Some(format!("stopping ({} left)", self.instances.len()));
         }
-        self.rollout.as_ref().map(|r| format!("restart {}/{}", r.done, r.total))
+        self.rollout
+            .as_ref()
+            .map(|r| format!("restart {}/{}", r.done, r.total))
     }
 
     /// Every generation some slot, instance or the rollout still refers to
@@ -380,7 +441,11 @@ impl Supervisor {
         let live = self.live_slots();
         // A slot with a live instance keeps its respawn pending (in case that
         // instance, a restart's replacement, fails) but has nothing to do yet.
-        let respawns = self.slots.values().filter(|s| !live.contains(&s.id)).filter_map(|s| s.respawn_at);
+        let respawns = self
+            .slots
+            .values()
+            .filter(|s| !live.contains(&s.id))
+            .filter_map(|s| s.respawn_at);
         instances.chain(respawns).chain(self.stop_deadline).min()
     }
 
@@ -401,19 +466,31 @@ impl Supervisor {
     /// The worker reported READY. Returns false when the report was out of
     /// place (twice, or while draining) and so ignored.
     pub fn ready_reported(&mut self, now: Instant, id: InstanceId) -> bool {
-        let Some(inst) = self.instances.get_mut(&id) else { return false };
+        let Some(inst) = self.instances.get_mut(&id) else {
+            return false;
+        };
         if inst.state != State::Starting || inst.killed.is_some() {
             return false;
         }
         inst.state = State::Ready;
         inst.deadline = None;
-        let (slot_id, generation, pid, took) = (inst.slot, inst.generation, inst.pid, now - inst.started);
-        self.notice(Notice::Ready { slot: slot_id, pid, generation, took });
+        let (slot_id, generation, pid, took) =
+            (inst.slot, inst.generation, inst.pid, now - inst.started);
+        self.notice(Notice::Ready {
+            slot: slot_id,
+            pid,
+            generation,
+            took,
+        });
         if let Some(slot) = self.slots.get_mut(&slot_id) {
             slot.respawn_at = None;
         }
 
-        let is_replacement = self.rollout.as_ref().and_then(|r| r.current).is_some_and(|(cur, _)| cur == id);
+        let is_replacement = self
+            .rollout
+            .as_ref()
+            .and_then(|r| r.current)
+            .is_some_and(|(cur, _)| cur == id);
         if is_replacement {
             self.replacement_ready(now, id, slot_id, generation);
         }
@@ -435,11 +512,16 @@ impl Supervisor {
 
     /// The process for `id` exited (it has been reaped).
     pub fn exited(&mut self, now: Instant, id: InstanceId, exit: Exit) {
-        let Some(inst) = self.instances.remove(&id) else { return };
+        let Some(inst) = self.instances.remove(&id) else {
+            return;
+        };
         let uptime = now.saturating_duration_since(inst.started);
         let expected = inst.state == State::Draining
             || self.stopping.is_some()
-            || matches!(inst.killed, Some(KillReason::Aborted | KillReason::DrainTimeout));
+            || matches!(
+                inst.killed,
+                Some(KillReason::Aborted | KillReason::DrainTimeout)
+            );
         self.notice(Notice::Exited {
             slot: inst.slot,
             pid: inst.pid,
@@ -456,7 +538,11 @@ impl Supervisor {
             return;
         }
 
-        let was_replacement = self.rollout.as_ref().and_then(|r| r.current).is_some_and(|(cur, _)| cur == id);
+        let was_replacement = self
+            .rollout
+            .as_ref()
+            .and_then(|r| r.current)
+            .is_some_and(|(cur, _)| cur == id);
         if was_replacement {
             let reason = format!(
                 "the replacement for worker {} ({}) ended with {} before it was ready",
@@ -474,16 +560,23 @@ impl Supervisor {
 
     /// Time has passed: enforce deadlines and respawn slots whose backoff ended.
     pub fn tick(&mut self, now: Instant) {
-        let due: Vec<InstanceId> =
-            self.instances.values().filter(|i| i.deadline.is_some_and(|d| d <= now)).map(|i| i.id).collect();
+        let due: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| i.deadline.is_some_and(|d| d <= now))
+            .map(|i| i.id)
+            .collect();
         for id in due {
             let inst = self.instances.get_mut(&id).expect("listed above");
             inst.deadline = None;
             match inst.state {
                 State::Starting => {
                     let (slot, pid) = (inst.slot, inst.pid);
-                    let is_replacement =
-                        self.rollout.as_ref().and_then(|r| r.current).is_some_and(|(cur, _)| cur == id);
+                    let is_replacement = self
+                        .rollout
+                        .as_ref()
+                        .and_then(|r| r.current)
+                        .is_some_and(|(cur, _)| cur == id);
                     if is_replacement {
                         let reason = format!(
                             "the replacement for worker {slot} ({}) did not report READY within {}",
@@ -501,8 +594,12 @@ impl Supervisor {
         }
         if self.stop_deadline.is_some_and(|d| d <= now) {
             self.stop_deadline = None;
-            let left: Vec<InstanceId> =
-                self.instances.values().filter(|i| i.killed.is_none()).map(|i| i.id).collect();
+            let left: Vec<InstanceId> = self
+                .instances
+                .values()
+                .filter(|i| i.killed.is_none())
+                .map(|i| i.id)
+                .collect();
             for id in left {
                 self.kill(id, KillReason::FastStop);
             }
@@ -521,11 +618,21 @@ impl Supervisor {
             return Err("clusterd is stopping".into());
         }
         if let Some(r) = &self.rollout {
-            return Err(format!("a rolling restart is already in progress ({}/{} replaced)", r.done, r.total));
+            return Err(format!(
+                "a rolling restart is already in progress ({}/{} replaced)",
+                r.done, r.total
+            ));
         }
         let pending: VecDeque<SlotId> = self.slots.keys().copied().collect();
         let total = pending.len() as u32;
-        self.rollout = Some(Rollout { generation, pending, total, done: 0, started: now, current: None });
+        self.rollout = Some(Rollout {
+            generation,
+            pending,
+            total,
+            done: 0,
+            started: now,
+            current: None,
+        });
         self.notice(Notice::RestartBegun { generation, total });
         self.advance(now);
         Ok(())
@@ -553,21 +660,36 @@ impl Supervisor {
             ScaleTo::Down(n) => i64::from(from) - i64::from(n),
         };
         if to < 1 {
-            return Err(format!("cannot scale to {to} workers: at least 1 is needed (use stop to stop)"));
+            return Err(format!(
+                "cannot scale to {to} workers: at least 1 is needed (use stop to stop)"
+            ));
         }
         if to > i64::from(MAX_WORKERS) {
-            return Err(format!("cannot scale to {to} workers: the limit is {MAX_WORKERS}"));
+            return Err(format!(
+                "cannot scale to {to} workers: the limit is {MAX_WORKERS}"
+            ));
         }
         let to = to as u32;
         for id in from + 1..=to {
-            let slot = Slot { id, generation: self.generation, restarts: 0, last_exit: None, streak: 0, respawn_at: None };
+            let slot = Slot {
+                id,
+                generation: self.generation,
+                restarts: 0,
+                last_exit: None,
+                streak: 0,
+                respawn_at: None,
+            };
             self.slots.insert(id, slot);
             self.spawn(now, id, self.generation);
         }
         for id in (to + 1..=from).rev() {
             self.slots.remove(&id);
-            let live: Vec<InstanceId> =
-                self.instances.values().filter(|i| i.slot == id && i.live()).map(|i| i.id).collect();
+            let live: Vec<InstanceId> = self
+                .instances
+                .values()
+                .filter(|i| i.slot == id && i.live())
+                .map(|i| i.id)
+                .collect();
             for inst in live {
                 self.drain(now, inst);
             }
@@ -592,7 +714,10 @@ impl Supervisor {
         for slot in self.slots.values_mut() {
             slot.respawn_at = None;
         }
-        self.notice(Notice::Stopping { fast, workers: self.instances.len() as u32 });
+        self.notice(Notice::Stopping {
+            fast,
+            workers: self.instances.len() as u32,
+        });
         let ids: Vec<InstanceId> = self.instances.keys().copied().collect();
         for id in ids {
             let inst = &self.instances[&id];
@@ -638,7 +763,11 @@ impl Supervisor {
                 drained: false,
             },
         );
-        self.actions.push(Action::Spawn { instance: id, slot, generation });
+        self.actions.push(Action::Spawn {
+            instance: id,
+            slot,
+            generation,
+        });
         id
     }
 
@@ -647,7 +776,10 @@ impl Supervisor {
         if let Some(inst) = self.instances.get_mut(&id) {
             inst.state = State::Draining;
             inst.deadline = Some(now + timeout);
-            self.actions.push(Action::Drain { instance: id, timeout });
+            self.actions.push(Action::Drain {
+                instance: id,
+                timeout,
+            });
         }
     }
 
@@ -656,7 +788,10 @@ impl Supervisor {
             if inst.killed.is_none() {
                 inst.killed = Some(reason);
                 inst.deadline = None;
-                self.actions.push(Action::Kill { instance: id, reason });
+                self.actions.push(Action::Kill {
+                    instance: id,
+                    reason,
+                });
             }
         }
     }
@@ -665,7 +800,9 @@ impl Supervisor {
     /// the slot's respawn with backoff.
     fn crashed(&mut self, now: Instant, inst: &Instance, exit: Exit) {
         let uptime = now.saturating_duration_since(inst.started);
-        let Some(slot) = self.slots.get_mut(&inst.slot) else { return };
+        let Some(slot) = self.slots.get_mut(&inst.slot) else {
+            return;
+        };
         slot.restarts += 1;
         slot.last_exit = Some(match inst.killed {
             Some(KillReason::ReadyTimeout) => {
@@ -681,13 +818,21 @@ impl Supervisor {
         slot.respawn_at = Some(now + delay);
         let (id, restarts) = (slot.id, slot.restarts);
         if delay > Duration::ZERO {
-            self.notice(Notice::Backoff { slot: id, delay, restarts });
+            self.notice(Notice::Backoff {
+                slot: id,
+                delay,
+                restarts,
+            });
         }
     }
 
     /// The slots that have a live (starting or ready) instance.
     fn live_slots(&self) -> BTreeSet<SlotId> {
-        self.instances.values().filter(|i| i.live()).map(|i| i.slot).collect()
+        self.instances
+            .values()
+            .filter(|i| i.live())
+            .map(|i| i.slot)
+            .collect()
     }
 
     /// Spawns every slot whose backoff has ended and that has no live instance.
@@ -710,9 +855,19 @@ impl Supervisor {
 
     /// The rolling restart's replacement reported READY: the slot now runs
     /// the new generation; drain what it replaces and go on to the next.
-    fn replacement_ready(&mut self, now: Instant, id: InstanceId, slot_id: SlotId, generation: u64) {
-        let old: Vec<InstanceId> =
-            self.instances.values().filter(|i| i.slot == slot_id && i.id != id && i.live()).map(|i| i.id).collect();
+    fn replacement_ready(
+        &mut self,
+        now: Instant,
+        id: InstanceId,
+        slot_id: SlotId,
+        generation: u64,
+    ) {
+        let old: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| i.slot == slot_id && i.id != id && i.live())
+            .map(|i| i.id)
+            .collect();
         let old_pid = old.iter().find_map(|o| self.instances[o].pid);
         for o in old {
             self.drain(now, o);
@@ -722,17 +877,29 @@ impl Supervisor {
             slot.streak = 0;
         }
         let new_pid = self.instances[&id].pid;
-        let rollout = self.rollout.as_mut().expect("a replacement belongs to a rollout");
+        let rollout = self
+            .rollout
+            .as_mut()
+            .expect("a replacement belongs to a rollout");
         let started = rollout.current.take().map_or(now, |(_, t)| t);
         rollout.done += 1;
         let (done, total) = (rollout.done, rollout.total);
-        self.notice(Notice::RestartProgress { slot: slot_id, done, total, old_pid, new_pid, took: now - started });
+        self.notice(Notice::RestartProgress {
+            slot: slot_id,
+            done,
+            total,
+            old_pid,
+            new_pid,
+            took: now - started,
+        });
         self.advance(now);
     }
 
     /// Starts the next replacement, or finishes the restart.
     fn advance(&mut self, now: Instant) {
-        let Some(rollout) = self.rollout.as_mut() else { return };
+        let Some(rollout) = self.rollout.as_mut() else {
+            return;
+        };
         if rollout.current.is_some() {
             return;
         }
@@ -757,7 +924,9 @@ impl Supervisor {
     /// Ends the rolling restart without finishing it. The replacement being
     /// started, if any, is removed; everything else keeps running.
     fn abort(&mut self, reason: String) {
-        let Some(rollout) = self.rollout.take() else { return };
+        let Some(rollout) = self.rollout.take() else {
+            return;
+        };
         if let Some((id, _)) = rollout.current {
             self.kill(id, KillReason::Aborted);
         }
@@ -770,9 +939,13 @@ impl Supervisor {
     }
 
     fn check_all_ready(&mut self) {
-        let all = self.stopping.is_none() && self.ready() >= self.desired() && self.rollout.is_none();
+        let all =
+            self.stopping.is_none() && self.ready() >= self.desired() && self.rollout.is_none();
         if all && !self.all_ready {
-            self.notice(Notice::AllReady { workers: self.desired(), generation: self.generation });
+            self.notice(Notice::AllReady {
+                workers: self.desired(),
+                generation: self.generation,
+            });
         }
         self.all_ready = all;
     }

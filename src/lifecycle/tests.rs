@@ -26,7 +26,11 @@ struct Script {
 
 impl Script {
     fn new(workers: u32) -> Script {
-        Script { sup: Supervisor::new(timing(), workers, 1), now: Instant::now(), next_pid: 100 }
+        Script {
+            sup: Supervisor::new(timing(), workers, 1),
+            now: Instant::now(),
+            next_pid: 100,
+        }
     }
 
     /// Starts the pool and makes every worker ready.
@@ -60,11 +64,19 @@ impl Script {
     }
 
     fn live_in_slot(&self, slot: SlotId) -> Vec<InstanceId> {
-        self.sup.instances().filter(|i| i.slot == slot && i.live()).map(|i| i.id).collect()
+        self.sup
+            .instances()
+            .filter(|i| i.slot == slot && i.live())
+            .map(|i| i.id)
+            .collect()
     }
 
     fn ready_in_slot(&self, slot: SlotId) -> InstanceId {
-        self.sup.instances().find(|i| i.slot == slot && i.state == State::Ready).expect("a ready instance").id
+        self.sup
+            .instances()
+            .find(|i| i.slot == slot && i.state == State::Ready)
+            .expect("a ready instance")
+            .id
     }
 }
 
@@ -72,7 +84,9 @@ fn spawns(actions: &[Action]) -> Vec<(SlotId, u64)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Spawn { slot, generation, .. } => Some((*slot, *generation)),
+            Action::Spawn {
+                slot, generation, ..
+            } => Some((*slot, *generation)),
             _ => None,
         })
         .collect()
@@ -133,16 +147,26 @@ fn start_spawns_every_slot_and_reports_all_ready() {
         s.sup.ready_reported(s.now, *id);
     }
     let actions = s.sup.take_actions();
-    assert!(notices(&actions).contains(&&Notice::AllReady { workers: 3, generation: 1 }));
+    assert!(notices(&actions).contains(&&Notice::AllReady {
+        workers: 3,
+        generation: 1
+    }));
     assert_eq!(s.sup.ready(), 3);
-    assert_eq!(s.sup.next_deadline(), None, "nothing to wait for when all are ready");
+    assert_eq!(
+        s.sup.next_deadline(),
+        None,
+        "nothing to wait for when all are ready"
+    );
 }
 
 #[test]
 fn backoff_is_immediate_then_doubles_up_to_the_cap() {
     let t = timing();
     let delays: Vec<Duration> = (0..12).map(|k| t.backoff(k)).collect();
-    assert_eq!(delays[..5], [Duration::ZERO, 100 * MS, 200 * MS, 400 * MS, 800 * MS]);
+    assert_eq!(
+        delays[..5],
+        [Duration::ZERO, 100 * MS, 200 * MS, 400 * MS, 800 * MS]
+    );
     assert_eq!(delays[10], 30 * S);
     assert_eq!(t.backoff(u32::MAX), 30 * S, "no overflow");
 }
@@ -154,11 +178,22 @@ fn a_crash_is_respawned_at_once_and_counted() {
     let victim = s.ready_in_slot(2);
     s.sup.exited(s.now, victim, Exit::Signal(9));
     let actions = s.sup.take_actions();
-    assert_eq!(spawns(&actions), vec![(2, 1)], "respawned at once after a long healthy run");
+    assert_eq!(
+        spawns(&actions),
+        vec![(2, 1)],
+        "respawned at once after a long healthy run"
+    );
     let slot = s.sup.slots().find(|sl| sl.id == 2).unwrap();
     assert_eq!(slot.restarts, 1);
     assert_eq!(slot.last_exit.as_deref(), Some("signal 9 (SIGKILL)"));
-    assert!(notices(&actions).iter().any(|n| matches!(n, Notice::Exited { slot: 2, expected: false, .. })));
+    assert!(notices(&actions).iter().any(|n| matches!(
+        n,
+        Notice::Exited {
+            slot: 2,
+            expected: false,
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -188,12 +223,23 @@ fn a_crash_loop_backs_off_exponentially_without_a_fork_storm() {
         current = got;
     }
     // 0, 100ms, 200ms, ... 25.6s: about a dozen starts in a minute, not thousands.
-    assert!(spawned_at.len() <= 14, "{} spawns in 60 s", spawned_at.len());
+    assert!(
+        spawned_at.len() <= 14,
+        "{} spawns in 60 s",
+        spawned_at.len()
+    );
     let gaps: Vec<Duration> = spawned_at.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "gaps never shrink: {gaps:?}");
+    assert!(
+        gaps.windows(2).all(|w| w[1] >= w[0]),
+        "gaps never shrink: {gaps:?}"
+    );
     let slot = s.sup.slots().next().unwrap();
     assert_eq!(slot.last_exit.as_deref(), Some("exit 1"));
-    assert_eq!(slot.restarts as usize, spawned_at.len() - 1, "every exit is counted");
+    assert_eq!(
+        slot.restarts as usize,
+        spawned_at.len() - 1,
+        "every exit is counted"
+    );
 }
 
 #[test]
@@ -212,7 +258,11 @@ fn backoff_resets_after_min_uptime() {
     s.sup.ready_reported(s.now, id);
     s.advance(6 * S); // lived past min_uptime
     s.sup.exited(s.now, id, Exit::Code(1));
-    assert_eq!(spawns(&s.sup.take_actions()), vec![(1, 1)], "healthy again: respawned at once");
+    assert_eq!(
+        spawns(&s.sup.take_actions()),
+        vec![(1, 1)],
+        "healthy again: respawned at once"
+    );
 }
 
 #[test]
@@ -221,39 +271,82 @@ fn rolling_restart_replaces_one_at_a_time_and_never_drops_capacity() {
     s.sup.restart(s.now, 2).unwrap();
     let mut actions = s.sup.take_actions();
     for slot in 1..=3 {
-        assert_eq!(spawns(&actions), vec![(slot, 2)], "one replacement at a time");
+        assert_eq!(
+            spawns(&actions),
+            vec![(slot, 2)],
+            "one replacement at a time"
+        );
         let new = s.live_in_slot(slot).into_iter().max().unwrap();
         s.sup.spawned(new, 500 + slot);
         let old = s.ready_in_slot(slot);
-        assert!(!drains(&actions).contains(&old), "nothing drained before the replacement is ready");
+        assert!(
+            !drains(&actions).contains(&old),
+            "nothing drained before the replacement is ready"
+        );
         assert_eq!(s.sup.ready(), 3, "capacity while the replacement starts");
         assert_eq!(s.sup.operation(), Some(format!("restart {}/3", slot - 1)));
         s.now += 40 * MS;
         s.sup.ready_reported(s.now, new);
         let after_ready = s.sup.take_actions();
-        assert_eq!(drains(&after_ready), vec![old], "the replaced worker drains only now");
+        assert_eq!(
+            drains(&after_ready),
+            vec![old],
+            "the replaced worker drains only now"
+        );
         assert_eq!(s.sup.ready(), 3);
         let progress = notices(&after_ready)
             .into_iter()
             .find_map(|n| match n {
-                Notice::RestartProgress { slot: sl, done, total, old_pid, new_pid, took } => {
-                    Some((*sl, *done, *total, *old_pid, *new_pid, *took))
-                }
+                Notice::RestartProgress {
+                    slot: sl,
+                    done,
+                    total,
+                    old_pid,
+                    new_pid,
+                    took,
+                } => Some((*sl, *done, *total, *old_pid, *new_pid, *took)),
                 _ => None,
             })
             .unwrap();
-        assert_eq!(progress, (slot, slot, 3, s.sup.instance(old).unwrap().pid, Some(500 + slot), 40 * MS));
+        assert_eq!(
+            progress,
+            (
+                slot,
+                slot,
+                3,
+                s.sup.instance(old).unwrap().pid,
+                Some(500 + slot),
+                40 * MS
+            )
+        );
         s.sup.exited(s.now, old, Exit::Code(0));
-        assert!(spawns(&s.sup.take_actions()).is_empty(), "a drained worker is not respawned");
+        assert!(
+            spawns(&s.sup.take_actions()).is_empty(),
+            "a drained worker is not respawned"
+        );
         if slot == 3 {
             let n = notices(&after_ready);
-            assert!(n.iter().any(|n| matches!(n, Notice::RestartDone { generation: 2, replaced: 3, .. })));
-            assert!(n.contains(&&Notice::AllReady { workers: 3, generation: 2 }));
+            assert!(n.iter().any(|n| matches!(
+                n,
+                Notice::RestartDone {
+                    generation: 2,
+                    replaced: 3,
+                    ..
+                }
+            )));
+            assert!(n.contains(&&Notice::AllReady {
+                workers: 3,
+                generation: 2
+            }));
         }
         actions = after_ready;
     }
     assert_eq!(s.sup.generation(), 2);
-    assert!(s.sup.slots().all(|sl| sl.generation == 2 && sl.restarts == 0));
+    assert!(
+        s.sup
+            .slots()
+            .all(|sl| sl.generation == 2 && sl.restarts == 0)
+    );
     assert_eq!(s.sup.operation(), None);
 }
 
@@ -265,11 +358,17 @@ fn a_replacement_that_exits_aborts_the_restart_and_the_old_workers_keep_serving(
     s.sup.exited(s.now, new, Exit::Code(1));
     let actions = s.sup.take_actions();
     let reason = aborted_reason(&actions).expect("aborted");
-    assert!(reason.contains("worker 1") && reason.contains("exit 1"), "{reason}");
+    assert!(
+        reason.contains("worker 1") && reason.contains("exit 1"),
+        "{reason}"
+    );
     assert!(drains(&actions).is_empty() && spawns(&actions).is_empty());
     assert_eq!(s.sup.ready(), 2);
     assert_eq!(s.sup.generation(), 1);
-    assert!(s.sup.slots().all(|sl| sl.restarts == 0), "a failed deploy is not a crash");
+    assert!(
+        s.sup.slots().all(|sl| sl.restarts == 0),
+        "a failed deploy is not a crash"
+    );
     // The next restart is allowed.
     s.sup.restart(s.now, 3).unwrap();
 }
@@ -284,11 +383,18 @@ fn a_replacement_that_never_reports_ready_is_killed_and_the_restart_aborts() {
     let actions = s.sup.take_actions();
     assert_eq!(kills(&actions), vec![(new, KillReason::Aborted)]);
     let reason = aborted_reason(&actions).unwrap();
-    assert!(reason.contains("did not report READY within 10s"), "{reason}");
+    assert!(
+        reason.contains("did not report READY within 10s"),
+        "{reason}"
+    );
     s.sup.exited(s.now, new, Exit::Signal(9));
     let actions = s.sup.take_actions();
     assert!(spawns(&actions).is_empty());
-    assert!(notices(&actions).iter().any(|n| matches!(n, Notice::Exited { expected: true, .. })));
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| matches!(n, Notice::Exited { expected: true, .. }))
+    );
     assert_eq!(s.sup.ready(), 2);
 }
 
@@ -319,11 +425,18 @@ fn an_old_worker_crashing_while_its_replacement_fails_is_still_respawned() {
     let new = s.spawn_all()[0];
     let old = s.ready_in_slot(1);
     s.sup.exited(s.now, old, Exit::Signal(9));
-    assert!(spawns(&s.sup.take_actions()).is_empty(), "the replacement is starting in that slot");
+    assert!(
+        spawns(&s.sup.take_actions()).is_empty(),
+        "the replacement is starting in that slot"
+    );
     s.sup.exited(s.now, new, Exit::Code(1));
     let actions = s.sup.take_actions();
     assert!(aborted_reason(&actions).is_some());
-    assert_eq!(spawns(&actions), vec![(1, 1)], "the known-good generation comes back");
+    assert_eq!(
+        spawns(&actions),
+        vec![(1, 1)],
+        "the known-good generation comes back"
+    );
 }
 
 #[test]
@@ -343,15 +456,29 @@ fn a_worker_that_ignores_drain_is_killed_at_the_drain_timeout() {
     let actions = s.sup.take_actions();
     let drained = drains(&actions);
     assert_eq!(drained.len(), 1);
-    assert_eq!(s.sup.instance(drained[0]).unwrap().slot, 2, "the highest id goes");
+    assert_eq!(
+        s.sup.instance(drained[0]).unwrap().slot,
+        2,
+        "the highest id goes"
+    );
     s.advance(29 * S);
     assert!(kills(&s.sup.take_actions()).is_empty());
     s.advance(S);
-    assert_eq!(kills(&s.sup.take_actions()), vec![(drained[0], KillReason::DrainTimeout)]);
+    assert_eq!(
+        kills(&s.sup.take_actions()),
+        vec![(drained[0], KillReason::DrainTimeout)]
+    );
     s.sup.exited(s.now, drained[0], Exit::Signal(9));
     let actions = s.sup.take_actions();
     assert!(spawns(&actions).is_empty());
-    assert!(notices(&actions).iter().any(|n| matches!(n, Notice::Exited { slot: 2, expected: true, .. })));
+    assert!(notices(&actions).iter().any(|n| matches!(
+        n,
+        Notice::Exited {
+            slot: 2,
+            expected: true,
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -372,10 +499,24 @@ fn scaling_up_and_down_and_its_limits() {
     assert_eq!(s.sup.scale(s.now, ScaleTo::Up(2)), Ok((2, 4)));
     assert_eq!(spawns(&s.sup.take_actions()), vec![(3, 1), (4, 1)]);
     assert_eq!(s.sup.scale(s.now, ScaleTo::Exactly(1)), Ok((4, 1)));
-    assert_eq!(drains(&s.sup.take_actions()).len(), 3, "starting workers are drained too");
-    assert!(s.sup.scale(s.now, ScaleTo::Down(1)).unwrap_err().contains("at least 1"));
+    assert_eq!(
+        drains(&s.sup.take_actions()).len(),
+        3,
+        "starting workers are drained too"
+    );
+    assert!(
+        s.sup
+            .scale(s.now, ScaleTo::Down(1))
+            .unwrap_err()
+            .contains("at least 1")
+    );
     assert!(s.sup.scale(s.now, ScaleTo::Exactly(0)).is_err());
-    assert!(s.sup.scale(s.now, ScaleTo::Exactly(MAX_WORKERS + 1)).unwrap_err().contains("limit"));
+    assert!(
+        s.sup
+            .scale(s.now, ScaleTo::Exactly(MAX_WORKERS + 1))
+            .unwrap_err()
+            .contains("limit")
+    );
     assert_eq!(s.sup.desired(), 1);
 }
 
@@ -385,7 +526,10 @@ fn a_worker_that_never_becomes_ready_is_killed_and_respawned_with_backoff() {
     s.sup.start(s.now);
     let id = s.spawn_all()[0];
     s.advance(10 * S);
-    assert_eq!(kills(&s.sup.take_actions()), vec![(id, KillReason::ReadyTimeout)]);
+    assert_eq!(
+        kills(&s.sup.take_actions()),
+        vec![(id, KillReason::ReadyTimeout)]
+    );
     s.sup.exited(s.now, id, Exit::Signal(9));
     assert_eq!(spawns(&s.sup.take_actions()), vec![(1, 1)]);
     let slot = s.sup.slots().next().unwrap();
@@ -399,7 +543,8 @@ fn a_program_that_cannot_start_backs_off() {
     let mut s = Script::new(1);
     s.sup.start(s.now);
     let id = s.spawn_all()[0];
-    s.sup.spawn_failed(s.now, id, "/nope: No such file or directory".into());
+    s.sup
+        .spawn_failed(s.now, id, "/nope: No such file or directory".into());
     let actions = s.sup.take_actions();
     assert_eq!(spawns(&actions).len(), 1, "first retry at once");
     let id = actions
@@ -409,12 +554,20 @@ fn a_program_that_cannot_start_backs_off() {
             _ => None,
         })
         .unwrap();
-    s.sup.spawn_failed(s.now, id, "/nope: No such file or directory".into());
+    s.sup
+        .spawn_failed(s.now, id, "/nope: No such file or directory".into());
     let actions = s.sup.take_actions();
     assert!(spawns(&actions).is_empty());
-    assert!(notices(&actions).iter().any(|n| matches!(n, Notice::Backoff { delay, .. } if *delay == 100 * MS)));
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| matches!(n, Notice::Backoff { delay, .. } if *delay == 100 * MS))
+    );
     let slot = s.sup.slots().next().unwrap();
-    assert_eq!(slot.last_exit.as_deref(), Some("failed to start: /nope: No such file or directory"));
+    assert_eq!(
+        slot.last_exit.as_deref(),
+        Some("failed to start: /nope: No such file or directory")
+    );
 }
 
 #[test]
@@ -443,7 +596,13 @@ fn fast_stop_terminates_then_kills_after_the_grace() {
     s.sup.take_actions();
     s.sup.stop(s.now, true);
     let actions = s.sup.take_actions();
-    assert_eq!(actions.iter().filter(|a| matches!(a, Action::Terminate { .. })).count(), 2);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Terminate { .. }))
+            .count(),
+        2
+    );
     s.advance(S);
     let killed = kills(&s.sup.take_actions());
     assert_eq!(killed.len(), 2);
@@ -461,7 +620,10 @@ fn stop_during_a_restart_aborts_it() {
     let new = s.spawn_all()[0];
     s.sup.stop(s.now, false);
     let actions = s.sup.take_actions();
-    assert_eq!(aborted_reason(&actions).as_deref(), Some("clusterd is stopping"));
+    assert_eq!(
+        aborted_reason(&actions).as_deref(),
+        Some("clusterd is stopping")
+    );
     assert_eq!(kills(&actions), vec![(new, KillReason::Aborted)]);
     assert_eq!(drains(&actions).len(), 2);
 }
