@@ -1,0 +1,392 @@
+//! shop: the demo worker, a small HTTP/1.1 shop API built on `clusterd::worker`.
+//!
+//! Routes (every response carries `X-Worker: <worker id>`, 0 when run alone):
+//!
+//! - `GET /products/:id`: `{"id":N,"name":"...","price":N.NN}` for ids
+//!   1..=10000, a 404 JSON error otherwise;
+//! - `POST /checkout`: reads the body, waits 50 ms of simulated I/O (a payment
+//!   call), then `{"orderId":"...","status":"confirmed"}`;
+//! - `GET /cpu`: about 2 ms of CPU work (pricing a large cart), then JSON;
+//! - `GET /healthz`: `ok`.
+//!
+//! Under clusterd it serves the `http` listener clusterd passes it:
+//!
+//! ```text
+//! cargo build --release --workspace --bins --examples
+//! target/release/clusterd -c examples/shop.conf
+//! ```
+//!
+//! Alone it binds `--listen ADDR`, else `$SHOP_LISTEN`, else
+//! `127.0.0.1:3000` (`host:port`, `[v6]:port` or `unix:/path`):
+//!
+//! ```text
+//! cargo run --example shop -- --listen 127.0.0.1:3999
+//! ```
+//!
+//! Draining (on clusterd's DRAIN, clusterd going away, SIGTERM or Ctrl-C):
+//! the listener is closed at once, so new connections go to other workers;
+//! requests in flight finish, and their responses carry `Connection: close`;
+//! idle keep-alive connections are closed (after a short grace for a request
+//! already on its way, `DRAIN_IDLE_GRACE`); when no connection is
+//! left the worker reports DRAINED and exits 0.
+//!
+//! One worker runs on one thread (clusterd runs one worker per core), so
+//! `/cpu` blocks this worker's other connections while it runs, as a
+//! CPU-bound request in Node.js would.
+
+use std::cell::Cell;
+use std::hint::black_box;
+use std::io;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use async_h1::server::{ConnectionStatus, Server};
+use clusterd::worker::{Accepted, Acceptor, Idle, InFlight, Shutdown, Stats, Stream, Worker};
+use http_types::{Method, Request, Response, StatusCode, mime};
+use smol::future::FutureExt as _;
+use smol::io::AsyncReadExt as _;
+use smol::{LocalExecutor, Timer};
+
+/// Where to listen when not run by clusterd.
+const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+
+/// How long a keep-alive connection may wait for its next request: an idle
+/// connection holds one of the worker's in-flight slots, so it is not kept
+/// forever.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// The simulated payment call of `POST /checkout`.
+const CHECKOUT_IO: Duration = Duration::from_millis(50);
+
+/// How long a checkout body may take to arrive, and how big it may be.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_LIMIT: u64 = 64 * 1024;
+
+/// Products `1..=PRODUCTS` exist.
+const PRODUCTS: u64 = 10_000;
+
+/// Cart lines priced by `GET /cpu`: about 2 ms of work in a release build.
+const CPU_CART_ITEMS: u64 = 750_000;
+
+const USAGE: &str = "usage: shop [--listen ADDR]   (or SHOP_LISTEN=ADDR; default 127.0.0.1:3000)";
+
+fn main() -> ExitCode {
+    let listen = match listen_address(std::env::args().skip(1)) {
+        Ok(Some(listen)) => listen,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(why) => {
+            eprintln!("shop: {why}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&listen) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shop: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--listen ADDR`, else `$SHOP_LISTEN`, else the default; `None` for `--help`.
+fn listen_address(mut args: impl Iterator<Item = String>) -> Result<Option<String>, String> {
+    let mut listen = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--listen" => {
+                listen = Some(args.next().ok_or("--listen needs an address")?);
+            }
+            _ => match arg.strip_prefix("--listen=") {
+                Some(address) => listen = Some(address.to_owned()),
+                None => return Err(format!("unexpected argument {arg:?}")),
+            },
+        }
+    }
+    Ok(Some(listen.unwrap_or_else(|| {
+        std::env::var("SHOP_LISTEN")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned())
+    })))
+}
+
+fn run(listen: &str) -> io::Result<()> {
+    let mut worker = Worker::connect(&[("http", listen)])?;
+    let in_flight = InFlight::default();
+    let stats = worker.stats();
+    stats.track(&in_flight);
+    let shutdown = worker.shutdown();
+    let mut acceptor = Acceptor::new(
+        worker.take_listener("http")?,
+        in_flight.clone(),
+        shutdown.clone(),
+    );
+    let id = worker.id();
+    let listeners: Vec<String> = worker
+        .listeners()
+        .iter()
+        .map(|l| format!("{}={}", l.name, l.address))
+        .collect();
+    eprintln!(
+        "shop: worker {id} gen {} listening on {}",
+        worker.generation(),
+        listeners.join(", ")
+    );
+    let app = Rc::new(App {
+        worker_id: id.to_string(),
+        stats,
+        shutdown: shutdown.clone(),
+        orders: Cell::new(0),
+    });
+
+    let ex = LocalExecutor::new();
+    smol::block_on(ex.run(async {
+        worker.ready().await?;
+        let accepting = loop {
+            match acceptor.accept().await {
+                Ok(Some(conn)) => ex.spawn(serve(conn, app.clone())).detach(),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        drop(acceptor);
+        let why = match (&accepting, shutdown.reason()) {
+            (Err(e), _) => format!("accept failed: {e}"),
+            (Ok(()), Some(reason)) => reason.to_string(),
+            (Ok(()), None) => "listener closed".to_owned(),
+        };
+        eprintln!("shop: worker {id} draining ({why})");
+        let draining = Instant::now();
+        in_flight.wait_idle().await;
+        // A worker that could not accept exits non-zero (clusterd replaces
+        // it) rather than claiming an orderly drain.
+        accepting?;
+        worker.drained().await?;
+        eprintln!(
+            "shop: worker {id} drained in {} ms, exiting",
+            draining.elapsed().as_millis()
+        );
+        Ok(())
+    }))
+}
+
+/// What every request handler of this worker shares.
+struct App {
+    /// The `X-Worker` header value.
+    worker_id: String,
+    /// Requests served, reported to clusterd.
+    stats: Stats,
+    /// Checked before each response: once draining, say `Connection: close`.
+    shutdown: Shutdown,
+    /// Orders confirmed by this worker, for order ids.
+    orders: Cell<u64>,
+}
+/// Serves one connection's requests until it closes, errs, idles out or the
+/// drain begins. The in-flight slot (`guard`) is released however it ends,
+/// including when the client disconnects mid-request.
+async fn serve(conn: Accepted, app: Rc<App>) {
+    let Accepted { stream, guard, .. } = conn;
+    let endpoint = {
+        let (app, stream) = (app.clone(), stream.clone());
+        move |req: Request| {
+            let (app, stream) = (app.clone(), stream.clone());
+            async move { Ok(app.respond(req, &stream).await) }
+        }
+    };
+    let mut server = Server::new(stream.clone(), endpoint);
+    loop {
+        // Between requests the connection is idle; see `next_request` for
+        // why a drain closes it only after a short grace.
+        if app.idle(&stream).await != Idle::Request {
+            break;
+        }
+        // The request in flight: not raced against the drain, it finishes
+        // (async-h1 bounds the wait for its head to 60 s, clusterd the
+        // whole drain to drain_timeout).
+        match server.accept_one().await {
+            Ok(ConnectionStatus::KeepAlive) => {}
+            // Closed by the client, by `Connection: close`, a malformed
+            // request, or a client that went away mid-request.
+            Ok(ConnectionStatus::Close) | Err(_) => break,
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    drop(guard);
+}
+
+impl App {
+    async fn idle(&self, stream: &Stream) -> Idle {
+        stream
+            .next_request(Some(&self.shutdown), KEEP_ALIVE_IDLE)
+            .await
+    }
+
+    async fn respond(&self, mut req: Request, stream: &Stream) -> Response {
+        let path = req.url().path().to_owned();
+        let mut res = match (req.method(), path.as_str()) {
+            (Method::Get, "/healthz") => text(StatusCode::Ok, "ok"),
+            (Method::Get, "/cpu") => cpu(),
+            (Method::Post, "/checkout") => self.checkout(&mut req, stream).await,
+            (Method::Get, p) if p.starts_with("/products/") => product(&p["/products/".len()..]),
+            (_, "/healthz" | "/cpu") => not_allowed("GET"),
+            (_, "/checkout") => not_allowed("POST"),
+            (_, p) if p.starts_with("/products/") => not_allowed("GET"),
+            _ => error(StatusCode::NotFound, "not found"),
+        };
+        self.stats.count_request();
+        res.insert_header("X-Worker", self.worker_id.as_str());
+        if self.shutdown.is_triggered() {
+            // The last response on this connection: the worker is draining.
+            res.insert_header("Connection", "close");
+        }
+        res
+    }
+
+    async fn checkout(&self, req: &mut Request, stream: &Stream) -> Response {
+        if req.len().is_some_and(|len| len as u64 > BODY_LIMIT) {
+            return refuse(stream, StatusCode::PayloadTooLarge, "cart too large");
+        }
+        let mut body = Vec::new();
+        let read = req
+            .take_body()
+            .take(BODY_LIMIT + 1)
+            .read_to_end(&mut body)
+            .or(async {
+                Timer::after(BODY_TIMEOUT).await;
+                Err(io::ErrorKind::TimedOut.into())
+            })
+            .await;
+        match read {
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return refuse(stream, StatusCode::RequestTimeout, "body took too long");
+            }
+            Err(_) => return refuse(stream, StatusCode::BadRequest, "cannot read the body"),
+            Ok(_) if body.len() as u64 > BODY_LIMIT => {
+                return refuse(stream, StatusCode::PayloadTooLarge, "cart too large");
+            }
+            Ok(_) => {}
+        }
+        // The payment provider's round trip.
+        Timer::after(CHECKOUT_IO).await;
+        let n = self.orders.get() + 1;
+        self.orders.set(n);
+        let order_id = format!("{}-{:x}-{n}", self.worker_id, std::process::id());
+        json(
+            StatusCode::Ok,
+            serde_json::json!({ "orderId": order_id, "status": "confirmed" }).to_string(),
+        )
+    }
+}
+
+/// `GET /products/:id`: a deterministic catalogue of products 1..=10000.
+fn product(id: &str) -> Response {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return error(StatusCode::NotFound, "invalid product id");
+    }
+    let Some(id) = id
+        .parse::<u64>()
+        .ok()
+        .filter(|id| (1..=PRODUCTS).contains(id))
+    else {
+        return error(StatusCode::NotFound, "no such product");
+    };
+    const ADJECTIVES: [&str; 8] = [
+        "Classic", "Organic", "Deluxe", "Compact", "Vintage", "Smart", "Rugged", "Eco",
+    ];
+    const NOUNS: [&str; 10] = [
+        "Teapot",
+        "Backpack",
+        "Desk Lamp",
+        "Sneakers",
+        "Headphones",
+        "Notebook",
+        "Umbrella",
+        "Mug",
+        "Rain Jacket",
+        "Watch",
+    ];
+    let name = format!(
+        "{} {}",
+        ADJECTIVES[(id / 10 % 8) as usize],
+        NOUNS[(id % 10) as usize]
+    );
+    let cents = 199 + id * 7919 % 19_800;
+    json(
+        StatusCode::Ok,
+        format!(
+            r#"{{"id":{id},"name":{},"price":{}}}"#,
+            serde_json::Value::from(name),
+            money(cents)
+        ),
+    )
+}
+
+/// `GET /cpu`: prices a large cart, about 2 ms of CPU in a release build.
+fn cpu() -> Response {
+    let total = cart_total(black_box(CPU_CART_ITEMS));
+    json(
+        StatusCode::Ok,
+        format!(r#"{{"items":{CPU_CART_ITEMS},"total":{}}}"#, money(total)),
+    )
+}
+
+/// The total of a cart of `items` lines, in cents: price times quantity,
+/// 5% off lines of three or more, 8.25% sales tax. Integer arithmetic only,
+/// and `black_box` keeps the compiler from folding the loop away.
+fn cart_total(items: u64) -> u64 {
+    let mut total = 0u64;
+    for i in 0..items {
+        let i = black_box(i);
+        let price = 99 + i * 7919 % 10_000;
+        let quantity = 1 + i % 5;
+        let line = price * quantity;
+        let discount = if quantity >= 3 { line * 5 / 100 } else { 0 };
+        let taxed = (line - discount) * 10_825 / 10_000;
+        total = total.wrapping_add(taxed);
+    }
+    total
+}
+
+/// Cents as a JSON number with two decimals: `1234` → `12.34`.
+fn money(cents: u64) -> String {
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    let mut res = Response::new(status);
+    res.set_body(body);
+    res.set_content_type(mime::JSON);
+    res
+}
+
+fn text(status: StatusCode, body: &str) -> Response {
+    let mut res = Response::new(status);
+    res.set_body(body);
+    res.set_content_type(mime::PLAIN);
+    res
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    json(status, serde_json::json!({ "error": message }).to_string())
+}
+
+/// An error response to a request whose body was not read: the connection
+/// is closed after it, and reading is shut down first so that async-h1 does
+/// not wait for the rest of the body (a slow client must not hold a drain).
+fn refuse(stream: &Stream, status: StatusCode, message: &str) -> Response {
+    let _ = stream.shutdown(std::net::Shutdown::Read);
+    let mut res = error(status, message);
+    res.insert_header("Connection", "close");
+    res
+}
+
+fn not_allowed(allow: &str) -> Response {
+    let mut res = error(StatusCode::MethodNotAllowed, "method not allowed");
+    res.insert_header("Allow", allow);
+    res
+}

@@ -1,0 +1,412 @@
+//! testworker: a worker with scripted (mis)behaviour, for clusterd's
+//! integration tests.
+//!
+//! ```text
+//! testworker MODE [ARG]
+//! ```
+//!
+//! Modes:
+//!
+//! - `ok`: a well-behaved worker. Serves every listener clusterd passes with a
+//!   tiny HTTP/1.1 responder, reports Ready, reports stats, and drains like
+//!   the shop: on DRAIN (or clusterd going away, or SIGTERM) it closes the
+//!   listeners at once, closes idle keep-alive connections, answers requests
+//!   in flight with `Connection: close`, reports Drained and exits 0.
+//! - `ignore-drain`: like `ok`, but ignores DRAIN (and SIGTERM) forever:
+//!   keeps accepting and serving until SIGKILL.
+//! - `never-ready`: takes the listeners but never accepts and never reports
+//!   Ready; drains (Drained, exit 0) when told to.
+//! - `exit-before-ready`: exits 1 right after receiving Hello.
+//! - `close-ipc`: receives Hello, closes the IPC channel (fd 3) without
+//!   reporting Ready, then sleeps (until killed).
+//! - `garbage`: sends clusterd eight records of random bytes (including one
+//!   longer than the IPC record limit) that are never a valid message, then
+//!   behaves as `ok`.
+//! - `wrong-version`: sends a Ready record whose header says protocol version
+//!   99 instead of Ready, then serves as `ok` does (so it never becomes
+//!   ready in clusterd's eyes).
+//! - `ready-twice`: reports Ready twice, then behaves as `ok`.
+//! - `drained-early`: reports Ready, then Drained before any DRAIN, then
+//!   behaves as `ok` (and reports Drained again when really drained).
+//! - `crash-after MS`: behaves as `ok`, but exits with status 3 after MS
+//!   milliseconds.
+//!
+//! The responder answers every request on a keep-alive connection with
+//! `200 OK`, headers `X-Worker: ID`, `X-Pid: PID`, `X-Generation: GEN` and the
+//! body `worker ID`. `GET /sleep/MS` waits MS milliseconds first (a request
+//! in flight, for drain tests). Request bodies (`Content-Length`) are read
+//! and discarded; `Connection: close` and HTTP/1.0 close after the response.
+//!
+//! Run without clusterd, it listens on `$TESTWORKER_LISTEN` (default
+//! `127.0.0.1:0`, printed at start).
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::Duration;
+
+use clusterd::fdpass;
+use clusterd::proto::{self, FromWorker};
+use clusterd::worker::{Accepted, Acceptor, Idle, InFlight, Listener, Shutdown, Stats, Worker};
+use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use smol::{LocalExecutor, Timer};
+
+const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|crash-after MS";
+
+/// Largest request head the responder reads.
+const MAX_HEAD: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Ok,
+    IgnoreDrain,
+    NeverReady,
+    ExitBeforeReady,
+    CloseIpc,
+    Garbage,
+    WrongVersion,
+    ReadyTwice,
+    DrainedEarly,
+    CrashAfter(Duration),
+}
+
+fn parse(args: &[String]) -> Result<Mode, String> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ok(match args[..] {
+        ["ok"] => Mode::Ok,
+        ["ignore-drain"] => Mode::IgnoreDrain,
+        ["never-ready"] => Mode::NeverReady,
+        ["exit-before-ready"] => Mode::ExitBeforeReady,
+        ["close-ipc"] => Mode::CloseIpc,
+        ["garbage"] => Mode::Garbage,
+        ["wrong-version"] => Mode::WrongVersion,
+        ["ready-twice"] => Mode::ReadyTwice,
+        ["drained-early"] => Mode::DrainedEarly,
+        ["crash-after", ms] => {
+            Mode::CrashAfter(Duration::from_millis(ms.parse().map_err(|_| {
+                format!("crash-after: {ms:?} is not a number of milliseconds")
+            })?))
+        }
+        _ => return Err(format!("unknown arguments {args:?}")),
+    })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = match parse(&args) {
+        Ok(mode) => mode,
+        Err(why) => {
+            eprintln!("testworker: {why}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match mode {
+        Mode::CloseIpc => close_ipc(),
+        mode => run(mode),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("testworker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(mode: Mode) -> io::Result<()> {
+    let listen = std::env::var("TESTWORKER_LISTEN").unwrap_or_else(|_| "127.0.0.1:0".into());
+    let mut worker = Worker::connect(&[("http", &listen)])?;
+    let (id, generation) = (worker.id(), worker.generation());
+    let addresses: Vec<String> = worker
+        .listeners()
+        .iter()
+        .map(|l| format!("{}={}", l.name, l.address))
+        .collect();
+    eprintln!(
+        "testworker: worker {id} gen {generation} pid {} mode {mode:?} listening on {}",
+        std::process::id(),
+        addresses.join(", ")
+    );
+    if mode == Mode::ExitBeforeReady {
+        std::process::exit(1);
+    }
+    let mut names: Vec<String> = worker.listeners().iter().map(|l| l.name.clone()).collect();
+    names.dedup();
+    let listeners = names
+        .iter()
+        .map(|name| worker.take_listener(name))
+        .collect::<io::Result<Vec<Listener>>>()?;
+
+    let in_flight = InFlight::default();
+    let stats = worker.stats();
+    stats.track(&in_flight);
+    let shutdown = worker.shutdown();
+    let info = Rc::new(Info {
+        headers: format!(
+            "X-Worker: {id}\r\nX-Pid: {}\r\nX-Generation: {generation}\r\n",
+            std::process::id()
+        ),
+        body: format!("worker {id}"),
+        stats,
+        // `ignore-drain` serves as if the drain never came.
+        shutdown: (mode != Mode::IgnoreDrain).then(|| shutdown.clone()),
+    });
+
+    // Accept loops spawn connection tasks, so they hold the executor too.
+    let ex = Rc::new(LocalExecutor::new());
+    smol::block_on(ex.run(async {
+        match mode {
+            Mode::NeverReady => {
+                let reason = shutdown.clone().await;
+                eprintln!("testworker: worker {id} never ready, stopping ({reason})");
+                drop(listeners);
+                return worker.drained().await;
+            }
+            Mode::Garbage => {
+                send_garbage(&worker)?;
+                worker.ready().await?;
+            }
+            Mode::WrongVersion => {
+                let mut record = proto::encode(&FromWorker::Ready);
+                // The version is a one-byte varint while it is below 251.
+                record[0] = 99;
+                send_raw(&worker, &record)?;
+            }
+            Mode::ReadyTwice => {
+                worker.ready().await?;
+                send_raw(&worker, &proto::encode(&FromWorker::Ready))?;
+            }
+            Mode::DrainedEarly => {
+                worker.ready().await?;
+                send_raw(&worker, &proto::encode(&FromWorker::Drained))?;
+            }
+            Mode::CrashAfter(after) => {
+                worker.ready().await?;
+                ex.spawn(async move {
+                    Timer::after(after).await;
+                    eprintln!("testworker: worker {id} crashing as asked (exit 3)");
+                    std::process::exit(3);
+                })
+                .detach();
+            }
+            _ => worker.ready().await?,
+        }
+
+        let loops: Vec<_> = listeners
+            .into_iter()
+            .map(|listener| {
+                let (ex2, info, in_flight) = (ex.clone(), info.clone(), in_flight.clone());
+                let shutdown = info.shutdown.clone();
+                ex.spawn(async move {
+                    match shutdown {
+                        Some(shutdown) => {
+                            let mut acceptor = Acceptor::new(listener, in_flight, shutdown);
+                            while let Some(conn) = acceptor.accept().await? {
+                                ex2.spawn(serve(conn, info.clone())).detach();
+                            }
+                        }
+                        None => loop {
+                            let conn = listener.accept_limited(&in_flight).await?;
+                            ex2.spawn(serve(conn, info.clone())).detach();
+                        },
+                    }
+                    io::Result::Ok(())
+                })
+            })
+            .collect();
+        for accept_loop in loops {
+            accept_loop.await?;
+        }
+        let reason = shutdown.reason().map_or("?".into(), |r| r.to_string());
+        eprintln!("testworker: worker {id} draining ({reason})");
+        in_flight.wait_idle().await;
+        worker.drained().await?;
+        eprintln!("testworker: worker {id} drained");
+        Ok(())
+    }))
+}
+
+/// `close-ipc`: receive Hello, close the channel, sleep until killed.
+fn close_ipc() -> io::Result<()> {
+    let raw = std::env::var(clusterd::worker::ENV_FD)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|&fd| fd >= 0)
+        .ok_or_else(|| io::Error::other("close-ipc needs clusterd (CLUSTERD_FD)"))?;
+    // SAFETY: clusterd passed us this fd open, and in this mode nothing else
+    // in the process (no `Worker`) refers to it, so we may own and close it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut buf = vec![0u8; proto::MAX_IPC_RECORD];
+    let hello = fdpass::recv_with_fds(&fd, &mut buf, rustix::net::RecvFlags::empty())?;
+    drop(hello.fds);
+    drop(fd);
+    eprintln!("testworker: closed the IPC channel; sleeping");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn send_raw(worker: &Worker, record: &[u8]) -> io::Result<()> {
+    match worker.ipc_fd() {
+        Some(fd) => fdpass::send_with_fds(fd, record, &[]),
+        None => Ok(()), // standalone: nobody to send it to
+    }
+}
+
+/// Records that are never a valid message: either a valid version header
+/// followed by an unknown message tag, or a bad version byte, and one longer
+/// than the record limit. Never empty (an empty record reads as end of file).
+fn send_garbage(worker: &Worker) -> io::Result<()> {
+    let mut seed = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
+    let mut random = move || {
+        // xorshift64
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..8 {
+        let len = if i == 7 {
+            proto::MAX_IPC_RECORD + 1
+        } else {
+            1 + (random() % 200) as usize
+        };
+        let mut record: Vec<u8> = (0..len).map(|_| random() as u8).collect();
+        if i % 2 == 0 && len >= 2 {
+            record[0] = 1; // our version...
+            record[1] = 3 + (random() % 248) as u8; // ...and no such message (0..=2 exist)
+        } else if record[0] == 1 {
+            record[0] = 0; // version 0 does not exist
+        }
+        send_raw(worker, &record)?;
+    }
+    Ok(())
+}
+
+/// What the responder tells every client.
+struct Info {
+    /// `X-Worker`, `X-Pid`, `X-Generation` lines.
+    headers: String,
+    body: String,
+    stats: Stats,
+    /// `None` in `ignore-drain`.
+    shutdown: Option<Shutdown>,
+}
+
+/// One parsed request head.
+struct Head {
+    content_length: usize,
+    close: bool,
+    sleep: Option<Duration>,
+}
+
+async fn serve(conn: Accepted, info: Rc<Info>) {
+    let Accepted {
+        mut stream, guard, ..
+    } = conn;
+    let mut buf = Vec::new();
+    loop {
+        if buf.is_empty() {
+            // Idle between requests: closed when the drain begins (after
+            // the library's short grace for a request on its way).
+            let idle = stream
+                .next_request(info.shutdown.as_ref(), Duration::from_secs(3600))
+                .await;
+            if idle != Idle::Request {
+                break;
+            }
+        }
+        let Some(head) = read_head(&mut stream, &mut buf).await else {
+            break;
+        };
+        if !skip(&mut stream, &mut buf, head.content_length).await {
+            break;
+        }
+        if let Some(delay) = head.sleep {
+            Timer::after(delay).await;
+        }
+        let close = head.close || info.shutdown.as_ref().is_some_and(Shutdown::is_triggered);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
+            info.headers,
+            info.body.len(),
+            if close { "Connection: close\r\n" } else { "" },
+            info.body
+        );
+        info.stats.count_request();
+        if stream.write_all(response.as_bytes()).await.is_err() || close {
+            break;
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    drop(guard);
+}
+
+/// Reads up to the end of a request head; `None` on end of file, error, or a
+/// head that is too large. Bytes after the head stay in `buf`.
+async fn read_head(stream: &mut clusterd::worker::Stream, buf: &mut Vec<u8>) -> Option<Head> {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            return None;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next()?;
+    let mut parts = request_line.split(' ');
+    let (_method, path, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let mut parsed = Head {
+        content_length: 0,
+        close: version != "HTTP/1.1",
+        sleep: path
+            .strip_prefix("/sleep/")
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis),
+    };
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "content-length" => parsed.content_length = value.parse().ok()?,
+            "connection" => {
+                if value.eq_ignore_ascii_case("close") {
+                    parsed.close = true;
+                } else if value.eq_ignore_ascii_case("keep-alive") {
+                    parsed.close = false;
+                }
+            }
+            // Not supported by this responder: answer, then close.
+            "transfer-encoding" => parsed.close = true,
+            _ => {}
+        }
+    }
+    Some(parsed)
+}
+
+/// Reads and discards `len` body bytes, some of which may be in `buf`.
+async fn skip(stream: &mut clusterd::worker::Stream, buf: &mut Vec<u8>, len: usize) -> bool {
+    let buffered = len.min(buf.len());
+    buf.drain(..buffered);
+    let mut left = len - buffered;
+    let mut chunk = [0u8; 4096];
+    while left > 0 {
+        let want = left.min(chunk.len());
+        match stream.read(&mut chunk[..want]).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => left -= n,
+        }
+    }
+    true
+}
