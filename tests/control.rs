@@ -1,0 +1,1 @@
+//! clusterctl end to end.

@@ -1,0 +1,15 @@
+//! clusterd's end-to-end tests: the real `clusterd` and `clusterctl`
+//! binaries, real worker processes (examples/shop, examples/testworker and
+//! plain programs), real sockets on 127.0.0.1 with ephemeral ports.
+//!
+//! One integration binary (as ripgrep does); each module says what belongs
+//! in it. `util` is the harness.
+
+mod util;
+
+/// clusterctl against a real daemon: every command, human and JSON output,
+/// scaling and restarts under load, hostile control clients.
+mod control;
+/// Serving, crashes, backoff, rolling restarts, drain deadlines, stop, config
+/// errors: the core guarantees of DESIGN.md.
+mod core;
