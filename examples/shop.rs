@@ -160,7 +160,7 @@ fn run(listen: &str) -> io::Result<()> {
             (Ok(()), Some(reason)) => reason.to_string(),
             (Ok(()), None) => "listener closed".to_owned(),
         };
-        eprintln!("shop: worker {id} draining ({why})");
+        eprintln!("shop: worker {id} draining: {why}");
         let draining = Instant::now();
         in_flight.wait_idle().await;
         // A worker that could not accept exits non-zero (clusterd replaces

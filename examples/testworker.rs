@@ -219,7 +219,7 @@ fn run(mode: Mode) -> io::Result<()> {
             accept_loop.await?;
         }
         let reason = shutdown.reason().map_or("?".into(), |r| r.to_string());
-        eprintln!("testworker: worker {id} draining ({reason})");
+        eprintln!("testworker: worker {id} draining: {reason}");
         in_flight.wait_idle().await;
         worker.drained().await?;
         eprintln!("testworker: worker {id} drained");

@@ -26,3 +26,8 @@ pub mod worker;
 
 #[doc(hidden)]
 pub mod daemon;
+
+/// The README's Rust examples compile (they run as doctests).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -831,7 +831,11 @@ impl fmt::Display for ShutdownReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ShutdownReason::Drain { timeout } => {
-                write!(f, "DRAIN from clusterd (SIGKILL after {timeout:?})")
+                write!(
+                    f,
+                    "DRAIN from clusterd, SIGKILL after {}",
+                    crate::lifecycle::human(*timeout)
+                )
             }
             ShutdownReason::Disconnected => f.write_str("the channel to clusterd closed"),
             ShutdownReason::Terminate => f.write_str("SIGTERM"),
@@ -2063,7 +2067,7 @@ mod tests {
         let drain = ShutdownReason::Drain {
             timeout: Duration::from_secs(30),
         };
-        assert_eq!(drain.to_string(), "DRAIN from clusterd (SIGKILL after 30s)");
+        assert_eq!(drain.to_string(), "DRAIN from clusterd, SIGKILL after 30s");
         assert_eq!(ShutdownReason::Terminate.to_string(), "SIGTERM");
     }
 }
