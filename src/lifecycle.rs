@@ -54,6 +54,9 @@ pub struct Timing {
     pub min_uptime: Duration,
     /// Between SIGTERM and SIGKILL on a fast stop.
     pub fast_stop_grace: Duration,
+    /// `ready_after`: a worker still running this long after its start
+    /// counts as ready (for programs that cannot notify).
+    pub ready_after: Option<Duration>,
 }
 
 impl Timing {
@@ -165,6 +168,8 @@ pub struct Instance {
     pub started: Instant,
     /// The ready or drain deadline, whichever applies.
     deadline: Option<Instant>,
+    /// When it counts as ready without reporting it (`ready_after`).
+    auto_ready: Option<Instant>,
     /// SIGKILL was sent.
     pub killed: Option<KillReason>,
     /// The worker reported DRAINED.
@@ -437,7 +442,17 @@ impl Supervisor {
 
     /// The earliest time [`tick`](Self::tick) has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let instances = self.instances.values().filter_map(|i| i.deadline);
+        let instances = self
+            .instances
+            .values()
+            .flat_map(|i| {
+                [
+                    i.deadline,
+                    i.auto_ready
+                        .filter(|_| i.state == State::Starting && i.killed.is_none()),
+                ]
+            })
+            .flatten();
         let live = self.live_slots();
         // A slot with a live instance keeps its respawn pending (in case that
         // instance, a restart's replacement, fails) but has nothing to do yet.
@@ -560,6 +575,19 @@ impl Supervisor {
 
     /// Time has passed: enforce deadlines and respawn slots whose backoff ended.
     pub fn tick(&mut self, now: Instant) {
+        let auto: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| {
+                i.state == State::Starting
+                    && i.killed.is_none()
+                    && i.auto_ready.is_some_and(|t| t <= now)
+            })
+            .map(|i| i.id)
+            .collect();
+        for id in auto {
+            self.ready_reported(now, id);
+        }
         let due: Vec<InstanceId> = self
             .instances
             .values()
@@ -759,6 +787,7 @@ impl Supervisor {
                 state: State::Starting,
                 started: now,
                 deadline: Some(now + self.timing.ready_timeout),
+                auto_ready: self.timing.ready_after.map(|d| now + d),
                 killed: None,
                 drained: false,
             },

@@ -17,6 +17,7 @@
 pub mod log;
 pub mod control;
 pub mod listen;
+pub mod notify;
 pub mod spawn;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +46,8 @@ enum Event {
     Signal(async_signal::Signal),
     Worker(InstanceId, WorkerEvent),
     Control(ControlRequest),
+    /// An sd_notify datagram (`protocol = systemd`).
+    Notify(notify::Notification),
 }
 
 #[derive(Debug)]
@@ -64,6 +67,8 @@ struct Proc {
     protocol: Protocol,
     ipc: Option<Rc<Async<OwnedFd>>>,
     stats: Option<(u64, u32)>,
+    /// The last `STATUS=` a systemd-protocol worker sent.
+    note: Option<String>,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -112,9 +117,18 @@ pub fn run(config: Config) -> i32 {
         }
     };
 
+    let notify = match notify::NotifySocket::bind() {
+        Ok(n) => n,
+        Err(e) => {
+            log!(error, "notify.failed", error = e);
+            eprintln!("clusterd: cannot create the worker notification socket: {e}");
+            return 1;
+        }
+    };
     let ex = Rc::new(LocalExecutor::new());
     let (tx, rx) = smol::channel::unbounded();
-    let mut daemon = Daemon::new(config, listeners, ex.clone(), tx.clone());
+    let notify_name = notify.name.clone();
+    let mut daemon = Daemon::new(config, listeners, notify_name, ex.clone(), tx.clone());
     smol::block_on(ex.run(async {
         let tx_signals = tx.clone();
         ex.spawn(async move {
@@ -122,6 +136,15 @@ pub fn run(config: Config) -> i32 {
             let mut signals = signals;
             while let Some(Ok(sig)) = signals.next().await {
                 if tx_signals.send(Event::Signal(sig)).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+        let tx_notify = tx.clone();
+        ex.spawn(async move {
+            while let Ok(n) = notify.recv().await {
+                if tx_notify.send(Event::Notify(n)).await.is_err() {
                     break;
                 }
             }
@@ -149,6 +172,8 @@ pub fn run(config: Config) -> i32 {
 struct Daemon {
     config: Config,
     listeners: Vec<Listener>,
+    /// `NOTIFY_SOCKET` for systemd-protocol workers.
+    notify_name: String,
     /// The worker spec of every generation still in use.
     specs: BTreeMap<u64, Spec>,
     next_generation: u64,
@@ -171,6 +196,7 @@ fn timing(config: &Config) -> Timing {
         restart_delay_max: config.restart_delay_max,
         min_uptime: config.min_uptime,
         fast_stop_grace: Duration::from_secs(1),
+        ready_after: config.ready_after,
     }
 }
 
@@ -178,6 +204,7 @@ impl Daemon {
     fn new(
         config: Config,
         listeners: Vec<Listener>,
+        notify_name: String,
         ex: Rc<LocalExecutor<'static>>,
         tx: Sender<Event>,
     ) -> Daemon {
@@ -186,6 +213,7 @@ impl Daemon {
         Daemon {
             config,
             listeners,
+            notify_name,
             specs,
             next_generation: 2,
             sup,
@@ -253,6 +281,7 @@ impl Daemon {
             Event::Signal(other) => log!(warn, "signal.unexpected", name = format!("{other:?}")),
             Event::Worker(id, ev) => self.worker_event(id, ev),
             Event::Control(req) => self.control(req),
+            Event::Notify(n) => self.notification(n),
         }
     }
 
@@ -412,7 +441,15 @@ impl Daemon {
             return;
         };
         let protocol = spec.protocol;
-        match spawn::spawn(spec, slot, generation) {
+        let inherit: Vec<spawn::Inherit<'_>> = self
+            .listeners
+            .iter()
+            .map(|l| spawn::Inherit {
+                name: &l.name,
+                fd: l.fd.as_fd(),
+            })
+            .collect();
+        match spawn::spawn(spec, slot, generation, &inherit, Some(&self.notify_name)) {
             Ok(spawned) => {
                 let pid = spawned.pid;
                 self.sup.spawned(instance, pid);
@@ -445,15 +482,31 @@ impl Daemon {
                         .spawn(read_worker(instance, ipc.clone(), self.tx.clone()))
                         .detach();
                 }
-                self.procs.insert(
-                    instance,
-                    Proc {
-                        pid,
-                        protocol,
-                        ipc,
-                        stats: None,
-                    },
-                );
+                if let Some(pipe) = spawned.ready_pipe {
+                    match Async::new(pipe) {
+                        Ok(pipe) => {
+                            let reader = read_ready_pipe(instance, pipe, self.tx.clone());
+                            self.ex.spawn(reader).detach();
+                        }
+                        Err(e) => {
+                            log!(
+                                error,
+                                "worker.ready_pipe_failed",
+                                id = slot,
+                                pid = pid,
+                                error = e
+                            )
+                        }
+                    }
+                }
+                let proc = Proc {
+                    pid,
+                    protocol,
+                    ipc,
+                    stats: None,
+                    note: None,
+                };
+                self.procs.insert(instance, proc);
             }
             Err(e) => {
                 log!(
@@ -465,6 +518,27 @@ impl Daemon {
                 );
                 self.sup
                     .spawn_failed(Instant::now(), instance, e.to_string());
+            }
+        }
+    }
+
+    /// An sd_notify message: READY=1, STOPPING=1 and STATUS=… are understood;
+    /// messages from processes that are not workers are ignored.
+    fn notification(&mut self, n: notify::Notification) {
+        let Some(&id) = self.pids.get(&n.pid) else {
+            return;
+        };
+        let slot = self.sup.instance(id).map_or(0, |i| i.slot);
+        for (key, value) in n.fields {
+            match (key.as_str(), value.as_str()) {
+                ("READY", "1") => self.worker_event(id, WorkerEvent::Message(FromWorker::Ready)),
+                ("STOPPING", "1") => log!(info, "worker.stopping", id = slot, pid = n.pid),
+                ("STATUS", _) => {
+                    if let Some(p) = self.procs.get_mut(&id) {
+                        p.note = Some(value.chars().take(200).collect());
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -767,7 +841,7 @@ impl Daemon {
                     rss_bytes: inst.pid.and_then(spawn::rss_bytes),
                     requests: proc.and_then(|p| p.stats.map(|s| s.0)),
                     active: proc.and_then(|p| p.stats.map(|s| s.1)),
-                    note: None,
+                    note: proc.and_then(|p| p.note.clone()),
                 });
             }
             if !any {
@@ -885,6 +959,45 @@ async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>)
                 ))
                 .await;
             return;
+        }
+    }
+}
+
+/// Reads a systemd-protocol worker's readiness pipe (`CLUSTERD_READY_FD`,
+/// s6 style): a line `READY=1` means ready. Reads until EOF (closing the
+/// pipe early would give the worker EPIPE on its next write), but interprets
+/// nothing after the first READY or after a line longer than 1 KiB.
+async fn read_ready_pipe(id: InstanceId, pipe: Async<OwnedFd>, tx: Sender<Event>) {
+    const MAX_LINE: usize = 1024;
+    let mut line = Vec::new();
+    let mut listening = true;
+    let mut buf = [0u8; 256];
+    loop {
+        let read = pipe.read_with(|fd| rustix::io::read(fd, &mut buf).map_err(io::Error::from));
+        let n = match read.await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        for &b in &buf[..n] {
+            if !listening {
+                break;
+            }
+            let event = if b != b'\n' {
+                line.push(b);
+                if line.len() <= MAX_LINE {
+                    continue;
+                }
+                WorkerEvent::Bad("readiness pipe: a line longer than 1 KiB (pipe ignored)".into())
+            } else if line.as_slice() == b"READY=1" {
+                WorkerEvent::Message(FromWorker::Ready)
+            } else {
+                line.clear();
+                continue;
+            };
+            listening = false;
+            if tx.send(Event::Worker(id, event)).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -1,10 +1,13 @@
 //! Starting a worker process.
 //!
-//! `std::process::Command` forks and execs; it also reports an exec failure
-//! (a missing program, say) to the parent as an error. Between fork and exec
-//! the child runs only [`child_setup`], which makes async-signal-safe system
-//! calls and nothing that allocates or takes a lock: the fd moves, the
-//! parent-death signal and a check that the parent is still there.
+//! `std::process::Command` forks, applies the uid/gid, working directory and
+//! process group, and reports a failure in the child (a missing program, say)
+//! to the parent as an error. The rest runs in [`child_setup`] between fork
+//! and exec, which makes async-signal-safe system calls only and neither
+//! allocates nor locks: it moves the inherited fds into place, sets the
+//! parent-death signal, checks the parent is still there, writes the child's
+//! own pid into `LISTEN_PID` (systemd protocol) and calls `execve` itself
+//! with an argv and environment built before the fork.
 //!
 //! # fds in the child
 //!
@@ -12,12 +15,16 @@
 //! are first duplicated (still close-on-exec) to numbers above every target,
 //! so that in the child each `dup2(source, target)` has a distinct source and
 //! target, lands on the exact number and clears close-on-exec there. What the
-//! child ends up with is fds 0-2 (inherited stdio) plus the targets.
+//! child ends up with is fds 0-2 (inherited stdio) plus the targets:
+//!
+//! - `protocol = clusterd`: fd 3, the IPC channel.
+//! - `protocol = systemd`: the listeners at 3.., then the readiness pipe.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsStr};
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,6 +33,7 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::process::{Pid, Signal};
 
 use crate::config::{Config, Protocol};
+use crate::proto::MAX_LISTENERS;
 
 /// How to run one generation's workers.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,48 +62,103 @@ impl Spec {
     }
 }
 
+/// A listener as a worker receives it.
+#[derive(Debug, Clone, Copy)]
+pub struct Inherit<'a> {
+    pub name: &'a str,
+    pub fd: BorrowedFd<'a>,
+}
+
 /// A started worker.
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: u32,
     /// clusterd's end of the IPC channel (`protocol = clusterd`).
     pub ipc: Option<OwnedFd>,
+    /// The read end of the readiness pipe (`protocol = systemd`).
+    pub ready_pipe: Option<OwnedFd>,
 }
 
 /// The first fd number a worker inherits.
 const FIRST_FD: RawFd = 3;
 
-/// Starts `spec` as worker `slot` of `generation`.
+/// Variables clusterd sets for workers; inherited values are dropped, so a
+/// clusterd started by systemd does not pass its own `NOTIFY_SOCKET` on.
+const RESERVED_ENV: &[&str] = &[
+    "CLUSTERD_FD",
+    "CLUSTERD_WORKER_ID",
+    "CLUSTERD_GENERATION",
+    "CLUSTERD_READY_FD",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PID",
+    "NOTIFY_SOCKET",
+];
+
+/// Starts `spec` as worker `slot` of `generation`. `notify` is the
+/// `NOTIFY_SOCKET` value for `protocol = systemd`.
 ///
 /// # Errors
 /// Creating the channel, forking or executing failed; the message names the
 /// program.
-pub fn spawn(spec: &Spec, slot: u32, generation: u64) -> io::Result<Spawned> {
-    let (ours, theirs) = rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    // Keep our end non-blocking: the event loop owns it.
-    rustix::fs::fcntl_setfl(&ours, rustix::fs::OFlags::NONBLOCK)?;
-
-    let inherit = [theirs.as_fd()];
+pub fn spawn(
+    spec: &Spec,
+    slot: u32,
+    generation: u64,
+    listeners: &[Inherit<'_>],
+    notify: Option<&str>,
+) -> io::Result<Spawned> {
+    let mut env: Vec<(String, String)> = vec![
+        ("CLUSTERD_WORKER_ID".into(), slot.to_string()),
+        ("CLUSTERD_GENERATION".into(), generation.to_string()),
+    ];
+    let (inherit, ipc, ready_pipe, theirs);
+    let listen_pid;
+    match spec.protocol {
+        Protocol::Clusterd => {
+            let (ours, child) = rustix::net::socketpair(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )?;
+            env.push(("CLUSTERD_FD".into(), FIRST_FD.to_string()));
+            theirs = child;
+            inherit = vec![theirs.as_fd()];
+            ipc = Some(ours);
+            ready_pipe = None;
+            listen_pid = false;
+        }
+        Protocol::Systemd => {
+            let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            let names: Vec<&str> = listeners.iter().map(|l| l.name).collect();
+            env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
+            env.push(("LISTEN_FDNAMES".into(), names.join(":")));
+            env.push((
+                "CLUSTERD_READY_FD".into(),
+                (FIRST_FD + listeners.len() as RawFd).to_string(),
+            ));
+            if let Some(notify) = notify {
+                env.push(("NOTIFY_SOCKET".into(), notify.into()));
+            }
+            theirs = write;
+            inherit = listeners
+                .iter()
+                .map(|l| l.fd)
+                .chain([theirs.as_fd()])
+                .collect();
+            ipc = None;
+            ready_pipe = Some(read);
+            listen_pid = true;
+        }
+    }
     let moves = FdMoves::new(&inherit)?;
+    let image = ExecImage::new(spec, &env, listen_pid)?;
+    drop(inherit);
     drop(theirs);
 
     let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .envs(
-            spec.env
-                .iter()
-                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
-        )
-        .env("CLUSTERD_FD", FIRST_FD.to_string())
-        .env("CLUSTERD_WORKER_ID", slot.to_string())
-        .env("CLUSTERD_GENERATION", generation.to_string())
-        .current_dir(&spec.chdir)
-        .process_group(0);
+    cmd.current_dir(&spec.chdir).process_group(0);
     if let Some(gid) = spec.gid {
         cmd.gid(gid);
     }
@@ -105,11 +168,16 @@ pub fn spawn(spec: &Spec, slot: u32, generation: u64) -> io::Result<Spawned> {
     let parent = rustix::process::getpid();
     let sources = moves.raw;
     let count = moves.count;
-    // SAFETY: the closure runs in the forked child before exec; it only makes
-    // async-signal-safe system calls (dup2, prctl, getppid) on plain integers
-    // copied in above, and neither allocates nor locks.
+    let mut image = image;
+    // SAFETY: the closure runs in the forked child before exec. It makes only
+    // async-signal-safe system calls (dup2, prctl, getppid, getpid, execve) on
+    // integers and buffers prepared before the fork, and neither allocates nor
+    // locks.
     unsafe {
-        cmd.pre_exec(move || child_setup(&sources[..count], parent));
+        cmd.pre_exec(move || {
+            child_setup(&sources[..count], parent)?;
+            Err(image.exec())
+        });
     }
     let child = cmd.spawn().map_err(|e| {
         io::Error::new(
@@ -120,21 +188,28 @@ pub fn spawn(spec: &Spec, slot: u32, generation: u64) -> io::Result<Spawned> {
     drop(moves);
     Ok(Spawned {
         pid: child.id(),
-        ipc: Some(ours),
+        ipc,
+        ready_pipe,
     })
 }
 
 /// Sources duplicated above every target fd, as raw numbers for the child.
 struct FdMoves {
     _owned: Vec<OwnedFd>,
-    raw: [RawFd; crate::proto::MAX_LISTENERS + 2],
+    raw: [RawFd; MAX_LISTENERS + 2],
     count: usize,
 }
 
 impl FdMoves {
     fn new(fds: &[BorrowedFd<'_>]) -> io::Result<FdMoves> {
+        if fds.len() > MAX_LISTENERS + 2 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many fds for a worker",
+            ));
+        }
         let above = FIRST_FD + fds.len() as RawFd;
-        let mut raw = [0; crate::proto::MAX_LISTENERS + 2];
+        let mut raw = [0; MAX_LISTENERS + 2];
         let mut owned = Vec::with_capacity(fds.len());
         for (i, fd) in fds.iter().enumerate() {
             let high = rustix::io::fcntl_dupfd_cloexec(fd, above)?;
@@ -146,6 +221,125 @@ impl FdMoves {
             raw,
             count: fds.len(),
         })
+    }
+}
+
+/// The program, argv and environment, built before the fork.
+struct ExecImage {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _env: Vec<Vec<u8>>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// The digits of `LISTEN_PID=`, written in the child.
+    pid_digits: Option<*mut u8>,
+}
+
+// SAFETY: the raw pointers point into the buffers this struct owns; it is
+// moved into the pre-exec closure and used only in the forked child.
+unsafe impl Send for ExecImage {}
+// SAFETY: as above; the closure is never called concurrently.
+unsafe impl Sync for ExecImage {}
+
+/// Room for a pid's digits and the terminating NUL.
+const PID_ROOM: usize = 21;
+
+impl ExecImage {
+    fn new(spec: &Spec, ours: &[(String, String)], listen_pid: bool) -> io::Result<ExecImage> {
+        let cstring = |bytes: &[u8]| {
+            CString::new(bytes).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a NUL byte in the worker's command or environment",
+                )
+            })
+        };
+        let path = cstring(spec.program.as_os_str().as_bytes())?;
+        let mut argv = vec![path.clone()];
+        for a in &spec.args {
+            argv.push(cstring(a.as_bytes())?);
+        }
+        let overridden = |key: &OsStr| {
+            let key = key.as_bytes();
+            RESERVED_ENV.iter().any(|r| r.as_bytes() == key)
+                || spec.env.iter().any(|(k, _)| k.as_bytes() == key)
+        };
+        let mut env: Vec<Vec<u8>> = Vec::new();
+        for (k, v) in std::env::vars_os().filter(|(k, _)| !overridden(k)) {
+            env.push([k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat());
+        }
+        for (k, v) in spec.env.iter().chain(ours) {
+            env.push([k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat());
+        }
+        let mut pid_digits = None;
+        if listen_pid {
+            let mut entry = b"LISTEN_PID=".to_vec();
+            entry.resize(entry.len() + PID_ROOM, 0);
+            env.push(entry);
+            let last = env.last_mut().expect("just pushed");
+            // SAFETY: in bounds: the entry has PID_ROOM bytes after the '='.
+            pid_digits = Some(unsafe { last.as_mut_ptr().add(b"LISTEN_PID=".len()) });
+        }
+        if env
+            .iter()
+            .any(|e| e[..e.len() - 1].contains(&0) && !e.starts_with(b"LISTEN_PID="))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a NUL byte in the worker's environment",
+            ));
+        }
+        let argv_ptrs = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        let envp_ptrs = env
+            .iter()
+            .map(|e| e.as_ptr().cast())
+            .chain([std::ptr::null()])
+            .collect();
+        Ok(ExecImage {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            _env: env,
+            envp_ptrs,
+            pid_digits,
+        })
+    }
+
+    /// Writes `LISTEN_PID` and executes the program. Runs in the child;
+    /// returns only on failure.
+    fn exec(&mut self) -> io::Error {
+        if let Some(digits) = self.pid_digits {
+            let mut pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+            let mut buf = [0u8; 10];
+            let mut n = 0;
+            loop {
+                buf[n] = b'0' + (pid % 10) as u8;
+                n += 1;
+                pid /= 10;
+                if pid == 0 {
+                    break;
+                }
+            }
+            for i in 0..n {
+                // SAFETY: n <= 10 < PID_ROOM bytes reserved after the '='; the
+                // byte after the digits stays NUL.
+                unsafe { *digits.add(i) = buf[n - 1 - i] };
+            }
+        }
+        // SAFETY: path, argv and envp are NUL-terminated strings in
+        // NUL-terminated pointer arrays, all owned by `self`.
+        unsafe {
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.envp_ptrs.as_ptr(),
+            )
+        };
+        io::Error::last_os_error()
     }
 }
 
@@ -164,10 +358,9 @@ fn child_setup(sources: &[RawFd], parent: Pid) -> io::Result<()> {
     // closing tells it too; this also covers programs that ignore it).
     rustix::process::set_parent_process_death_signal(Some(Signal::TERM))?;
     // clusterd may have died between fork and prctl.
+    // (No message: building one would allocate.)
     if rustix::process::getppid() != Some(parent) {
-        return Err(io::Error::other(
-            "clusterd exited while starting the worker",
-        ));
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ fn timing() -> Timing {
         restart_delay_max: 30 * S,
         min_uptime: 5 * S,
         fast_stop_grace: S,
+        ready_after: None,
     }
 }
 
@@ -635,4 +636,49 @@ fn durations_print_as_the_config_writes_them() {
     assert_eq!(human(10 * S), "10s");
     assert_eq!(human(150 * S), "2m30s");
     assert_eq!(human(3600 * S), "1h");
+}
+
+#[test]
+fn ready_after_counts_a_silent_worker_as_ready_and_can_replace_with_it() {
+    let mut s = Script::new(1);
+    s.sup.set_timing(Timing {
+        ready_after: Some(2 * S),
+        ..timing()
+    });
+    s.sup.start(s.now);
+    let id = s.spawn_all()[0];
+    assert_eq!(s.sup.next_deadline(), Some(s.now + 2 * S));
+    s.advance(2 * S);
+    assert_eq!(s.sup.instance(id).unwrap().state, State::Ready);
+    assert!(
+        notices(&s.sup.take_actions())
+            .iter()
+            .any(|n| matches!(n, Notice::AllReady { .. }))
+    );
+    // A rolling restart waits for it too, then drains the old one.
+    s.sup.restart(s.now, 2).unwrap();
+    let new = s.spawn_all()[0];
+    s.advance(S);
+    assert!(drains(&s.sup.take_actions()).is_empty());
+    s.advance(S);
+    assert_eq!(s.sup.instance(new).unwrap().state, State::Ready);
+    assert_eq!(drains(&s.sup.take_actions()), vec![id]);
+}
+
+#[test]
+fn ready_after_does_not_revive_a_worker_that_exited() {
+    let mut s = Script::new(1);
+    s.sup.set_timing(Timing {
+        ready_after: Some(2 * S),
+        ..timing()
+    });
+    s.sup.start(s.now);
+    let id = s.spawn_all()[0];
+    s.now += S;
+    s.sup.exited(s.now, id, Exit::Code(1));
+    assert!(s.sup.instance(id).is_none());
+    let again = s.spawn_all();
+    assert_eq!(again.len(), 1, "respawned at once");
+    s.advance(S); // the first one's ready_after time passes
+    assert_eq!(s.sup.ready(), 0);
 }

@@ -1,0 +1,171 @@
+//! The `NOTIFY_SOCKET` of `protocol = systemd` workers (sd_notify).
+//!
+//! A datagram socket clusterd owns, in the abstract namespace (no file to
+//! create, clean up or give permissions to, so workers running as another
+//! user can reach it). `SO_PASSCRED` makes the kernel attach the sender's
+//! pid to each datagram; clusterd uses that pid to attribute a message to a
+//! worker, and ignores messages from any other process. Datagrams larger
+//! than [`MAX_DATAGRAM`] and ones that are not `KEY=VALUE` lines are ignored.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SocketAddrUnix, SocketFlags, SocketType, sockopt,
+};
+use smol::Async;
+
+/// The largest notification accepted (systemd's own limit is about 4 KiB).
+pub const MAX_DATAGRAM: usize = 4096;
+
+/// The socket and its `NOTIFY_SOCKET` value.
+#[derive(Debug)]
+pub struct NotifySocket {
+    sock: Async<OwnedFd>,
+    /// The `NOTIFY_SOCKET` value: `@` and the abstract name.
+    pub name: String,
+}
+
+/// One notification: the sender's pid and its `KEY=VALUE` assignments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub pid: u32,
+    pub fields: Vec<(String, String)>,
+}
+
+impl NotifySocket {
+    /// Binds `@clusterd/PID/notify`.
+    pub fn bind() -> io::Result<NotifySocket> {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        let name = format!(
+            "clusterd/{}/notify",
+            rustix::process::getpid().as_raw_nonzero()
+        );
+        rustix::net::bind(&fd, &SocketAddrUnix::new_abstract_name(name.as_bytes())?)?;
+        sockopt::set_socket_passcred(&fd, true)?;
+        Ok(NotifySocket {
+            sock: Async::new(fd)?,
+            name: format!("@{name}"),
+        })
+    }
+
+    /// Receives the next well-formed notification from a process whose
+    /// credentials the kernel attached.
+    pub async fn recv(&self) -> io::Result<Notification> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let got = self.sock.read_with(|fd| receive(fd, &mut buf)).await?;
+            if let Some(n) = got {
+                return Ok(n);
+            }
+        }
+    }
+}
+
+/// One datagram: `Ok(None)` for one that is ignored.
+fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<Notification>> {
+    let mut space =
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmCredentials(1), ScmRights(4))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        fd,
+        &mut [io::IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut pid = None;
+    for cmsg in control.drain() {
+        match cmsg {
+            RecvAncillaryMessage::ScmCredentials(cred) => {
+                pid = Some(cred.pid.as_raw_nonzero().get() as u32)
+            }
+            RecvAncillaryMessage::ScmRights(fds) => fds.for_each(drop), // fd store is not supported
+            _ => {}
+        }
+    }
+    if msg.flags.contains(ReturnFlags::TRUNC) {
+        return Ok(None);
+    }
+    Ok(pid.and_then(|pid| parse(&buf[..msg.bytes]).map(|fields| Notification { pid, fields })))
+}
+
+/// Parses newline-separated `KEY=VALUE` assignments; `None` if any line is
+/// not one (the whole datagram is then ignored).
+pub fn parse(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut fields = Vec::new();
+    for line in text.split('\n').filter(|l| !l.is_empty()) {
+        let (key, value) = line.split_once('=')?;
+        let key_ok = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !key_ok {
+            return None;
+        }
+        fields.push((key.to_string(), value.to_string()));
+    }
+    (!fields.is_empty()).then_some(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments_parse_and_garbage_does_not() {
+        assert_eq!(
+            parse(b"READY=1\nSTATUS=serving 3 carts\n"),
+            Some(vec![
+                ("READY".into(), "1".into()),
+                ("STATUS".into(), "serving 3 carts".into())
+            ])
+        );
+        assert_eq!(
+            parse(b"STOPPING=1"),
+            Some(vec![("STOPPING".into(), "1".into())])
+        );
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"READY",
+            b"ready=1",
+            b"=1",
+            &[0xff, 0xfe],
+            b"READY=1\ngarbage",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_datagram_is_attributed_to_its_sender() {
+        let sock = NotifySocket::bind().unwrap();
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let addr =
+            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(sock.name[1..].as_bytes())
+                .unwrap();
+        client.send_to_addr(b"READY=1\nSTATUS=hi", &addr).unwrap();
+        client
+            .send_to_addr(&[b'x'; MAX_DATAGRAM + 10], &addr)
+            .unwrap();
+        client.send_to_addr(b"not an assignment", &addr).unwrap();
+        client.send_to_addr(b"STOPPING=1", &addr).unwrap();
+        let first = smol::block_on(sock.recv()).unwrap();
+        assert_eq!(first.pid, std::process::id());
+        assert_eq!(first.fields[0], ("READY".into(), "1".into()));
+        let second = smol::block_on(sock.recv()).unwrap();
+        assert_eq!(
+            second.fields,
+            vec![("STOPPING".into(), "1".into())],
+            "oversized and garbage ones were skipped"
+        );
+    }
+}
