@@ -243,6 +243,8 @@ pub enum Notice {
         exit: Exit,
         expected: bool,
         uptime: Duration,
+        /// Why clusterd killed it, if it did.
+        killed: Option<KillReason>,
     },
     Backoff {
         slot: SlotId,
@@ -544,6 +546,7 @@ impl Supervisor {
             exit: exit.clone(),
             expected,
             uptime,
+            killed: inst.killed,
         });
 
         if self.stopping.is_some() {

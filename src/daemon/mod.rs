@@ -17,6 +17,7 @@
 pub mod log;
 pub mod control;
 pub mod listen;
+pub mod metrics;
 pub mod notify;
 pub mod spawn;
 
@@ -48,6 +49,8 @@ enum Event {
     Control(ControlRequest),
     /// An sd_notify datagram (`protocol = systemd`).
     Notify(notify::Notification),
+    /// A scrape of `/metrics` or `/healthz`.
+    Metrics(metrics::Query),
 }
 
 #[derive(Debug)]
@@ -125,6 +128,17 @@ pub fn run(config: Config) -> i32 {
             return 1;
         }
     };
+    let metrics_listener = match config.metrics.map(metrics::bind).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            log!(error, "metrics.failed", error = e);
+            eprintln!("clusterd: {e}");
+            return 1;
+        }
+    };
+    if let Some(addr) = config.metrics {
+        log!(info, "metrics", addr = addr);
+    }
     let ex = Rc::new(LocalExecutor::new());
     let (tx, rx) = smol::channel::unbounded();
     let notify_name = notify.name.clone();
@@ -141,6 +155,20 @@ pub fn run(config: Config) -> i32 {
             }
         })
         .detach();
+        if let Some(listener) = metrics_listener {
+            let (q_tx, q_rx) = smol::channel::unbounded::<metrics::Query>();
+            ex.spawn(metrics::serve(listener, ex.clone(), q_tx))
+                .detach();
+            let tx_metrics = tx.clone();
+            ex.spawn(async move {
+                while let Ok(q) = q_rx.recv().await {
+                    if tx_metrics.send(Event::Metrics(q)).await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .detach();
+        }
         let tx_notify = tx.clone();
         ex.spawn(async move {
             while let Ok(n) = notify.recv().await {
@@ -186,6 +214,8 @@ struct Daemon {
     restart_watchers: Vec<Sender<Response>>,
     started: Instant,
     exit_code: Option<i32>,
+    /// For the metrics.
+    counters: metrics::Counters,
 }
 
 fn timing(config: &Config) -> Timing {
@@ -224,6 +254,7 @@ impl Daemon {
             restart_watchers: Vec::new(),
             started: Instant::now(),
             exit_code: None,
+            counters: metrics::Counters::default(),
         }
     }
 
@@ -282,6 +313,12 @@ impl Daemon {
             Event::Worker(id, ev) => self.worker_event(id, ev),
             Event::Control(req) => self.control(req),
             Event::Notify(n) => self.notification(n),
+            Event::Metrics(metrics::Query::Metrics(reply)) => {
+                let _ = reply.try_send(metrics::render(&self.status(), &self.counters));
+            }
+            Event::Metrics(metrics::Query::Health(reply)) => {
+                let _ = reply.try_send(metrics::health(&self.status(), self.sup.is_stopping()));
+            }
         }
     }
 
@@ -577,7 +614,17 @@ impl Daemon {
                 exit,
                 expected,
                 uptime,
+                killed,
             } => {
+                if !expected {
+                    let reason = match (&exit, killed) {
+                        (_, Some(crate::lifecycle::KillReason::ReadyTimeout)) => 2,
+                        (Exit::SpawnFailed(_), _) => 3,
+                        (Exit::Signal(_), _) => 1,
+                        (Exit::Code(_), _) => 0,
+                    };
+                    self.counters.exits[reason] += 1;
+                }
                 if expected {
                     log!(
                         info,
@@ -672,6 +719,8 @@ impl Daemon {
                     replaced = replaced,
                     took_ms = took.as_millis()
                 );
+                self.counters.restarts_done += 1;
+                self.counters.restart_seconds_sum += took.as_secs_f64();
                 let outcome = proto::RestartOutcome::Done {
                     generation,
                     replaced,
@@ -693,6 +742,7 @@ impl Daemon {
                     total = total,
                     reason = reason
                 );
+                self.counters.restarts_aborted += 1;
                 let outcome = proto::RestartOutcome::Aborted {
                     reason,
                     replaced,

@@ -1,0 +1,498 @@
+//! `metrics = host:port`: Prometheus text at `/metrics`, readiness at
+//! `/healthz`.
+//!
+//! A deliberately small HTTP/1.1 responder (no HTTP library in the daemon):
+//! one request per connection, a request head of at most [`MAX_HEAD`] bytes
+//! read within [`READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections at
+//! once (more are closed at once), then `Connection: close`. The numbers come
+//! from the main loop, from the same snapshot `clusterctl status` shows, so
+//! the two never disagree.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::rc::Rc;
+use std::time::Duration;
+
+use smol::channel::Sender;
+use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use smol::{Async, LocalExecutor, Timer};
+
+use crate::proto::Status;
+
+pub const MAX_HEAD: usize = 8 * 1024;
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// What a scrape asks the main loop for.
+#[derive(Debug)]
+pub enum Query {
+    Metrics(Sender<String>),
+    /// `(ready, reason)`.
+    Health(Sender<(bool, String)>),
+}
+
+/// Counters the daemon keeps for the metrics (everything else is in
+/// [`Status`]).
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// Unexpected worker exits by reason: exit, signal, ready_timeout,
+    /// spawn_failed.
+    pub exits: [u64; 4],
+    pub restarts_done: u64,
+    pub restarts_aborted: u64,
+    pub restart_seconds_sum: f64,
+}
+
+pub const EXIT_REASONS: [&str; 4] = ["exit", "signal", "ready_timeout", "spawn_failed"];
+
+/// Binds the metrics address.
+///
+/// # Errors
+/// The OS error, naming the address.
+pub fn bind(addr: SocketAddr) -> io::Result<Async<TcpListener>> {
+    Async::<TcpListener>::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} (metrics): {e}")))
+}
+
+/// Serves scrapes until dropped.
+pub async fn serve(
+    listener: Async<TcpListener>,
+    ex: Rc<LocalExecutor<'static>>,
+    queries: Sender<Query>,
+) {
+    let open = Rc::new(std::cell::Cell::new(0usize));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of fds, say: do not spin.
+                crate::log!(warn, "metrics.accept_failed", error = e);
+                Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.get() >= MAX_CONNECTIONS {
+            continue; // dropped: closed at once
+        }
+        open.set(open.get() + 1);
+        let (open, queries) = (open.clone(), queries.clone());
+        ex.spawn(async move {
+            let _ = smol::future::or(respond(stream, &queries), async {
+                Timer::after(READ_TIMEOUT).await;
+                Ok(())
+            })
+            .await;
+            open.set(open.get() - 1);
+        })
+        .detach();
+    }
+}
+
+async fn respond(mut stream: Async<TcpStream>, queries: &Sender<Query>) -> io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_HEAD {
+            return write(
+                &mut stream,
+                431,
+                "text/plain",
+                "request header too large\n",
+                false,
+            )
+            .await;
+        }
+    }
+    let (status, content_type, body) = match route(&head) {
+        Route::Metrics => {
+            let (tx, rx) = smol::channel::bounded(1);
+            queries
+                .send(Query::Metrics(tx))
+                .await
+                .map_err(|_| io::ErrorKind::BrokenPipe)?;
+            let text = rx.recv().await.map_err(|_| io::ErrorKind::BrokenPipe)?;
+            (200, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
+        Route::Health => {
+            let (tx, rx) = smol::channel::bounded(1);
+            queries
+                .send(Query::Health(tx))
+                .await
+                .map_err(|_| io::ErrorKind::BrokenPipe)?;
+            let (ready, why) = rx.recv().await.map_err(|_| io::ErrorKind::BrokenPipe)?;
+            (
+                if ready { 200 } else { 503 },
+                "text/plain; charset=utf-8",
+                format!("{why}\n"),
+            )
+        }
+        Route::NotFound => (
+            404,
+            "text/plain",
+            "not found: try /metrics or /healthz\n".into(),
+        ),
+        Route::BadMethod => (405, "text/plain", "only GET and HEAD\n".into()),
+        Route::BadRequest => (400, "text/plain", "bad request\n".into()),
+    };
+    let head_only = head.starts_with(b"HEAD ");
+    write(&mut stream, status, content_type, &body, head_only).await
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    Health,
+    NotFound,
+    BadMethod,
+    BadRequest,
+}
+
+fn route(head: &[u8]) -> Route {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = std::str::from_utf8(line)
+        .unwrap_or("")
+        .trim_end_matches('\r');
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Route::BadRequest;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Route::BadRequest;
+    }
+    if method != "GET" && method != "HEAD" {
+        return Route::BadMethod;
+    }
+    match target.split('?').next() {
+        Some("/metrics") => Route::Metrics,
+        Some("/healthz") => Route::Health,
+        _ => Route::NotFound,
+    }
+}
+
+async fn write(
+    stream: &mut Async<TcpStream>,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        out.push_str(body);
+    }
+    stream.write_all(out.as_bytes()).await?;
+    stream.flush().await
+}
+
+/// `/healthz`: ready while at least one worker is ready and clusterd is not
+/// stopping.
+pub fn health(status: &Status, stopping: bool) -> (bool, String) {
+    if stopping {
+        (false, "stopping".into())
+    } else if status.ready == 0 {
+        (
+            false,
+            format!("not ready: 0/{} workers ready", status.desired),
+        )
+    } else {
+        (
+            true,
+            format!("ok: {}/{} workers ready", status.ready, status.desired),
+        )
+    }
+}
+
+/// The Prometheus text exposition of `status` and `counters`.
+pub fn render(status: &Status, counters: &Counters) -> String {
+    let mut out = String::with_capacity(2048 + status.workers.len() * 300);
+    family(
+        &mut out,
+        "clusterd_build_info",
+        "gauge",
+        "clusterd's version, as a label; always 1.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_build_info{{version=\"{}\"}} 1",
+        escape(&status.version)
+    );
+    family(
+        &mut out,
+        "clusterd_uptime_seconds",
+        "gauge",
+        "Seconds since clusterd started.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_uptime_seconds {}",
+        status.uptime_ms as f64 / 1000.0
+    );
+    family(
+        &mut out,
+        "clusterd_generation",
+        "gauge",
+        "The generation new workers get (one more per completed rolling restart).",
+    );
+    let _ = writeln!(out, "clusterd_generation {}", status.generation);
+    family(
+        &mut out,
+        "clusterd_workers_desired",
+        "gauge",
+        "The configured number of workers.",
+    );
+    let _ = writeln!(out, "clusterd_workers_desired {}", status.desired);
+    family(
+        &mut out,
+        "clusterd_workers",
+        "gauge",
+        "Worker processes (and slots waiting in backoff) by state.",
+    );
+    for state in ["starting", "ready", "draining", "backoff"] {
+        let n = status.workers.iter().filter(|w| w.state == state).count();
+        let _ = writeln!(out, "clusterd_workers{{state=\"{state}\"}} {n}");
+    }
+    family(
+        &mut out,
+        "clusterd_worker_exits_total",
+        "counter",
+        "Unexpected worker exits (crashes), by reason.",
+    );
+    for (reason, n) in EXIT_REASONS.iter().zip(counters.exits) {
+        let _ = writeln!(
+            out,
+            "clusterd_worker_exits_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
+        "clusterd_worker_restarts_total",
+        "counter",
+        "Crash restarts of each worker id.",
+    );
+    let mut seen = std::collections::BTreeMap::new();
+    for w in &status.workers {
+        seen.entry(w.id).or_insert(w.restarts);
+    }
+    for (id, restarts) in seen {
+        let _ = writeln!(
+            out,
+            "clusterd_worker_restarts_total{{worker=\"{id}\"}} {restarts}"
+        );
+    }
+    family(
+        &mut out,
+        "clusterd_rolling_restarts_total",
+        "counter",
+        "Rolling restarts by result.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_rolling_restarts_total{{result=\"done\"}} {}",
+        counters.restarts_done
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_rolling_restarts_total{{result=\"aborted\"}} {}",
+        counters.restarts_aborted
+    );
+    family(
+        &mut out,
+        "clusterd_rolling_restart_seconds",
+        "summary",
+        "Duration of completed rolling restarts.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_rolling_restart_seconds_sum {}",
+        counters.restart_seconds_sum
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_rolling_restart_seconds_count {}",
+        counters.restarts_done
+    );
+    let processes: Vec<_> = status
+        .workers
+        .iter()
+        .filter_map(|w| w.pid.map(|pid| (w, pid)))
+        .collect();
+    family(
+        &mut out,
+        "clusterd_worker_rss_bytes",
+        "gauge",
+        "Resident memory of each worker process.",
+    );
+    for (w, pid) in &processes {
+        if let Some(rss) = w.rss_bytes {
+            let _ = writeln!(
+                out,
+                "clusterd_worker_rss_bytes{{worker=\"{}\",pid=\"{pid}\"}} {rss}",
+                w.id
+            );
+        }
+    }
+    family(
+        &mut out,
+        "clusterd_worker_requests_total",
+        "counter",
+        "Requests served, as reported by the worker.",
+    );
+    for (w, pid) in &processes {
+        if let Some(n) = w.requests {
+            let _ = writeln!(
+                out,
+                "clusterd_worker_requests_total{{worker=\"{}\",pid=\"{pid}\"}} {n}",
+                w.id
+            );
+        }
+    }
+    family(
+        &mut out,
+        "clusterd_worker_active_connections",
+        "gauge",
+        "Open connections, as reported by the worker.",
+    );
+    for (w, pid) in &processes {
+        if let Some(n) = w.active {
+            let _ = writeln!(
+                out,
+                "clusterd_worker_active_connections{{worker=\"{}\",pid=\"{pid}\"}} {n}",
+                w.id
+            );
+        }
+    }
+    out
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Escapes a label value.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{ListenerInfo, WorkerStatus};
+
+    fn worker(id: u32, pid: Option<u32>, state: &str) -> WorkerStatus {
+        WorkerStatus {
+            id,
+            pid,
+            generation: 2,
+            state: state.into(),
+            uptime_ms: 1000,
+            restarts: id,
+            last_exit: None,
+            rss_bytes: pid.map(|_| 4096),
+            requests: pid.map(|_| 10),
+            active: pid.map(|_| 1),
+            note: None,
+        }
+    }
+
+    fn status() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            pid: 1,
+            uptime_ms: 1500,
+            config: "/x.conf".into(),
+            protocol: "clusterd".into(),
+            listeners: vec![ListenerInfo {
+                name: "http".into(),
+                address: "127.0.0.1:1".into(),
+            }],
+            desired: 3,
+            ready: 2,
+            generation: 2,
+            operation: None,
+            workers: vec![
+                worker(1, Some(11), "ready"),
+                worker(1, Some(12), "draining"),
+                worker(2, Some(21), "ready"),
+                worker(3, None, "backoff"),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_samples_are_well_formed() {
+        let text = render(
+            &status(),
+            &Counters {
+                exits: [1, 2, 0, 3],
+                ..Counters::default()
+            },
+        );
+        let mut declared = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.push(rest.split(' ').next().unwrap().to_string());
+            } else if !line.starts_with('#') {
+                let (name_labels, value) = line.rsplit_once(' ').unwrap();
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+                let name = name_labels.split('{').next().unwrap();
+                let base = name.trim_end_matches("_sum").trim_end_matches("_count");
+                assert!(
+                    declared.iter().any(|d| d == name || d == base),
+                    "{line} before its TYPE"
+                );
+            }
+        }
+        assert!(text.contains("clusterd_workers{state=\"draining\"} 1"));
+        assert!(text.contains("clusterd_workers{state=\"backoff\"} 1"));
+        assert!(text.contains("clusterd_worker_exits_total{reason=\"spawn_failed\"} 3"));
+        assert!(text.contains("clusterd_worker_restarts_total{worker=\"3\"} 3"));
+        assert!(text.contains("clusterd_worker_rss_bytes{worker=\"1\",pid=\"12\"} 4096"));
+        assert!(
+            !text.contains("pid=\"\""),
+            "slots in backoff have no process series"
+        );
+    }
+
+    #[test]
+    fn health_follows_readiness_and_stopping() {
+        let mut s = status();
+        assert!(health(&s, false).0);
+        assert!(!health(&s, true).0);
+        s.ready = 0;
+        assert_eq!(
+            health(&s, false),
+            (false, "not ready: 0/3 workers ready".into())
+        );
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(route(b"GET /metrics HTTP/1.1\r\n\r\n"), Route::Metrics);
+        assert_eq!(route(b"HEAD /healthz?x=1 HTTP/1.0\r\n\r\n"), Route::Health);
+        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::BadMethod);
+        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
+        assert_eq!(route(b"\xff\xfe garbage"), Route::BadRequest);
+        assert_eq!(route(b"GET /metrics\r\n\r\n"), Route::BadRequest);
+    }
+}
