@@ -216,6 +216,10 @@ struct Daemon {
     exit_code: Option<i32>,
     /// For the metrics.
     counters: metrics::Counters,
+    /// The service manager to tell READY=1 / STOPPING=1, if any.
+    manager: Option<notify::Manager>,
+    /// READY=1 was sent to the manager.
+    told_ready: bool,
 }
 
 fn timing(config: &Config) -> Timing {
@@ -255,6 +259,8 @@ impl Daemon {
             started: Instant::now(),
             exit_code: None,
             counters: metrics::Counters::default(),
+            manager: notify::Manager::from_env(),
+            told_ready: false,
         }
     }
 
@@ -664,6 +670,10 @@ impl Daemon {
                 workers,
                 generation,
             } => {
+                if let Some(m) = self.manager.as_ref().filter(|_| !self.told_ready) {
+                    m.notify(&format!("READY=1\nSTATUS={workers} workers ready"));
+                    self.told_ready = true;
+                }
                 log!(
                     info,
                     "pool.ready",
@@ -752,6 +762,9 @@ impl Daemon {
             }
             Notice::Scaled { from, to } => log!(info, "scale", from = from, to = to),
             Notice::Stopping { fast, workers } => {
+                if let Some(m) = &self.manager {
+                    m.notify("STOPPING=1");
+                }
                 log!(
                     info,
                     "stopping",

@@ -69,6 +69,53 @@ impl NotifySocket {
     }
 }
 
+/// The service manager's `NOTIFY_SOCKET` (clusterd run by systemd with
+/// `Type=notify`): clusterd reports `READY=1` once its workers first are all
+/// ready and `STOPPING=1` when it begins to stop.
+#[derive(Debug)]
+pub struct Manager {
+    addr: SocketAddrUnix,
+}
+
+impl Manager {
+    /// From `$NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace).
+    pub fn from_env() -> Option<Manager> {
+        let value = std::env::var_os("NOTIFY_SOCKET")?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(value.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddrUnix::new_abstract_name(name).ok()?,
+            None => SocketAddrUnix::new(bytes).ok()?,
+        };
+        Some(Manager { addr })
+    }
+
+    /// Sends `state` (e.g. `READY=1`); failures are logged, never fatal.
+    pub fn notify(&self, state: &str) {
+        let sent = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .and_then(|fd| {
+            rustix::net::sendto(
+                &fd,
+                state.as_bytes(),
+                rustix::net::SendFlags::DONTWAIT,
+                &self.addr,
+            )
+        });
+        if let Err(e) = sent {
+            crate::log!(
+                warn,
+                "notify.manager_failed",
+                state = state.replace('\n', " "),
+                error = e
+            );
+        }
+    }
+}
+
 /// One datagram: `Ok(None)` for one that is ignored.
 fn receive(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<Notification>> {
     let mut space =
