@@ -13,3 +13,10 @@ mod control;
 /// Serving, crashes, backoff, rolling restarts, drain deadlines, stop, config
 /// errors: the core guarantees of DESIGN.md.
 mod core;
+/// Operability: metrics and health, PID 1, systemd Type=notify, the static
+/// build in an empty root.
+mod ops;
+/// `protocol = systemd`: the Node.js shop and Python programs as workers.
+mod systemd;
+/// The man pages and the README checked against the code: the docs cannot drift.
+mod docs;

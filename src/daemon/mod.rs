@@ -136,7 +136,10 @@ pub fn run(config: Config) -> i32 {
             return 1;
         }
     };
-    if let Some(addr) = config.metrics {
+    if let Some(addr) = metrics_listener
+        .as_ref()
+        .and_then(|l| l.get_ref().local_addr().ok())
+    {
         log!(info, "metrics", addr = addr);
     }
     let ex = Rc::new(LocalExecutor::new());
@@ -670,16 +673,16 @@ impl Daemon {
                 workers,
                 generation,
             } => {
-                if let Some(m) = self.manager.as_ref().filter(|_| !self.told_ready) {
-                    m.notify(&format!("READY=1\nSTATUS={workers} workers ready"));
-                    self.told_ready = true;
-                }
                 log!(
                     info,
                     "pool.ready",
                     workers = workers,
                     generation = generation
                 );
+                if let Some(m) = self.manager.as_ref().filter(|_| !self.told_ready) {
+                    m.notify(&format!("READY=1\nSTATUS={workers} workers ready"));
+                    self.told_ready = true;
+                }
             }
             Notice::RestartBegun { generation, total } => {
                 log!(
@@ -762,15 +765,15 @@ impl Daemon {
             }
             Notice::Scaled { from, to } => log!(info, "scale", from = from, to = to),
             Notice::Stopping { fast, workers } => {
-                if let Some(m) = &self.manager {
-                    m.notify("STOPPING=1");
-                }
                 log!(
                     info,
                     "stopping",
                     mode = if fast { "fast" } else { "graceful" },
                     workers = workers
                 );
+                if let Some(m) = &self.manager {
+                    m.notify("STOPPING=1");
+                }
             }
         }
     }
