@@ -382,3 +382,26 @@ fn the_static_build_runs_a_cluster_in_an_empty_root() {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert!(wait_child(&mut child, &log).success());
 }
+
+#[test]
+fn every_example_config_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut found = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "conf") {
+                // Parsed without the file-system checks: the container
+                // config names /app/shop, which exists only in the image.
+                if let Err(e) = clusterd::config::read(&path) {
+                    panic!("{e}");
+                }
+                found.push(path);
+            }
+        }
+    }
+    assert!(found.len() >= 2, "{found:?}");
+}
