@@ -95,10 +95,11 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_signal::{Signal, Signals};
+use event_listener::{Event, EventListener};
 use rustix::io::Errno;
 use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{AddressFamily, RecvFlags, SocketType};
@@ -847,7 +848,7 @@ impl fmt::Display for ShutdownReason {
 #[derive(Default)]
 struct ShutdownState {
     reason: OnceLock<ShutdownReason>,
-    waiters: Waiters,
+    triggered: Event,
 }
 
 impl ShutdownState {
@@ -855,7 +856,7 @@ impl ShutdownState {
     fn trigger(&self, reason: ShutdownReason) -> bool {
         let first = self.reason.set(reason).is_ok();
         if first {
-            self.waiters.wake_all();
+            self.triggered.notify(usize::MAX);
         }
         first
     }
@@ -876,13 +877,16 @@ impl ShutdownState {
 #[must_use = "futures do nothing unless awaited"]
 pub struct Shutdown {
     state: Arc<ShutdownState>,
-    /// Our slot in `state.waiters`, once polled.
-    key: Option<usize>,
+    /// Registered with `state.triggered` once polled.
+    listener: Option<EventListener>,
 }
 
 impl Shutdown {
     fn new(state: Arc<ShutdownState>) -> Shutdown {
-        Shutdown { state, key: None }
+        Shutdown {
+            state,
+            listener: None,
+        }
     }
 
     /// Whether the shutdown has begun, without waiting.
@@ -901,14 +905,19 @@ impl Future for Shutdown {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ShutdownReason> {
         let this = self.get_mut();
-        if let Some(reason) = this.state.reason() {
-            return Poll::Ready(reason);
-        }
-        this.state.waiters.register(&mut this.key, cx.waker());
-        // Check again: the trigger may have fired before we registered.
-        match this.state.reason() {
-            Some(reason) => Poll::Ready(reason),
-            None => Poll::Pending,
+        loop {
+            if let Some(reason) = this.state.reason() {
+                this.listener = None;
+                return Poll::Ready(reason);
+            }
+            match this.listener.as_mut() {
+                // Registered before the check above, so no trigger is missed.
+                None => this.listener = Some(this.state.triggered.listen()),
+                Some(listener) => {
+                    std::task::ready!(Pin::new(listener).poll(cx));
+                    this.listener = None;
+                }
+            }
         }
     }
 }
@@ -916,12 +925,6 @@ impl Future for Shutdown {
 impl Clone for Shutdown {
     fn clone(&self) -> Shutdown {
         Shutdown::new(self.state.clone())
-    }
-}
-
-impl Drop for Shutdown {
-    fn drop(&mut self) {
-        self.state.waiters.remove(&mut self.key);
     }
 }
 
@@ -1027,10 +1030,10 @@ struct InFlightInner {
     active: AtomicUsize,
     /// `usize::MAX` means no limit.
     limit: usize,
-    /// Woken when the count drops below the limit.
-    capacity: Waiters,
-    /// Woken when the count drops to zero.
-    idle: Waiters,
+    /// Notified when the count drops below the limit.
+    capacity: Event,
+    /// Notified when the count drops to zero.
+    idle: Event,
 }
 
 impl InFlight {
@@ -1052,8 +1055,8 @@ impl InFlight {
             inner: Arc::new(InFlightInner {
                 active: AtomicUsize::new(0),
                 limit,
-                capacity: Waiters::default(),
-                idle: Waiters::default(),
+                capacity: Event::new(),
+                idle: Event::new(),
             }),
         }
     }
@@ -1083,13 +1086,13 @@ impl InFlight {
 
     /// Waits until the count is below the limit.
     pub async fn wait_capacity(&self) {
-        Until::new(self.clone(), Condition::Capacity).await;
+        until(&self.inner.capacity, || self.has_capacity()).await;
     }
 
     /// Waits until the count is zero (every guard dropped): what a drain
     /// waits for once the listener is closed.
     pub async fn wait_idle(&self) {
-        Until::new(self.clone(), Condition::Idle).await;
+        until(&self.inner.idle, || self.active() == 0).await;
     }
 }
 
@@ -1120,10 +1123,10 @@ impl Drop for Guard {
         let inner = &self.in_flight.inner;
         let before = inner.active.fetch_sub(1, Ordering::AcqRel);
         if before == inner.limit {
-            inner.capacity.wake_all();
+            inner.capacity.notify(usize::MAX);
         }
         if before == 1 {
-            inner.idle.wake_all();
+            inner.idle.notify(usize::MAX);
         }
     }
 }
@@ -1136,125 +1139,18 @@ impl fmt::Debug for Guard {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Condition {
-    Capacity,
-    Idle,
-}
-
-/// Resolves once `condition` holds for an [`InFlight`].
-struct Until {
-    in_flight: InFlight,
-    condition: Condition,
-    key: Option<usize>,
-}
-
-impl Until {
-    fn new(in_flight: InFlight, condition: Condition) -> Until {
-        Until {
-            in_flight,
-            condition,
-            key: None,
-        }
-    }
-
-    fn holds(&self) -> bool {
-        match self.condition {
-            Condition::Capacity => self.in_flight.has_capacity(),
-            Condition::Idle => self.in_flight.active() == 0,
-        }
-    }
-
-    fn waiters(&self) -> &Waiters {
-        match self.condition {
-            Condition::Capacity => &self.in_flight.inner.capacity,
-            Condition::Idle => &self.in_flight.inner.idle,
-        }
-    }
-}
-
-impl Future for Until {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        if this.holds() {
-            return Poll::Ready(());
-        }
-        let inner = &this.in_flight.inner;
-        let waiters = match this.condition {
-            Condition::Capacity => &inner.capacity,
-            Condition::Idle => &inner.idle,
-        };
-        waiters.register(&mut this.key, cx.waker());
-        // Check again: a guard may have been dropped before we registered.
-        if this.holds() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-}
-
-impl Drop for Until {
-    fn drop(&mut self) {
-        let mut key = self.key.take();
-        self.waiters().remove(&mut key);
-    }
-}
-
-/// Wakers of the futures waiting for one event; each future keeps a slot
-/// (so re-polling does not grow the list) and frees it when dropped.
-#[derive(Default)]
-struct Waiters {
-    slots: Mutex<Slots>,
-}
-
-#[derive(Default)]
-struct Slots {
-    wakers: Vec<Option<Waker>>,
-    free: Vec<usize>,
-}
-
-impl Waiters {
-    fn register(&self, key: &mut Option<usize>, waker: &Waker) {
-        let mut slots = lock(&self.slots);
-        if let Some(slot) = key.and_then(|k| slots.wakers.get_mut(k)) {
-            if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                *slot = Some(waker.clone());
-            }
+/// Waits until `holds()`, woken by `event`. The listener is registered
+/// before the second check, so a notification between the two is not lost.
+async fn until(event: &Event, holds: impl Fn() -> bool) {
+    loop {
+        if holds() {
             return;
         }
-        let k = match slots.free.pop() {
-            Some(k) => {
-                slots.wakers[k] = Some(waker.clone());
-                k
-            }
-            None => {
-                slots.wakers.push(Some(waker.clone()));
-                slots.wakers.len() - 1
-            }
-        };
-        *key = Some(k);
-    }
-
-    fn remove(&self, key: &mut Option<usize>) {
-        if let Some(k) = key.take() {
-            let mut slots = lock(&self.slots);
-            if let Some(slot) = slots.wakers.get_mut(k) {
-                *slot = None;
-                slots.free.push(k);
-            }
+        let listener = event.listen();
+        if holds() {
+            return;
         }
-    }
-
-    fn wake_all(&self) {
-        let woken: Vec<Waker> = lock(&self.slots)
-            .wakers
-            .iter_mut()
-            .filter_map(Option::take)
-            .collect();
-        woken.into_iter().for_each(Waker::wake);
+        listener.await;
     }
 }
 
