@@ -181,7 +181,7 @@ pub fn default_control_path(name: &str) -> (PathBuf, &'static str) {
 }
 
 /// Every key, in the order of `clusterd.conf(5)`.
-const KEYS: &[&str] = &[
+pub const KEYS: &[&str] = &[
     "exec",
     "workers",
     "listen",
