@@ -215,6 +215,9 @@ struct Daemon {
     tx: Sender<Event>,
     /// Control clients following the rolling restart in progress.
     restart_watchers: Vec<Sender<Response>>,
+    /// The config in force before the rolling restart in progress: put
+    /// back if it aborts, so a bad deploy leaves nothing of itself behind.
+    rollback: Option<Config>,
     started: Instant,
     exit_code: Option<i32>,
     /// For the metrics.
@@ -259,6 +262,7 @@ impl Daemon {
             ex,
             tx,
             restart_watchers: Vec::new(),
+            rollback: None,
             started: Instant::now(),
             exit_code: None,
             counters: metrics::Counters::default(),
@@ -733,6 +737,7 @@ impl Daemon {
                     took_ms = took.as_millis()
                 );
                 self.counters.restarts_done += 1;
+                self.rollback = None;
                 self.counters.restart_seconds_sum += took.as_secs_f64();
                 let outcome = proto::RestartOutcome::Done {
                     generation,
@@ -756,6 +761,10 @@ impl Daemon {
                     reason = reason
                 );
                 self.counters.restarts_aborted += 1;
+                if let Some(previous) = self.rollback.take() {
+                    self.sup.set_timing(timing(&previous));
+                    self.config = previous;
+                }
                 let outcome = proto::RestartOutcome::Aborted {
                     reason,
                     replaced,
@@ -820,10 +829,13 @@ impl Daemon {
         }
         let generation = self.next_generation;
         self.specs.insert(generation, Spec::from_config(&config));
+        // The replacements start with the new timeouts; a refusal or an
+        // abort puts the old ones back.
         self.sup.set_timing(timing(&config));
         match self.sup.restart(Instant::now(), generation) {
             Ok(()) => {
                 self.next_generation += 1;
+                self.rollback = Some(self.config.clone());
                 let (listen, backlog, control, metrics, workers) = (
                     self.config.listen.clone(),
                     self.config.backlog,
@@ -843,6 +855,7 @@ impl Daemon {
             }
             Err(why) => {
                 self.specs.remove(&generation);
+                self.sup.set_timing(timing(&self.config));
                 refuse(watcher, why);
             }
         }
