@@ -519,14 +519,18 @@ impl Daemon {
                     }
                 });
                 if let Some(ipc) = &ipc {
-                    if let Err(e) = self.hello(ipc.get_ref(), slot, generation) {
-                        log!(
+                    match self.hello(ipc.get_ref(), slot, generation) {
+                        // The worker exited before reading it: its exit is
+                        // logged when it is reaped.
+                        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                        Err(e) => log!(
                             error,
                             "worker.hello_failed",
                             id = slot,
                             pid = pid,
                             error = e
-                        );
+                        ),
+                        Ok(()) => {}
                     }
                     self.ex
                         .spawn(read_worker(instance, ipc.clone(), self.tx.clone()))
