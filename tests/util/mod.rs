@@ -3,9 +3,10 @@
 //! [`Cluster`] writes a config into a fresh temp folder, starts the
 //! `clusterd` binary with its stderr going to a log file, and learns the
 //! ephemeral port from the `listening` log line. Every wait polls a condition
-//! against a deadline. On drop it stops the daemon it started (TERM, then
-//! KILL after a deadline, by pid) and removes the folder; if a test failed,
-//! the log is printed first so the failure explains itself.
+//! against a deadline. On drop it stops the daemon it started (QUIT, a fast
+//! stop, then KILL after a deadline, by pid) and removes the folder; if a
+//! test failed, the log is printed first so the failure explains itself
+//! (`CLUSTERD_TEST_LOG=1` prints every test's log).
 
 #![allow(dead_code)]
 
@@ -154,6 +155,13 @@ impl LogLine {
         })
     }
 
+    /// The timestamp, in milliseconds since the Unix epoch (the log writes
+    /// UTC as `2025-11-21T09:34:56.789Z`).
+    pub fn ts_ms(&self) -> u64 {
+        let ts = self.raw.split(' ').next().unwrap_or_default();
+        parse_ts_ms(ts).unwrap_or_else(|| panic!("no timestamp in {}", self.raw))
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.fields
             .iter()
@@ -209,6 +217,16 @@ impl Cluster {
         cluster
     }
 
+    /// Starts a cluster of `workers` shop workers on an ephemeral port, with
+    /// `extra` config lines.
+    pub fn shop(tag: &str, workers: u32, extra: &str) -> Cluster {
+        let config = format!(
+            "exec = {}\nworkers = {workers}\nlisten = 127.0.0.1:0\n{extra}\n",
+            example("shop").display()
+        );
+        Cluster::start(tag, &config)
+    }
+
     /// Starts a cluster of `workers` test workers in `mode` on an ephemeral port.
     pub fn testworkers(tag: &str, workers: u32, mode: &str, extra: &str) -> Cluster {
         let config = format!(
@@ -222,9 +240,13 @@ impl Cluster {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// The log so far, as lines.
+    /// The log so far, up to its last complete line (a line being written
+    /// is left for the next look).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let mut text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let end = text.rfind('\n').map_or(0, |i| i + 1);
+        text.truncate(end);
+        text
     }
 
     pub fn lines(&self) -> Vec<LogLine> {
@@ -241,13 +263,17 @@ impl Cluster {
     /// Waits for the first `event` line that satisfies `pred`.
     pub fn wait_event(&self, event: &str, pred: impl Fn(&LogLine) -> bool) -> LogLine {
         wait_for(&format!("log event {event}"), || {
-            if let Some(status) = self.peek_exit() {
+            // Whether it had exited before the log was read: then the log
+            // is complete, and a missing line will never come.
+            let exited = self.peek_exit().is_some();
+            let found = self.events(event).into_iter().find(|l| pred(l));
+            if found.is_none() && exited {
                 panic!(
-                    "clusterd exited ({status}) while waiting for {event}:\n{}",
+                    "clusterd exited while waiting for {event}:\n{}",
                     self.log_text()
                 );
             }
-            self.events(event).into_iter().find(|l| pred(l))
+            found
         })
     }
 
@@ -259,8 +285,81 @@ impl Cluster {
         pred: impl Fn(&LogLine) -> bool,
     ) -> Vec<LogLine> {
         wait_for(&format!("{n} log events {event}"), || {
+            let exited = self.peek_exit().is_some();
             let got: Vec<LogLine> = self.events(event).into_iter().filter(|l| pred(l)).collect();
+            if got.len() < n && exited {
+                panic!(
+                    "clusterd exited with {} of {n} {event} lines:\n{}",
+                    got.len(),
+                    self.log_text()
+                );
+            }
             (got.len() >= n).then_some(got)
+        })
+    }
+
+    /// The pid of worker `id` of `generation` once it is ready (its
+    /// `worker.ready` line).
+    pub fn ready_pid(&self, id: u32, generation: u64) -> u32 {
+        let line = self.wait_event("worker.ready", |l| {
+            l.num("id") == u64::from(id) && l.num("generation") == generation
+        });
+        line.num("pid") as u32
+    }
+
+    /// Waits for the `worker.exit` (or `worker.crash`) line of each of
+    /// `pids`; returns them in the order of `pids`.
+    pub fn wait_exits(&self, pids: &[u32]) -> Vec<LogLine> {
+        pids.iter()
+            .map(|&pid| {
+                wait_for(&format!("the exit of worker pid {pid}"), || {
+                    self.lines().into_iter().find(|l| {
+                        (l.event == "worker.exit" || l.event == "worker.crash")
+                            && l.get("pid") == Some(pid.to_string().as_str())
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Sets `key = value` in the config file: replaces the line that sets
+    /// `key`, or appends one. Every other line (the `control` line the
+    /// harness added, too) stays.
+    pub fn set_config(&self, key: &str, value: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        let mut found = false;
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.split('=').next().map(str::trim) == Some(key) {
+                if !found {
+                    let _ = writeln!(out, "{key} = {value}");
+                }
+                found = true;
+            } else {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        if !found {
+            let _ = writeln!(out, "{key} = {value}");
+        }
+        std::fs::write(&self.config, out).expect("write config");
+    }
+
+    /// `clusterctl status --json`, parsed; panics unless it succeeds.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "clusterctl status failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
@@ -295,10 +394,13 @@ impl Cluster {
     }
 
     fn peek_exit(&self) -> Option<ExitStatus> {
+        if self.exit.is_some() {
+            return self.exit;
+        }
         // try_wait needs &mut; peek through /proc instead when running.
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
         let state = stat.rsplit(')').next()?.split_whitespace().next()?;
-        (state == "Z").then(|| std::process::ExitStatus::default())
+        (state == "Z").then(ExitStatus::default)
     }
 
     /// Waits for clusterd to exit; returns its status.
@@ -331,7 +433,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // CLUSTERD_TEST_LOG=1 shows every log, not only a failed test's.
+        if std::thread::panicking() || std::env::var_os("CLUSTERD_TEST_LOG").is_some() {
             eprintln!(
                 "---- clusterd log ({}) ----\n{}---- end of log ----",
                 self.log.display(),
@@ -418,4 +521,304 @@ pub fn load(
 pub fn assert_no_failures(what: &str, report: &Report) {
     assert!(report.ok > 0, "{what}: no request succeeded\n{report}");
     assert_eq!(report.failed(), 0, "{what}: failed requests\n{report}");
+}
+
+/// `2025-11-21T09:34:56.789Z` as milliseconds since the Unix epoch.
+fn parse_ts_ms(ts: &str) -> Option<u64> {
+    let num = |s: &str| s.parse::<i64>().ok();
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let mut t = time.split(':');
+    let (h, min, sec) = (num(t.next()?)?, num(t.next()?)?, t.next()?);
+    let (s, ms) = sec.split_once('.')?;
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + min * 60 + num(s)?;
+    u64::try_from(secs * 1000 + num(ms)?).ok()
+}
+
+/// Sends `sig` to one process, by pid.
+pub fn kill(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    rustix::process::kill_process(pid, sig).expect("send a signal");
+}
+
+/// Waits until none of `pids` is alive (gone, or a zombie).
+pub fn wait_gone(what: &str, pids: &[u32]) {
+    wait_for(what, || pids.iter().all(|&p| !alive(p)).then_some(()));
+}
+
+/// The process group of `pid` (from /proc).
+pub fn pgid(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // After "(comm)": state, ppid, pgrp.
+    let rest = stat.rsplit(')').next().expect("stat fields");
+    rest.split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .expect("pgrp")
+}
+
+/// The open fds of `pid`: number and link target (`socket:[123]`, a path…).
+pub fn fds(pid: u32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read /proc/PID/fd");
+    for entry in dir.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // An fd closed since the listing is simply skipped.
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            out.push((fd, target.to_string_lossy().into_owned()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The socket inodes among `pid`'s fds.
+pub fn socket_inodes(pid: u32) -> std::collections::BTreeSet<u64> {
+    fds(pid)
+        .iter()
+        .filter_map(|(_, t)| socket_inode(t))
+        .collect()
+}
+
+/// `socket:[123]` → 123.
+pub fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The inodes of the TCP sockets in LISTEN state that hold `addr`'s port:
+/// bound to `addr` itself or to a wildcard address that covers it.
+pub fn tcp_listen_inodes(addr: SocketAddr) -> Vec<u64> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    // /proc/net/tcp{,6} print addresses as native-endian 32-bit words.
+    let parse_ip = |hex: &str| -> Option<IpAddr> {
+        let words: Vec<u32> = (0..hex.len() / 8)
+            .map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok())
+            .collect::<Option<_>>()?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        match bytes.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+            _ => None,
+        }
+    };
+    let covers = |ip: IpAddr| {
+        ip == addr.ip()
+            || ip == IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            || ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            || ip.to_canonical() == addr.ip()
+    };
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let Some((ip, port)) = local.split_once(':') else {
+                continue;
+            };
+            let port = u16::from_str_radix(port, 16).ok();
+            if *state == "0A" && port == Some(addr.port()) && parse_ip(ip).is_some_and(covers) {
+                out.push(inode.parse().expect("inode"));
+            }
+        }
+    }
+    out
+}
+
+/// The inode of the listening unix socket bound to `path` (/proc/net/unix).
+pub fn unix_socket_inode(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let path = path.to_string_lossy();
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path
+        (f.get(7) == Some(&path.as_ref())).then(|| f[6].parse().ok())?
+    })
+}
+
+/// Runs the clusterd binary with `args` (it is expected to exit by itself:
+/// a config error, --check, --help); kills it and panics after `DEADLINE`.
+pub fn run_clusterd(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let mut child = Command::new(clusterd_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run clusterd");
+    let end = Instant::now() + DEADLINE;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("clusterd output");
+            panic!(
+                "clusterd {args:?} did not exit within {DEADLINE:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().expect("clusterd output")
+}
+
+/// One HTTP/1.1 response read off a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The bytes of a request: `GET` without a body, `POST` with `body`.
+pub fn request(method: &str, path: &str, body: &[u8], close: bool) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    if method == "POST" {
+        let _ = write!(
+            req,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+    }
+    if close {
+        req.push_str("Connection: close\r\n");
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// A checkout request body.
+pub const CART: &[u8] = br#"{"cart":[1,2,3]}"#;
+
+/// Connects to `addr` (with a deadline on connect, reads and writes).
+pub fn connect(addr: SocketAddr) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect_timeout(&addr, DEADLINE).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+    s.set_write_timeout(Some(DEADLINE)).expect("write timeout");
+    s
+}
+
+/// Reads one response framed by `Content-Length` (what the shop and the
+/// testworker send). Errors on EOF, timeout, or anything malformed.
+pub fn read_response(stream: &mut std::net::TcpStream) -> std::io::Result<RawResponse> {
+    use std::io::{Error, ErrorKind, Read};
+    let bad = |why: String| Error::new(ErrorKind::InvalidData, why);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorKind::UnexpectedEof,
+                format!("EOF after {} bytes of a response head", buf.len()),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| bad(format!("no Content-Length in {head:?}")))?;
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(Error::new(ErrorKind::UnexpectedEof, "EOF in the body"));
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends one request on a new connection and reads the response.
+pub fn exchange(addr: SocketAddr, req: &[u8]) -> std::io::Result<RawResponse> {
+    use std::io::Write;
+    let mut s = connect(addr);
+    s.write_all(req)?;
+    read_response(&mut s)
+}
+
+/// Prints every report, then asserts that none has a failure of any kind.
+#[track_caller]
+pub fn finish_loads(loads: Vec<(&str, clusterd_bench::Running)>) {
+    let reports: Vec<(&str, Report)> = loads.into_iter().map(|(n, l)| (n, l.stop())).collect();
+    for (name, report) in &reports {
+        println!("---- load: {name} ----\n{report}");
+    }
+    for (name, report) in &reports {
+        assert_no_failures(name, report);
+    }
+}
+
+/// The four loads of the restart tests against the shop, two connections
+/// each: keep-alive `GET /products/1`, new-connection GET, keep-alive
+/// `POST /checkout`, new-connection POST.
+pub fn mixed_load(addr: SocketAddr) -> Vec<(&'static str, clusterd_bench::Running)> {
+    vec![
+        ("keep-alive GET", load(addr, 2, true, Method::Get)),
+        ("new-connection GET", load(addr, 2, false, Method::Get)),
+        ("keep-alive POST", load(addr, 2, true, Method::Post)),
+        ("new-connection POST", load(addr, 2, false, Method::Post)),
+    ]
+}
+
+/// Lets every load complete at least `n` more requests.
+#[track_caller]
+pub fn let_loads_run(loads: &[(&str, clusterd_bench::Running)], n: u64) {
+    for (name, l) in loads {
+        let target = l.ok_so_far() + n;
+        assert!(
+            l.wait_for_ok(target, DEADLINE),
+            "{name}: load stalled: {}",
+            l.snapshot()
+        );
+    }
 }
