@@ -156,13 +156,28 @@ fn healthz_is_503_until_a_worker_is_ready_and_bad_requests_get_errors() {
     assert_eq!(get(m, "/healthz").unwrap().status, 503);
 }
 
-/// Starts `cmd` with its stderr in `log`; returns the child.
-fn spawn_logged(mut cmd: Command, log: &Path) -> std::process::Child {
-    cmd.stdin(Stdio::null())
+/// A process this test started; killed (by pid) and reaped if the test
+/// ends, or fails, before it exited.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts `cmd` with its stderr in `log`.
+fn spawn_logged(mut cmd: Command, log: &Path) -> Started {
+    let child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .expect("spawn")
+        .expect("spawn");
+    Started(child)
 }
 
 fn log_lines(log: &Path) -> Vec<LogLine> {
@@ -182,9 +197,9 @@ fn wait_log(log: &Path, event: &str, pred: impl Fn(&LogLine) -> bool) -> LogLine
 }
 
 /// Waits for `child` to exit, killing it (by pid) if it does not.
-fn wait_child(child: &mut std::process::Child, log: &Path) -> std::process::ExitStatus {
+fn wait_child(child: &mut Started, log: &Path) -> std::process::ExitStatus {
     let status = wait_for_within("the process to exit", DEADLINE, || {
-        child.try_wait().ok().flatten()
+        child.0.try_wait().ok().flatten()
     });
     if !status.success() {
         eprintln!("{}", std::fs::read_to_string(log).unwrap_or_default());
@@ -229,7 +244,7 @@ fn as_pid_1_it_reaps_orphans_and_stops_cleanly_on_term() {
 
     // TERM from outside the namespace: a graceful stop, exit 0.
     let clusterd = wait_for("clusterd's pid outside the namespace", || {
-        children(unshare.id()).first().copied()
+        children(unshare.0.id()).first().copied()
     });
     let pid = rustix::process::Pid::from_raw(clusterd as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -280,7 +295,7 @@ fn under_systemd_type_notify_it_reports_ready_and_stopping() {
             .split(|&b| b == 0)
             .any(|v| v.starts_with(b"NOTIFY_SOCKET="))
     );
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let pid = rustix::process::Pid::from_raw(child.0.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let n = manager.recv(&mut buf).expect("STOPPING=1 from clusterd");
     assert_eq!(&buf[..n], b"STOPPING=1");
@@ -378,7 +393,7 @@ fn the_static_build_runs_a_cluster_in_an_empty_root() {
         workers.insert(resp.header("x-worker").unwrap_or_default().to_string());
     }
     assert!(!workers.is_empty());
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let pid = rustix::process::Pid::from_raw(child.0.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert!(wait_child(&mut child, &log).success());
 }
