@@ -197,7 +197,7 @@ mod tests {
         let sock = NotifySocket::bind().unwrap();
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
         let addr =
-            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(sock.name[1..].as_bytes())
+            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&sock.name.as_bytes()[1..])
                 .unwrap();
         client.send_to_addr(b"READY=1\nSTATUS=hi", &addr).unwrap();
         client
