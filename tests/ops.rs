@@ -420,3 +420,58 @@ fn every_example_config_parses() {
     }
     assert!(found.len() >= 2, "{found:?}");
 }
+
+#[test]
+fn fds_clusterd_inherited_do_not_reach_workers() {
+    // A shell opens fd 7 without close-on-exec and execs clusterd, as a
+    // careless init script would.
+    let dir = TempDir::new("inherited");
+    let log = dir.path().join("clusterd.log");
+    let config = dir.path().join("i.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "exec = {} ok\nworkers = 2\nlisten = 127.0.0.1:0\ncontrol = {}\n",
+            example("testworker").display(),
+            dir.path().join("ctl.sock").display()
+        ),
+    )
+    .unwrap();
+    let leaked = dir.path().join("leaked");
+    std::fs::write(&leaked, "x").unwrap();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("exec 7<\"$1\"; exec \"$2\" -c \"$3\"")
+        .arg("sh")
+        .arg(&leaked)
+        .arg(clusterd_bin())
+        .arg(&config);
+    let mut child = spawn_logged(cmd, &log);
+    wait_log(&log, "pool.ready", |_| true);
+    let target = |pid: u64| std::fs::read_link(format!("/proc/{pid}/fd/7")).ok();
+    assert_eq!(
+        target(u64::from(child.0.id())),
+        Some(leaked.clone()),
+        "clusterd itself holds fd 7"
+    );
+    let workers: Vec<u64> = log_lines(&log)
+        .iter()
+        .filter(|l| l.event == "worker.ready")
+        .map(|l| l.num("pid"))
+        .collect();
+    assert_eq!(workers.len(), 2);
+    for pid in workers {
+        let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .collect();
+        assert!(
+            !fds.contains(&leaked),
+            "worker {pid} inherited {}: {fds:?}",
+            leaked.display()
+        );
+    }
+    let pid = rustix::process::Pid::from_raw(child.0.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert!(wait_child(&mut child, &log).success());
+}

@@ -76,6 +76,7 @@ struct Proc {
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
 pub fn run(config: Config) -> i32 {
+    spawn::cloexec_inherited_fds();
     let mut listeners = Vec::new();
     for listen in &config.listen {
         match listen::bind(listen, config.backlog) {

@@ -11,7 +11,8 @@
 //!
 //! # fds in the child
 //!
-//! Every fd clusterd opens is close-on-exec. The ones a worker must inherit
+//! Every fd clusterd opens is close-on-exec, and the ones it inherited are
+//! marked so at startup ([`cloexec_inherited_fds`]). The ones a worker must inherit
 //! are first duplicated (still close-on-exec) to numbers above every target,
 //! so that in the child each `dup2(source, target)` has a distinct source and
 //! target, lands on the exact number and clears close-on-exec there. What the
@@ -363,6 +364,41 @@ fn child_setup(sources: &[RawFd], parent: Pid) -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     Ok(())
+}
+
+/// Marks every fd clusterd inherited, above stdio, close-on-exec.
+///
+/// Every fd clusterd opens itself is close-on-exec, but one its own parent
+/// left open without the flag (a shell's redirection, a leaked pipe) would
+/// otherwise reach every worker. Called once at startup, before anything
+/// else is opened. It lists `/proc/self/fd`, or, where there is no `/proc`
+/// (an empty root), tries every number below the fd limit.
+pub fn cloexec_inherited_fds() {
+    let mark = |fd: RawFd| {
+        // SAFETY: only the fd flags of a number that may or may not be open
+        // are read and set; nothing is closed or owned.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Ok(flags) = rustix::io::fcntl_getfd(fd) {
+            if !flags.contains(rustix::io::FdFlags::CLOEXEC) {
+                let _ = rustix::io::fcntl_setfd(fd, flags | rustix::io::FdFlags::CLOEXEC);
+            }
+        }
+    };
+    match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => {
+            let fds: Vec<RawFd> = dir
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|&fd| fd >= FIRST_FD)
+                .collect();
+            // (The directory's own fd is among them and already closed.)
+            fds.into_iter().for_each(mark);
+        }
+        Err(_) => {
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            let limit = limit.unwrap_or(65_536).min(65_536) as RawFd;
+            (FIRST_FD..limit).for_each(mark);
+        }
+    }
 }
 
 /// Sends `signal` to the worker's process group (it is the group's leader),
