@@ -62,12 +62,19 @@ pub async fn serve(
     queries: Sender<Query>,
 ) {
     let open = Rc::new(std::cell::Cell::new(0usize));
+    let mut failing = false;
     loop {
         let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
+            Ok(s) => {
+                failing = false;
+                s
+            }
             Err(e) => {
-                // Out of fds, say: do not spin.
-                crate::log!(warn, "metrics.accept_failed", error = e);
+                // Out of fds, say: do not spin, and log once per burst.
+                if !failing {
+                    crate::log!(warn, "metrics.accept_failed", error = e);
+                    failing = true;
+                }
                 Timer::after(Duration::from_millis(100)).await;
                 continue;
             }

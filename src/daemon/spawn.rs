@@ -122,7 +122,8 @@ pub fn spawn(
                 SocketType::SEQPACKET,
                 SocketFlags::CLOEXEC,
                 None,
-            )?;
+            )
+            .map_err(|e| step(spec, "cannot create the IPC channel", e.into()))?;
             env.push(("CLUSTERD_FD".into(), FIRST_FD.to_string()));
             theirs = child;
             inherit = vec![theirs.as_fd()];
@@ -131,7 +132,8 @@ pub fn spawn(
             listen_pid = false;
         }
         Protocol::Systemd => {
-            let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| step(spec, "cannot create the readiness pipe", e.into()))?;
             let names: Vec<&str> = listeners.iter().map(|l| l.name).collect();
             env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
             env.push(("LISTEN_FDNAMES".into(), names.join(":")));
@@ -153,8 +155,9 @@ pub fn spawn(
             listen_pid = true;
         }
     }
-    let moves = FdMoves::new(&inherit)?;
-    let image = ExecImage::new(spec, &env, listen_pid)?;
+    let moves =
+        FdMoves::new(&inherit).map_err(|e| step(spec, "cannot duplicate the fds to pass", e))?;
+    let image = ExecImage::new(spec, &env, listen_pid).map_err(|e| step(spec, "", e))?;
     drop(inherit);
     drop(theirs);
 
@@ -180,18 +183,24 @@ pub fn spawn(
             Err(image.exec())
         });
     }
-    let child = cmd.spawn().map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot start {}: {e}", spec.program.display()),
-        )
-    })?;
+    let child = cmd.spawn().map_err(|e| step(spec, "", e))?;
     drop(moves);
     Ok(Spawned {
         pid: child.id(),
         ipc,
         ready_pipe,
     })
+}
+
+/// An error before or during the fork, naming the program and the step.
+fn step(spec: &Spec, what: &str, e: io::Error) -> io::Error {
+    let program = spec.program.display();
+    let message = if what.is_empty() {
+        format!("cannot start {program}: {e}")
+    } else {
+        format!("cannot start {program}: {what}: {e}")
+    };
+    io::Error::new(e.kind(), message)
 }
 
 /// Sources duplicated above every target fd, as raw numbers for the child.
