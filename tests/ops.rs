@@ -475,3 +475,32 @@ fn fds_clusterd_inherited_do_not_reach_workers() {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert!(wait_child(&mut child, &log).success());
 }
+
+#[test]
+fn term_as_soon_as_it_listens_is_a_graceful_stop() {
+    // The first sign of life (the listening line, the bound port) comes after
+    // the signal handlers are installed, so a quick `docker stop` right
+    // after start still drains and exits 0 instead of dying by SIGTERM.
+    for round in 0..5 {
+        let dir = TempDir::new("early-term");
+        let log = dir.path().join("clusterd.log");
+        let config = dir.path().join("e.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "exec = {} ok\nworkers = 2\nlisten = 127.0.0.1:0\ncontrol = {}\n",
+                example("testworker").display(),
+                dir.path().join("ctl.sock").display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(clusterd_bin());
+        cmd.arg("-c").arg(&config);
+        let mut child = spawn_logged(cmd, &log);
+        wait_log(&log, "listening", |_| true);
+        let pid = rustix::process::Pid::from_raw(child.0.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = wait_child(&mut child, &log);
+        assert_eq!(status.code(), Some(0), "round {round}: {status}");
+    }
+}

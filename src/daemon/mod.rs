@@ -77,6 +77,24 @@ struct Proc {
 /// Runs clusterd with `config` until it stops; returns the exit code.
 pub fn run(config: Config) -> i32 {
     spawn::cloexec_inherited_fds();
+    // First of all: a TERM that arrives while clusterd is still starting
+    // (a quick `docker stop`) must be a graceful stop, not a kill by the
+    // default action. Signals are queued until the loop reads them.
+    let signals = match async_signal::Signals::new([
+        async_signal::Signal::Term,
+        async_signal::Signal::Int,
+        async_signal::Signal::Quit,
+        async_signal::Signal::Hup,
+        async_signal::Signal::Ttin,
+        async_signal::Signal::Ttou,
+        async_signal::Signal::Child,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("clusterd: cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
     let mut listeners = Vec::new();
     for listen in &config.listen {
         match listen::bind(listen, config.backlog) {
@@ -105,21 +123,6 @@ pub fn run(config: Config) -> i32 {
         // Orphaned grandchildren are re-parented to us, and reaped.
         let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
     }
-    let signals = match async_signal::Signals::new([
-        async_signal::Signal::Term,
-        async_signal::Signal::Int,
-        async_signal::Signal::Quit,
-        async_signal::Signal::Hup,
-        async_signal::Signal::Ttin,
-        async_signal::Signal::Ttou,
-        async_signal::Signal::Child,
-    ]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("clusterd: cannot install signal handlers: {e}");
-            return 1;
-        }
-    };
 
     let notify = match notify::NotifySocket::bind() {
         Ok(n) => n,
