@@ -13,10 +13,14 @@ mod control;
 /// Serving, crashes, backoff, rolling restarts, drain deadlines, stop, config
 /// errors: the core guarantees of DESIGN.md.
 mod core;
+/// The man pages and the README checked against the code: the docs cannot drift.
+mod docs;
+/// Faults and leaks: bad programs, misbehaving workers, rlimits, HUP storms, 200 restarts.
+mod faults;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;
+/// Property tests: config, wire, control and sd_notify parsers never panic; codecs round-trip.
+mod props;
 /// `protocol = systemd`: the Node.js shop and Python programs as workers.
 mod systemd;
-/// The man pages and the README checked against the code: the docs cannot drift.
-mod docs;

@@ -190,14 +190,21 @@ impl Cluster {
     /// Writes `config` (the `control` line is added) and starts clusterd.
     /// Waits until every listener is bound.
     pub fn start(tag: &str, config: &str) -> Cluster {
-        let dir = TempDir::new(tag);
+        Cluster::start_in(TempDir::new(tag), tag, config, Command::new(clusterd_bin()))
+    }
+
+    /// Like [`Cluster::start`], in `dir` (which may already hold files the
+    /// config refers to), running `command`: the clusterd binary or a copy
+    /// of it, with whatever the test set (uid, gid, rlimits…). The harness
+    /// adds `-c CONFIG` and the standard streams.
+    pub fn start_in(dir: TempDir, tag: &str, config: &str, mut command: Command) -> Cluster {
         let control = dir.path().join("control.sock");
         let mut text = config.to_string();
         let _ = writeln!(text, "\ncontrol = {}", control.display());
         let config = dir.path().join(format!("{tag}.conf"));
         std::fs::write(&config, text).expect("write config");
         let log = dir.path().join("clusterd.log");
-        let child = Command::new(clusterd_bin())
+        let child = command
             .arg("-c")
             .arg(&config)
             .stdin(Stdio::null())
@@ -820,5 +827,244 @@ pub fn let_loads_run(loads: &[(&str, clusterd_bench::Running)], n: u64) {
             "{name}: load stalled: {}",
             l.snapshot()
         );
+    }
+}
+
+/// Polls `cond` until it holds, for at most `limit`; whether it held. For
+/// checks that report what they saw when the condition never held.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Copies the program `src` to `dst` (mode 0755) and returns once it can be
+/// run. The copy is written under another name and renamed into place, so a
+/// process that runs `dst` meanwhile finds either no file or the whole
+/// program. Until every process forked (by any thread of this test binary)
+/// while the copy was open for writing has exec'd, running it fails with
+/// ETXTBSY: it is run once with `--version` (testworker and clusterd both
+/// exit at once) until it is not busy.
+pub fn copy_program(src: &Path, dst: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut name = dst.file_name().expect("a file name").to_os_string();
+    name.push(".partial");
+    let partial = dst.with_file_name(name);
+    std::fs::copy(src, &partial)
+        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), partial.display()));
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    wait_for(&format!("{} to be runnable", partial.display()), || {
+        let run = Command::new(&partial)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match run {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+            Err(e) => panic!("cannot run {}: {e}", partial.display()),
+            Ok(_) => Some(()),
+        }
+    });
+    std::fs::rename(&partial, dst).expect("rename the copy into place");
+}
+
+/// The fields of `/proc/PID/stat` after the command name (state is field 0).
+fn stat_fields(pid: u32) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    stat.rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The CPU time `pid` has used so far, user plus system (`/proc/PID/stat`).
+pub fn cpu_time(pid: u32) -> Duration {
+    let f = stat_fields(pid);
+    // After the state: ppid pgrp session tty_nr tpgid flags minflt cminflt
+    // majflt cmajflt utime stime.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .map(|&i| f[i].parse::<u64>().expect("utime/stime"))
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// The resident set size of `pid` in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+/// The real uid of `pid` (`/proc/PID/status`), if it still exists.
+pub fn proc_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Every process id in /proc.
+pub fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// How many tasks (processes and their threads: what RLIMIT_NPROC counts)
+/// run with real uid `uid` on the machine.
+pub fn tasks_of_uid(uid: u32) -> usize {
+    all_pids()
+        .into_iter()
+        .filter(|&p| proc_uid(p) == Some(uid))
+        .map(|p| std::fs::read_dir(format!("/proc/{p}/task")).map_or(0, |d| d.flatten().count()))
+        .sum()
+}
+
+/// The processes (other than this one) whose command line mentions `path`.
+pub fn procs_mentioning(path: &Path) -> Vec<u32> {
+    let needle = path.as_os_str().as_encoded_bytes();
+    all_pids()
+        .into_iter()
+        .filter(|&p| p != std::process::id())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+/// A unix socket as `/proc/net/unix` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocket {
+    /// 1 stream, 2 datagram, 5 seqpacket.
+    pub kind: u32,
+    /// Empty when unnamed, `@name` when abstract. Sockets accepted from a
+    /// listener show the listener's path.
+    pub path: String,
+}
+
+/// Every unix socket in this network namespace, by inode.
+pub fn unix_sockets() -> std::collections::HashMap<u64, UnixSocket> {
+    let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode [Path]
+            let kind = u32::from_str_radix(f.get(4)?, 16).ok()?;
+            let inode = f.get(6)?.parse().ok()?;
+            let path = f.get(7).map_or(String::new(), |p| p.to_string());
+            Some((inode, UnixSocket { kind, path }))
+        })
+        .collect()
+}
+
+/// An fd's kind with the inode left out (`socket`, `pipe`,
+/// `anon_inode:[eventpoll]`, a path): what stays the same from one process
+/// to a like one.
+pub fn fd_kind(target: &str) -> String {
+    match target.split_once(":[") {
+        Some((kind @ ("socket" | "pipe"), _)) => kind.to_string(),
+        _ => target.to_string(),
+    }
+}
+
+/// Checks what each worker in `pids` holds: fds 0-2; its IPC channel at fd 3
+/// (a SOCK_SEQPACKET socket no other process of the cluster holds); the
+/// listener clusterd bound; and otherwise only what its own runtime opened
+/// (epoll, eventfd, timerfd; pipes and sockets that neither clusterd nor
+/// another worker holds). Nothing of clusterd's: no control socket, no end
+/// of any channel, no other worker's fd, nothing clusterd itself inherited
+/// from whoever started it.
+#[track_caller]
+pub fn check_worker_fds(cluster: &Cluster, pids: &[u32]) {
+    use std::collections::BTreeSet;
+    let listeners: BTreeSet<u64> = tcp_listen_inodes(cluster.addr()).into_iter().collect();
+    assert_eq!(listeners.len(), 1, "one listening socket: {listeners:?}");
+    let control = unix_socket_inode(&cluster.control).expect("the control socket is listed");
+    let unix = unix_sockets();
+    let clusterd_fds = fds(cluster.pid());
+    let clusterd_targets: BTreeSet<&str> = clusterd_fds.iter().map(|(_, t)| t.as_str()).collect();
+    assert!(
+        clusterd_targets.contains(format!("socket:[{control}]").as_str()),
+        "clusterd holds its control socket: {clusterd_fds:?}"
+    );
+    let all: Vec<(u32, Vec<(i32, String)>)> = pids.iter().map(|&p| (p, fds(p))).collect();
+    for (pid, worker_fds) in &all {
+        let numbers: BTreeSet<i32> = worker_fds.iter().map(|(fd, _)| *fd).collect();
+        for fd in [0, 1, 2, 3] {
+            assert!(
+                numbers.contains(&fd),
+                "worker {pid} has fd {fd}: {worker_fds:?}"
+            );
+        }
+        let others: BTreeSet<&str> = all
+            .iter()
+            .filter(|(p, _)| p != pid)
+            .flat_map(|(_, f)| f.iter().map(|(_, t)| t.as_str()))
+            .collect();
+        for listener in &listeners {
+            assert!(
+                worker_fds
+                    .iter()
+                    .any(|(_, t)| socket_inode(t) == Some(*listener)),
+                "worker {pid} holds the listener (inode {listener}): {worker_fds:?}"
+            );
+        }
+        for (fd, target) in worker_fds {
+            let what = format!("worker {pid} fd {fd} -> {target}");
+            if *fd <= 2 {
+                continue;
+            }
+            if *fd == 3 {
+                let inode = socket_inode(target).unwrap_or_else(|| panic!("{what}: not a socket"));
+                assert_eq!(
+                    unix.get(&inode).map(|s| s.kind),
+                    Some(5),
+                    "{what}: the IPC channel is a unix SOCK_SEQPACKET socket"
+                );
+            }
+            if target.starts_with("anon_inode:") {
+                continue; // the runtime's epoll, eventfd, timerfd
+            }
+            match socket_inode(target) {
+                Some(inode) if listeners.contains(&inode) => continue,
+                Some(inode) => assert_ne!(inode, control, "{what}: the control socket"),
+                None => assert!(
+                    target.starts_with("pipe:["),
+                    "{what}: unexpected (a worker holds sockets, pipes and anon inodes only): {worker_fds:?}"
+                ),
+            }
+            assert!(
+                !clusterd_targets.contains(target.as_str()),
+                "{what}: clusterd holds it too: clusterd's fds {clusterd_fds:?}"
+            );
+            assert!(
+                !others.contains(target.as_str()),
+                "{what}: another worker holds it too: {all:?}"
+            );
+        }
     }
 }
