@@ -30,6 +30,10 @@
 //! already on its way, `DRAIN_IDLE_GRACE`); when no connection is
 //! left the worker reports DRAINED and exits 0.
 //!
+//! `SHOP_INFLIGHT_LIMIT=N` sets the accept limit per worker (connections
+//! held at once; 0 = none; unset = `InFlight::DEFAULT_LIMIT`), for the
+//! benchmark's balance comparison.
+//!
 //! One worker runs on one thread (clusterd runs one worker per core), so
 //! `/cpu` blocks this worker's other connections while it runs, as a
 //! CPU-bound request in Node.js would.
@@ -117,7 +121,7 @@ fn listen_address(mut args: impl Iterator<Item = String>) -> Result<Option<Strin
 
 fn run(listen: &str) -> io::Result<()> {
     let mut worker = Worker::connect(&[("http", listen)])?;
-    let in_flight = InFlight::default();
+    let in_flight = in_flight_from_env()?;
     let stats = worker.stats();
     stats.track(&in_flight);
     let shutdown = worker.shutdown();
@@ -133,9 +137,12 @@ fn run(listen: &str) -> io::Result<()> {
         .map(|l| format!("{}={}", l.name, l.address))
         .collect();
     eprintln!(
-        "shop: worker {id} gen {} listening on {}",
+        "shop: worker {id} gen {} listening on {}, in-flight limit {}",
         worker.generation(),
-        listeners.join(", ")
+        listeners.join(", "),
+        in_flight
+            .limit()
+            .map_or_else(|| "none".to_owned(), |n| n.to_string())
     );
     let app = Rc::new(App {
         worker_id: id.to_string(),
@@ -389,4 +396,21 @@ fn not_allowed(allow: &str) -> Response {
     let mut res = error(StatusCode::MethodNotAllowed, "method not allowed");
     res.insert_header("Allow", allow);
     res
+}
+
+/// `SHOP_INFLIGHT_LIMIT`: the accept limit per worker (connections held at
+/// once, see `clusterd::worker::InFlight`); 0 = no limit; unset = the
+/// library's default.
+fn in_flight_from_env() -> io::Result<InFlight> {
+    match std::env::var("SHOP_INFLIGHT_LIMIT") {
+        Err(_) => Ok(InFlight::default()),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(0) => Ok(InFlight::unlimited()),
+            Ok(n) => Ok(InFlight::new(n)),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("SHOP_INFLIGHT_LIMIT must be a whole number (0 = no limit), not {v:?}"),
+            )),
+        },
+    }
 }

@@ -1,0 +1,254 @@
+//! 4. Balance: how evenly the workers share the load at saturation.
+//!
+//! The `X-Worker` header of every response says which worker answered; the share of each
+//! worker over one run gives max/min (target ≤ 1.10) and Jain's fairness index
+//! ((Σx)² / (n·Σx²): 1 is perfectly even, 1/n is one worker doing everything).
+//!
+//! The library's accept limit is compared on (the default, 256 connections per worker), on
+//! and tight (connections / workers, so that it binds), and off. The shop takes the limit
+//! from `SHOP_INFLIGHT_LIMIT` (0 = no limit) and names it in its start-up line
+//! (`in-flight limit N`, or `in-flight limit none`); a shop without that knob cannot be
+//! measured with the limit changed, and those rows say so.
+
+use std::time::Duration;
+
+use clusterd_bench::Report;
+
+use super::{Check, Ctx, Route, Section, Table, loadgen_command, mode, thousands};
+
+/// The loads, each run once per limit setting.
+const LOADS: [(Route, bool); 3] = [
+    (Route::Products, true),
+    (Route::Products, false),
+    (Route::Cpu, true),
+];
+
+/// Jain's fairness index of `x`: 1 when all equal; 0 when empty or all zero.
+pub fn jain(x: &[u64]) -> f64 {
+    let sum: f64 = x.iter().map(|&v| v as f64).sum();
+    let squares: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    if x.is_empty() || squares == 0.0 {
+        0.0
+    } else {
+        sum * sum / (x.len() as f64 * squares)
+    }
+}
+
+/// max / min of `x` (infinite when a worker got nothing).
+pub fn max_min(x: &[u64]) -> f64 {
+    let max = x.iter().copied().max().unwrap_or(0) as f64;
+    let min = x.iter().copied().min().unwrap_or(0) as f64;
+    if min == 0.0 { f64::INFINITY } else { max / min }
+}
+
+/// Requests per worker id `1..=workers`, from a report's `X-Worker` counts.
+pub fn per_worker(report: &Report, workers: u32) -> Vec<u64> {
+    (1..=workers)
+        .map(|id| report.workers.get(&id.to_string()).copied().unwrap_or(0))
+        .collect()
+}
+
+/// Whether the shop's start-up lines show the in-flight limit `want` (`None`: the default,
+/// no knob needed). `Err` says why not.
+pub fn knob_applied(lines: &[String], want: Option<usize>) -> Result<(), String> {
+    let Some(want) = want else {
+        return Ok(());
+    };
+    let named: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.split_once("in-flight limit ").map(|(_, v)| v))
+        .map(|v| v.split([' ', ',', ';', ')']).next().unwrap_or_default())
+        .collect();
+    if named.is_empty() {
+        return Err(
+            "the shop has no SHOP_INFLIGHT_LIMIT knob (no `in-flight limit` in its start-up line)"
+                .into(),
+        );
+    }
+    let ok = |v: &&str| match want {
+        0 => matches!(*v, "none" | "unlimited" | "off" | "0"),
+        n => *v == n.to_string(),
+    };
+    if named.iter().all(ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "asked for SHOP_INFLIGHT_LIMIT={want}, the shop reports in-flight limit {named:?}"
+        ))
+    }
+}
+
+pub fn run(ctx: &Ctx) -> Section {
+    let mut s = Section::new("balance");
+    let p = &ctx.p;
+    let workers = ctx.workers();
+    let tight = super::CONNECTIONS / workers as usize;
+    let settings: [(String, Option<usize>); 3] = [
+        ("on, default (256)".into(), None),
+        (format!("on, tight ({tight})"), Some(tight)),
+        ("off".into(), Some(0)),
+    ];
+    let mut table = Table::new(&[
+        "load",
+        "accept limit",
+        "requests per worker",
+        "shares",
+        "max/min",
+        "Jain",
+        "target",
+    ]);
+    for (setting, limit) in &settings {
+        println!("  -- accept limit {setting}");
+        let extra = limit.map_or(String::new(), |n| format!("env = SHOP_INFLIGHT_LIMIT={n}"));
+        let tag = format!(
+            "balance-{}",
+            limit.map_or("default".into(), |n| n.to_string())
+        );
+        let daemon = ctx
+            .shop_daemon(&tag, &workers.to_string(), &extra)
+            .and_then(|d| {
+                d.wait_pool_ready(1, Duration::from_secs(30))?;
+                knob_applied(&d.raw_lines(), *limit)?;
+                let addr = d.addr()?;
+                Ok((d, addr))
+            });
+        let (daemon, addr) = match daemon {
+            Ok(d) => d,
+            Err(e) => {
+                s.fail(&format!("accept limit {setting}"), &e);
+                for (route, keep_alive) in LOADS {
+                    table.row(vec![
+                        format!("{} {}", route.label(), mode(keep_alive)),
+                        setting.clone(),
+                        format!("not measured: {e}"),
+                    ]);
+                }
+                continue;
+            }
+        };
+        for (route, keep_alive) in LOADS {
+            let label = format!("{} {}", route.label(), mode(keep_alive));
+            let mut spec = route.spec(addr, keep_alive);
+            spec.duration = Some(p.balance_run);
+            let report = match clusterd_bench::run(&spec) {
+                Ok(r) => r,
+                Err(e) => {
+                    s.fail(&label, &e.to_string());
+                    continue;
+                }
+            };
+            let counts = per_worker(&report, workers);
+            let total: u64 = counts.iter().sum();
+            let ratio = max_min(&counts);
+            let fairness = jain(&counts);
+            let pass = Some(total > 0 && ratio <= 1.10);
+            let shares: Vec<String> = counts
+                .iter()
+                .map(|&c| format!("{:.1}%", 100.0 * c as f64 / total.max(1) as f64))
+                .collect();
+            let ratio_text = if ratio.is_finite() {
+                format!("{ratio:.3}")
+            } else {
+                "∞ (a worker got nothing)".into()
+            };
+            if limit.is_none() {
+                s.check(Check::new(
+                    &format!("balance max/min, {label}"),
+                    "≤ 1.10",
+                    format!("{ratio_text} (Jain {fairness:.4})"),
+                    pass,
+                ));
+            }
+            if report.failed() > 0 {
+                s.fail(
+                    &label,
+                    &format!(
+                        "{} requests failed ({})",
+                        report.failed(),
+                        super::failure_classes(&report)
+                    ),
+                );
+            }
+            table.row(vec![
+                label,
+                setting.clone(),
+                counts
+                    .iter()
+                    .map(|&c| thousands(c))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                shares.join(" / "),
+                ratio_text,
+                format!("{fairness:.4}"),
+                format!("≤ 1.10 {}", super::mark(pass)),
+            ]);
+        }
+        let _ = daemon.stop(Duration::from_secs(30));
+    }
+    s.md(&format!(
+        "clusterd with {workers} shop workers; each load runs {run:?} with {conns} \
+         connections, counting the responses of each worker by its `X-Worker` header. With \
+         keep-alive each worker serves the connections it accepted at the start for the \
+         whole run, so its share follows how many it holds and how much CPU it gets; with a \
+         new connection per request, every request is won by one worker's accept. *Accept \
+         limit*: the `clusterd::worker` accept loop takes a connection only while the worker \
+         holds fewer than its limit (and yields to its other tasks before each accept). The \
+         default limit, 256 per worker, does not bind at {conns} connections; *tight* is \
+         {conns} / {workers} = {tight}; *off* is no limit (`SHOP_INFLIGHT_LIMIT=0`). The \
+         target applies to the default.\n",
+        run = p.balance_run,
+        conns = super::CONNECTIONS,
+    ));
+    s.table(&table);
+    let addr = ([127, 0, 0, 1], 0).into();
+    let mut cmds = format!(
+        "Config: `exec = target/release/examples/shop`, `workers = {workers}`, \
+         `listen = 127.0.0.1:0`, plus `env = SHOP_INFLIGHT_LIMIT={tight}` (tight) or \
+         `env = SHOP_INFLIGHT_LIMIT=0` (off). Loads:\n\n```sh\n"
+    );
+    for (route, keep_alive) in LOADS {
+        let mut spec = route.spec(addr, keep_alive);
+        spec.duration = Some(p.balance_run);
+        cmds.push_str(&loadgen_command(&spec));
+        cmds.push('\n');
+    }
+    cmds.push_str("```\n");
+    s.md(&cmds);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fairness() {
+        assert_eq!(jain(&[10, 10, 10]), 1.0);
+        assert!((jain(&[1, 0]) - 0.5).abs() < 1e-9);
+        assert_eq!(jain(&[]), 0.0);
+        assert_eq!(max_min(&[110, 100]), 1.1);
+        assert!(max_min(&[5, 0]).is_infinite());
+    }
+
+    #[test]
+    fn knob() {
+        let lines = |s: &str| vec![format!("shop: worker 1 gen 1 listening on http=x, {s}")];
+        assert!(knob_applied(&lines("whatever"), None).is_ok());
+        assert!(
+            knob_applied(&lines("no knob"), Some(0))
+                .unwrap_err()
+                .contains("no SHOP_INFLIGHT_LIMIT knob")
+        );
+        assert!(knob_applied(&lines("in-flight limit none"), Some(0)).is_ok());
+        assert!(knob_applied(&lines("in-flight limit 32"), Some(32)).is_ok());
+        assert!(knob_applied(&lines("in-flight limit 256"), Some(32)).is_err());
+    }
+
+    #[test]
+    fn counts_by_worker_id() {
+        let mut r = Report::default();
+        r.workers.insert("2".into(), 5);
+        r.workers.insert("9".into(), 1);
+        assert_eq!(per_worker(&r, 3), vec![0, 5, 0]);
+    }
+}
