@@ -6,7 +6,7 @@
 //! ```
 //!
 //! It first builds what it measures (`cargo build --release --workspace --bins --examples`),
-//! then runs six sections on this machine, over 127.0.0.1 only, printing as it goes, and
+//! then runs seven sections on this machine, over 127.0.0.1 only, printing as it goes, and
 //! writes BENCHMARKS.md at the repository root (or `--out PATH`): machine facts, the exact
 //! commands, a table per section, and every target beside its measured figure with ✓ or ✗.
 //!
@@ -24,6 +24,7 @@
 //!    (≤ 2 ms), start to listening (≤ 10 ms), cold start to the first 200, binary sizes
 //!    (release and `+crt-static`).
 //! 6. `scale`: 64 workers started, restarted and stopped; clusterd's peak RSS.
+//! 7. `soak`: 1000 rolling restarts under load: failed requests, clusterd's fds and RSS.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -55,7 +56,8 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
 
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
-                   overhead, zero-downtime, crash, balance, footprint, scale
+                   overhead, zero-downtime, crash, balance, footprint, scale,
+                   soak
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -150,7 +152,8 @@ fn main() -> ExitCode {
             "crash" => suite::crash::run(&ctx),
             "balance" => suite::balance::run(&ctx),
             "footprint" => suite::footprint::run(&ctx),
-            _ => suite::scale::run(&ctx),
+            "scale" => suite::scale::run(&ctx),
+            _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();
         println!(

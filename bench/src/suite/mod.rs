@@ -14,6 +14,7 @@ pub mod overhead;
 pub mod procs;
 pub mod report;
 pub mod scale;
+pub mod soak;
 pub mod zero_downtime;
 
 use std::fmt::Write as _;
@@ -26,13 +27,14 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 6] = [
+pub const SECTIONS: [(&str, &str); 7] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
     ("balance", "4. Balance"),
     ("footprint", "5. Footprint"),
     ("scale", "6. Scale: 64 workers"),
+    ("soak", "7. Soak: a thousand rolling restarts"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
@@ -64,6 +66,8 @@ pub struct Params {
     pub static_build: bool,
     /// Scale: the worker count.
     pub scale_workers: u32,
+    /// Soak: rolling restarts in a row.
+    pub soak_restarts: usize,
 }
 
 impl Params {
@@ -84,6 +88,7 @@ impl Params {
                 cold_runs: 2,
                 static_build: false,
                 scale_workers: 64,
+                soak_restarts: 40,
             }
         } else {
             Params {
@@ -101,6 +106,7 @@ impl Params {
                 cold_runs: 5,
                 static_build: true,
                 scale_workers: 64,
+                soak_restarts: 1000,
             }
         }
     }
