@@ -503,11 +503,7 @@ impl Supervisor {
             slot.respawn_at = None;
         }
 
-        let is_replacement = self
-            .rollout
-            .as_ref()
-            .and_then(|r| r.current)
-            .is_some_and(|(cur, _)| cur == id);
+        let is_replacement = self.is_replacement(id);
         if is_replacement {
             self.replacement_ready(now, id, slot_id, generation);
         }
@@ -556,11 +552,7 @@ impl Supervisor {
             return;
         }
 
-        let was_replacement = self
-            .rollout
-            .as_ref()
-            .and_then(|r| r.current)
-            .is_some_and(|(cur, _)| cur == id);
+        let was_replacement = self.is_replacement(id);
         if was_replacement {
             let reason = format!(
                 "the replacement for worker {} ({}) ended with {} before it was ready",
@@ -603,11 +595,7 @@ impl Supervisor {
             match inst.state {
                 State::Starting => {
                     let (slot, pid) = (inst.slot, inst.pid);
-                    let is_replacement = self
-                        .rollout
-                        .as_ref()
-                        .and_then(|r| r.current)
-                        .is_some_and(|(cur, _)| cur == id);
+                    let is_replacement = self.is_replacement(id);
                     if is_replacement {
                         let reason = format!(
                             "the replacement for worker {slot} ({}) did not report READY within {}",
@@ -772,6 +760,14 @@ impl Supervisor {
     }
 
     // --- internals ---------------------------------------------------------
+
+    /// Whether `id` is the replacement the rolling restart is starting.
+    fn is_replacement(&self, id: InstanceId) -> bool {
+        self.rollout
+            .as_ref()
+            .and_then(|r| r.current)
+            .is_some_and(|(cur, _)| cur == id)
+    }
 
     fn notice(&mut self, notice: Notice) {
         self.actions.push(Action::Notice(notice));
