@@ -91,75 +91,34 @@ pub fn wait_for_within<T>(what: &str, limit: Duration, mut cond: impl FnMut() ->
     }
 }
 
-/// One parsed log line: `TS LEVEL EVENT key=value …`.
+/// One event line of clusterd's log (parsed by the daemon's own
+/// `log::Line`, the inverse of its formatter), with the raw text for
+/// failure messages.
 #[derive(Debug, Clone)]
 pub struct LogLine {
     pub level: String,
     pub event: String,
     pub fields: Vec<(String, String)>,
     pub raw: String,
+    ts_ms: u64,
 }
 
 impl LogLine {
+    /// `None` for anything but an event line (workers share the log).
     pub fn parse(line: &str) -> Option<LogLine> {
-        let mut rest = line;
-        let word = |rest: &mut &str| -> Option<String> {
-            let s = rest.trim_start();
-            let end = s.find(' ').unwrap_or(s.len());
-            let w = s[..end].to_string();
-            *rest = &s[end..];
-            Some(w).filter(|w| !w.is_empty())
-        };
-        let _ts = word(&mut rest)?;
-        let level = word(&mut rest)?;
-        let event = word(&mut rest)?;
-        let mut fields = Vec::new();
-        let mut s = rest.trim_start();
-        while let Some(eq) = s.find('=') {
-            let key = s[..eq].to_string();
-            s = &s[eq + 1..];
-            let value;
-            if let Some(quoted) = s.strip_prefix('"') {
-                let mut v = String::new();
-                let mut chars = quoted.char_indices();
-                let mut end = quoted.len();
-                while let Some((i, c)) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some((_, n)) = chars.next() {
-                                v.push(if n == 'n' { '\n' } else { n });
-                            }
-                        }
-                        '"' => {
-                            end = i + 1;
-                            break;
-                        }
-                        c => v.push(c),
-                    }
-                }
-                value = v;
-                s = &quoted[end..];
-            } else {
-                let end = s.find(' ').unwrap_or(s.len());
-                value = s[..end].to_string();
-                s = &s[end..];
-            }
-            fields.push((key, value));
-            s = s.trim_start();
-        }
+        let l = clusterd::daemon::log::Line::parse(line)?;
         Some(LogLine {
-            level,
-            event,
-            fields,
+            level: l.level,
+            event: l.event,
+            fields: l.fields,
             raw: line.to_string(),
+            ts_ms: l.ts_ms,
         })
     }
 
-    /// The timestamp, in milliseconds since the Unix epoch (the log writes
-    /// UTC as `2025-11-21T09:34:56.789Z`).
+    /// The timestamp, in milliseconds since the Unix epoch.
     pub fn ts_ms(&self) -> u64 {
-        let ts = self.raw.split(' ').next().unwrap_or_default();
-        parse_ts_ms(ts).unwrap_or_else(|| panic!("no timestamp in {}", self.raw))
+        self.ts_ms
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -528,27 +487,6 @@ pub fn load(
 pub fn assert_no_failures(what: &str, report: &Report) {
     assert!(report.ok > 0, "{what}: no request succeeded\n{report}");
     assert_eq!(report.failed(), 0, "{what}: failed requests\n{report}");
-}
-
-/// `2025-11-21T09:34:56.789Z` as milliseconds since the Unix epoch.
-fn parse_ts_ms(ts: &str) -> Option<u64> {
-    let num = |s: &str| s.parse::<i64>().ok();
-    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
-    let mut d = date.split('-');
-    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
-    let mut t = time.split(':');
-    let (h, min, sec) = (num(t.next()?)?, num(t.next()?)?, t.next()?);
-    let (s, ms) = sec.split_once('.')?;
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + min * 60 + num(s)?;
-    u64::try_from(secs * 1000 + num(ms)?).ok()
 }
 
 /// Sends `sig` to one process, by pid.
