@@ -52,6 +52,17 @@ use smol::future::FutureExt as _;
 use smol::io::AsyncReadExt as _;
 use smol::{LocalExecutor, Timer};
 
+/// Writes one line to stderr in a single `write`, so it never interleaves
+/// with clusterd's log lines or another worker's (`eprintln!` may write a
+/// line in several pieces).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 /// Where to listen when not run by clusterd.
 const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 
@@ -83,14 +94,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(why) => {
-            eprintln!("shop: {why}\n{USAGE}");
+            say!("shop: {why}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
     match run(&listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shop: {e}");
+            say!("shop: {e}");
             ExitCode::FAILURE
         }
     }
@@ -136,7 +147,7 @@ fn run(listen: &str) -> io::Result<()> {
         .iter()
         .map(|l| format!("{}={}", l.name, l.address))
         .collect();
-    eprintln!(
+    say!(
         "shop: worker {id} gen {} listening on {}, in-flight limit {}",
         worker.generation(),
         listeners.join(", "),
@@ -167,14 +178,14 @@ fn run(listen: &str) -> io::Result<()> {
             (Ok(()), Some(reason)) => reason.to_string(),
             (Ok(()), None) => "listener closed".to_owned(),
         };
-        eprintln!("shop: worker {id} draining: {why}");
+        say!("shop: worker {id} draining: {why}");
         let draining = Instant::now();
         in_flight.wait_idle().await;
         // A worker that could not accept exits non-zero (clusterd replaces
         // it) rather than claiming an orderly drain.
         accepting?;
         worker.drained().await?;
-        eprintln!(
+        say!(
             "shop: worker {id} drained in {} ms, exiting",
             draining.elapsed().as_millis()
         );

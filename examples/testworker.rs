@@ -52,6 +52,17 @@ use clusterd::worker::{Accepted, Acceptor, Idle, InFlight, Listener, Shutdown, S
 use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use smol::{LocalExecutor, Timer};
 
+/// Writes one line to stderr in a single `write`, so it never interleaves
+/// with clusterd's log lines or another worker's (`eprintln!` may write a
+/// line in several pieces).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|crash-after MS";
 
 /// Largest request head the responder reads.
@@ -97,7 +108,7 @@ fn main() -> ExitCode {
     let mode = match parse(&args) {
         Ok(mode) => mode,
         Err(why) => {
-            eprintln!("testworker: {why}\n{USAGE}");
+            say!("testworker: {why}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
@@ -108,7 +119,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("testworker: {e}");
+            say!("testworker: {e}");
             ExitCode::FAILURE
         }
     }
@@ -123,7 +134,7 @@ fn run(mode: Mode) -> io::Result<()> {
         .iter()
         .map(|l| format!("{}={}", l.name, l.address))
         .collect();
-    eprintln!(
+    say!(
         "testworker: worker {id} gen {generation} pid {} mode {mode:?} listening on {}",
         std::process::id(),
         addresses.join(", ")
@@ -159,7 +170,7 @@ fn run(mode: Mode) -> io::Result<()> {
         match mode {
             Mode::NeverReady => {
                 let reason = shutdown.clone().await;
-                eprintln!("testworker: worker {id} never ready, stopping ({reason})");
+                say!("testworker: worker {id} never ready, stopping ({reason})");
                 drop(listeners);
                 return worker.drained().await;
             }
@@ -185,7 +196,7 @@ fn run(mode: Mode) -> io::Result<()> {
                 worker.ready().await?;
                 ex.spawn(async move {
                     Timer::after(after).await;
-                    eprintln!("testworker: worker {id} crashing as asked (exit 3)");
+                    say!("testworker: worker {id} crashing as asked (exit 3)");
                     std::process::exit(3);
                 })
                 .detach();
@@ -219,10 +230,10 @@ fn run(mode: Mode) -> io::Result<()> {
             accept_loop.await?;
         }
         let reason = shutdown.reason().map_or("?".into(), |r| r.to_string());
-        eprintln!("testworker: worker {id} draining: {reason}");
+        say!("testworker: worker {id} draining: {reason}");
         in_flight.wait_idle().await;
         worker.drained().await?;
-        eprintln!("testworker: worker {id} drained");
+        say!("testworker: worker {id} drained");
         Ok(())
     }))
 }
@@ -241,7 +252,7 @@ fn close_ipc() -> io::Result<()> {
     let hello = fdpass::recv_with_fds(&fd, &mut buf, rustix::net::RecvFlags::empty())?;
     drop(hello.fds);
     drop(fd);
-    eprintln!("testworker: closed the IPC channel; sleeping");
+    say!("testworker: closed the IPC channel; sleeping");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

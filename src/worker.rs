@@ -112,6 +112,17 @@ use crate::fdpass;
 pub use crate::proto::ListenerInfo;
 use crate::proto::{self, FromWorker, Hello, ToWorker};
 
+/// Writes one line to stderr in a single `write`, so it never interleaves
+/// with clusterd's log lines or another worker's (`eprintln!` may write a
+/// line in several pieces).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 /// The environment variable naming the IPC fd clusterd passes to a worker.
 pub const ENV_FD: &str = "CLUSTERD_FD";
 
@@ -185,7 +196,7 @@ impl Shared {
     }
 
     fn log(&self, message: fmt::Arguments<'_>) {
-        eprintln!("clusterd::worker (worker {}): {message}", self.id);
+        say!("clusterd::worker (worker {}): {message}", self.id);
     }
 }
 
@@ -1512,7 +1523,7 @@ impl Acceptor {
                 Next::Accepted(Err(e)) if is_exhaustion(&e) => {
                     if !exhausted_logged {
                         exhausted_logged = true;
-                        eprintln!("clusterd::worker: accept: {e}; retrying");
+                        say!("clusterd::worker: accept: {e}; retrying");
                     }
                     let _ = async {
                         Timer::after(EXHAUSTED_BACKOFF).await;
