@@ -169,6 +169,17 @@ impl Drop for Started {
     }
 }
 
+/// Writes a config of two testworker `ok` workers on an ephemeral port, with
+/// the control socket in `dir`.
+fn write_testworker_config(config: &Path, dir: &Path) {
+    let text = format!(
+        "exec = {} ok\nworkers = 2\nlisten = 127.0.0.1:0\ncontrol = {}\n",
+        example("testworker").display(),
+        dir.join("ctl.sock").display()
+    );
+    std::fs::write(config, text).unwrap();
+}
+
 /// Starts `cmd` with its stderr in `log`.
 fn spawn_logged(mut cmd: Command, log: &Path) -> Started {
     let child = cmd
@@ -265,15 +276,7 @@ fn under_systemd_type_notify_it_reports_ready_and_stopping() {
     let manager = UnixDatagram::bind(&manager_path).unwrap();
     manager.set_read_timeout(Some(DEADLINE)).unwrap();
     let config = dir.path().join("n.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "exec = {} ok\nworkers = 2\nlisten = 127.0.0.1:0\ncontrol = {}\n",
-            example("testworker").display(),
-            dir.path().join("ctl.sock").display()
-        ),
-    )
-    .unwrap();
+    write_testworker_config(&config, dir.path());
     let mut cmd = Command::new(clusterd_bin());
     cmd.arg("-c")
         .arg(&config)
@@ -428,15 +431,7 @@ fn fds_clusterd_inherited_do_not_reach_workers() {
     let dir = TempDir::new("inherited");
     let log = dir.path().join("clusterd.log");
     let config = dir.path().join("i.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "exec = {} ok\nworkers = 2\nlisten = 127.0.0.1:0\ncontrol = {}\n",
-            example("testworker").display(),
-            dir.path().join("ctl.sock").display()
-        ),
-    )
-    .unwrap();
+    write_testworker_config(&config, dir.path());
     let leaked = dir.path().join("leaked");
     std::fs::write(&leaked, "x").unwrap();
     let mut cmd = Command::new("/bin/sh");
@@ -485,15 +480,7 @@ fn term_as_soon_as_it_listens_is_a_graceful_stop() {
         let dir = TempDir::new("early-term");
         let log = dir.path().join("clusterd.log");
         let config = dir.path().join("e.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "exec = {} ok\nworkers = 2\nlisten = 127.0.0.1:0\ncontrol = {}\n",
-                example("testworker").display(),
-                dir.path().join("ctl.sock").display()
-            ),
-        )
-        .unwrap();
+        write_testworker_config(&config, dir.path());
         let mut cmd = Command::new(clusterd_bin());
         cmd.arg("-c").arg(&config);
         let mut child = spawn_logged(cmd, &log);
