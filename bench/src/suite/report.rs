@@ -197,11 +197,12 @@ const WHY: &[(&str, &str)] = &[
         "throughput, 1 worker vs bare",
         "**Overhead.** The worker accepts straight from the kernel's queue and serves \
          without clusterd on the request path, and the shop runs the same library code \
-         bare; compare the *runs (min-max)* columns: when the bare range contains the \
-         1-worker range, the ratio of medians is the run-to-run noise of a 2-CPU machine \
-         whose load generator (64 threads) competes with the server for the same CPUs, \
-         largest on the cheapest route (`/products/1`, about 10 us a request). The CPU-bound \
-         and I/O-bound routes, where the noise is small, come out at 1.00x.",
+         bare. The per-round ranges (*runs (min-max)*) overlap widely: the load generator's \
+         64 threads compete with the server for the same 2 CPUs, and the cheapest route \
+         (`/products/1`, about 10 us a request) is the noisiest. The CPU-bound and \
+         I/O-bound routes come out at 1.00x. A small cost on the cheapest route is not \
+         ruled out and not yet explained; separating it from the noise needs the load \
+         generator on other CPUs than the server.",
     ),
     (
         "balance max/min",
