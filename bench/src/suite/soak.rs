@@ -65,11 +65,13 @@ pub fn run(ctx: &Ctx) -> Section {
                 error = Some(format!("settling after restart {i}: {e}"));
                 break;
             }
-            samples.push((i, fd_count(pid), status_kb(pid, "VmRSS")));
+            let (fds, rss) = (fd_count(pid), status_kb(pid, "VmRSS"));
+            samples.push((i, fds, rss));
+            let show = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
             println!(
-                "     restart {i}/{restarts}: fds {:?}, rss {:?}",
-                samples.last().map(|x| x.1),
-                samples.last().map(|x| x.2)
+                "     restart {i}/{restarts}: {} fds, {} bytes RSS",
+                show(fds),
+                show(rss)
             );
         }
     }
