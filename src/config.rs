@@ -223,8 +223,9 @@ const ALIASES: &[(&str, &str)] = &[
     ("setenv", "env"),
 ];
 
-/// Variables clusterd sets in the workers' environment itself.
-const RESERVED_ENV: &[&str] = &[
+/// Variables clusterd sets in the workers' environment itself: an `env`
+/// line may not set them, and values clusterd inherited are not passed on.
+pub const RESERVED_ENV: &[&str] = &[
     "CLUSTERD_FD",
     "CLUSTERD_WORKER_ID",
     "CLUSTERD_GENERATION",

@@ -28,7 +28,7 @@ use proptest::strategy::Union;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use clusterd::config::{self, Config, Listen, ListenAddr, Protocol};
+use clusterd::config::{self, Config, Listen, ListenAddr, Protocol, RESERVED_ENV};
 use clusterd::daemon::notify;
 use clusterd::proto::{
     self, FRAME_HEADER, FromWorker, Hello, ListenerInfo, MAX_IPC_RECORD, MAX_LISTENERS,
@@ -442,18 +442,6 @@ impl IdGen {
         }
     }
 }
-
-/// The variables clusterd sets itself (a config may not).
-const RESERVED_ENV: &[&str] = &[
-    "CLUSTERD_FD",
-    "CLUSTERD_WORKER_ID",
-    "CLUSTERD_GENERATION",
-    "CLUSTERD_READY_FD",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-];
 
 /// An `env` value: words of anything but whitespace and NUL, none starting
 /// with `#` (which would start a comment).

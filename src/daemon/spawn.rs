@@ -33,7 +33,7 @@ use std::process::Command;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::process::{Pid, Signal};
 
-use crate::config::{Config, Protocol};
+use crate::config::{Config, Protocol, RESERVED_ENV};
 use crate::proto::MAX_LISTENERS;
 
 /// How to run one generation's workers.
@@ -82,19 +82,6 @@ pub struct Spawned {
 
 /// The first fd number a worker inherits.
 const FIRST_FD: RawFd = 3;
-
-/// Variables clusterd sets for workers; inherited values are dropped, so a
-/// clusterd started by systemd does not pass its own `NOTIFY_SOCKET` on.
-const RESERVED_ENV: &[&str] = &[
-    "CLUSTERD_FD",
-    "CLUSTERD_WORKER_ID",
-    "CLUSTERD_GENERATION",
-    "CLUSTERD_READY_FD",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "LISTEN_PID",
-    "NOTIFY_SOCKET",
-];
 
 /// Starts `spec` as worker `slot` of `generation`. `notify` is the
 /// `NOTIFY_SOCKET` value for `protocol = systemd`.
