@@ -34,12 +34,7 @@ pub fn run(ctx: &Ctx) -> Section {
     // min_uptime 1 s: every replacement here lives longer than that before its slot is
     // killed again, so each crash is a first crash and is restarted at once (no backoff).
     let extra = "min_uptime = 1s";
-    let daemon = ctx
-        .shop_daemon("crash", &workers.to_string(), extra)
-        .and_then(|d| {
-            d.wait_pool_ready(1, Duration::from_secs(30))?;
-            Ok(d)
-        });
+    let daemon = ctx.ready_shop_daemon("crash", &workers.to_string(), extra);
     let daemon = match daemon {
         Ok(d) => d,
         Err(e) => {

@@ -154,6 +154,18 @@ impl Ctx {
         );
         Daemon::start(&self.clusterd(), &self.clusterctl(), tag, &config)
     }
+
+    /// [`Ctx::shop_daemon`], then waits until every worker is ready.
+    pub fn ready_shop_daemon(
+        &self,
+        tag: &str,
+        workers: &str,
+        extra: &str,
+    ) -> Result<Daemon, String> {
+        let d = self.shop_daemon(tag, workers, extra)?;
+        d.wait_pool_ready(1, Duration::from_secs(30))?;
+        Ok(d)
+    }
 }
 
 /// A measured figure beside its target, for the summary and the section's tables.

@@ -13,10 +13,7 @@ fn fd_count(pid: u32) -> Option<u64> {
 pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("soak");
     let restarts = ctx.p.soak_restarts;
-    let daemon = ctx.shop_daemon("soak", "2", "").and_then(|d| {
-        d.wait_pool_ready(1, Duration::from_secs(30))?;
-        Ok(d)
-    });
+    let daemon = ctx.ready_shop_daemon("soak", "2", "");
     let d = match daemon {
         Ok(d) => d,
         Err(e) => {

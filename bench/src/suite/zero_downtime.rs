@@ -35,12 +35,7 @@ pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("zero-downtime");
     let p = &ctx.p;
     let workers = ctx.workers();
-    let daemon = ctx
-        .shop_daemon("zero-downtime", &workers.to_string(), "")
-        .and_then(|d| {
-            d.wait_pool_ready(1, Duration::from_secs(30))?;
-            Ok(d)
-        });
+    let daemon = ctx.ready_shop_daemon("zero-downtime", &workers.to_string(), "");
     let daemon = match daemon {
         Ok(d) => d,
         Err(e) => {
