@@ -11,6 +11,8 @@
 //!   go in, actions come out: spawn, drain, kill, log. Worker lifecycle, crash
 //!   backoff, rolling restart, scaling and stop all live here, unit-tested as
 //!   scripts of events without processes or clocks.
+//! - [`scoreboard`]: the connections each worker holds, in shared memory, so
+//!   that a new connection goes to the worker holding fewest.
 //! - `daemon` (private): the imperative shell. It binds the listeners, spawns
 //!   workers, reaps children, reads signals, worker messages and control
 //!   clients, feeds them to the state machine and carries out its actions.
@@ -21,6 +23,7 @@ pub mod config;
 pub mod fdpass;
 pub mod lifecycle;
 pub mod proto;
+pub mod scoreboard;
 pub mod users;
 pub mod worker;
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
 /// The protocol version spoken by this build, on both sockets.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Largest IPC record, in either direction.
 pub const MAX_IPC_RECORD: usize = 16 * 1024;
@@ -54,8 +54,11 @@ pub struct Hello {
     pub worker_id: u32,
     /// The generation (incremented by every rolling restart).
     pub generation: u64,
-    /// One entry per attached fd, in order.
+    /// One entry per attached listener fd, in order.
     pub listeners: Vec<ListenerInfo>,
+    /// The worker's cell in the [`crate::scoreboard`], whose memfd is
+    /// attached after the listeners; `None` when there is no board.
+    pub scoreboard: Option<u32>,
 }
 
 /// A named listening socket.
@@ -296,6 +299,7 @@ mod tests {
                 name: "http".into(),
                 address: "127.0.0.1:3000".into(),
             }],
+            scoreboard: Some(1),
         })
     }
 

@@ -33,14 +33,18 @@
 //!
 //! # Balanced accepting
 //!
-//! Every worker accepts from the same listening socket. Left alone, the
-//! kernel tends to hand most new connections to the worker that polled last,
-//! which is often the busiest one. [`Listener::accept_limited`] and
-//! [`Acceptor`] therefore only accept while the worker's [`InFlight`] count
-//! is below its limit (as nginx stops accepting when a worker's connections
-//! run low), and [`Acceptor::accept`] yields to the worker's other tasks before
-//! each accept, so a worker that just took a connection serves it before it
-//! competes for the next one and idle workers win the race. Each accepted
+//! Every worker accepts from the same listening socket, and the kernel wakes
+//! them all for each new connection: left alone, whichever runs first wins,
+//! so a burst of keep-alive connections splits unevenly and stays split.
+//! Under clusterd, the [`InFlight`] count given to [`Stats::track`] is
+//! published on the [`scoreboard`](crate::scoreboard) the worker shares with
+//! its siblings, and [`Listener::accept_limited`] and [`Acceptor`] leave a
+//! pending connection to a sibling that holds fewer connections, for
+//! [`scoreboard::DEFER_MAX`] at most, before taking it. They also accept only
+//! while the count is below its limit (as nginx stops accepting when a
+//! worker's connections run low), and [`Acceptor::accept`] yields to the
+//! worker's other tasks before each accept, so a worker that just took a
+//! connection serves it before it competes for the next one. Each accepted
 //! connection carries a [`Guard`] that releases its slot when dropped,
 //! however the connection ends, so a client that disconnects mid-request can
 //! never leave a drain waiting.
@@ -111,6 +115,7 @@ use smol::{Async, Timer};
 use crate::fdpass;
 pub use crate::proto::ListenerInfo;
 use crate::proto::{self, FromWorker, Hello, ToWorker};
+use crate::scoreboard::{self, Board};
 
 /// Writes one line to stderr in a single `write`, so it never interleaves
 /// with clusterd's log lines or another worker's (`eprintln!` may write a
@@ -191,6 +196,9 @@ impl Shared {
         let first = self.shutdown.trigger(reason);
         if first {
             lock(&self.fds).iter_mut().for_each(|fd| *fd = None);
+            if let Some(board) = self.stats.cells.board.get() {
+                board.withdraw();
+            }
         }
         first
     }
@@ -247,7 +255,7 @@ impl Worker {
 
     fn supervised(fd: OwnedFd, signals: Option<Signals>) -> io::Result<Worker> {
         rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
-        let (hello, fds) = receive_hello(&fd)?;
+        let (hello, fds, board_fd) = receive_hello(&fd)?;
         let mut kinds = Vec::with_capacity(fds.len());
         for (info, fd) in hello.listeners.iter().zip(fds) {
             let kind = listener_kind(&fd).map_err(|e| {
@@ -258,6 +266,18 @@ impl Worker {
             })?;
             kinds.push(Some((kind, fd)));
         }
+        // Without the scoreboard the worker still serves, only unbalanced.
+        let board = match (hello.scoreboard, board_fd) {
+            (Some(cell), Some(board_fd)) => Board::map(&board_fd, cell)
+                .map_err(|e| {
+                    say!(
+                        "clusterd::worker (worker {}): scoreboard: {e}; accepting without it",
+                        hello.worker_id
+                    )
+                })
+                .ok(),
+            _ => None,
+        };
         let ipc = Arc::new(Async::new(fd)?);
         Worker::start(
             hello.worker_id,
@@ -266,6 +286,7 @@ impl Worker {
             kinds,
             Some(ipc),
             signals,
+            board,
         )
     }
 
@@ -281,7 +302,7 @@ impl Worker {
             });
             fds.push(Some((kind, fd)));
         }
-        Worker::start(0, 0, infos, fds, None, signals)
+        Worker::start(0, 0, infos, fds, None, signals, None)
     }
 
     fn start(
@@ -291,11 +312,16 @@ impl Worker {
         fds: Vec<Option<(Kind, OwnedFd)>>,
         ipc: Option<Arc<Async<OwnedFd>>>,
         signals: Option<Signals>,
+        board: Option<Board>,
     ) -> io::Result<Worker> {
+        let stats = Stats::default();
+        if let Some(board) = board {
+            let _ = stats.cells.board.set(board);
+        }
         let shared = Arc::new(Shared {
             id,
             shutdown: Arc::new(ShutdownState::default()),
-            stats: Stats::default(),
+            stats,
             fds: Mutex::new(fds),
             ready_sent: AtomicBool::new(false),
             drained: AtomicBool::new(false),
@@ -390,6 +416,9 @@ impl Worker {
         if self.shared.ready_sent.load(Ordering::Acquire) {
             return Ok(());
         }
+        // Ready means about to accept: from now on the siblings leave new
+        // connections to this worker while it holds fewer.
+        self.shared.stats.join_board();
         if let Some(ipc) = &self.ipc {
             send(ipc, &FromWorker::Ready)
                 .await
@@ -513,8 +542,9 @@ fn check_ipc_socket(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives the first record, which must be `Hello` with one fd per listener.
-fn receive_hello(fd: &OwnedFd) -> io::Result<(Hello, Vec<OwnedFd>)> {
+/// Receives the first record, which must be `Hello` with one fd per listener
+/// (and the scoreboard's after them, when it names a cell).
+fn receive_hello(fd: &OwnedFd) -> io::Result<(Hello, Vec<OwnedFd>, Option<OwnedFd>)> {
     // Blocking with a deadline; the fd may have been created non-blocking.
     rustix::io::ioctl_fionbio(fd, false)?;
     sockopt::set_socket_timeout(fd, Timeout::Recv, Some(HELLO_TIMEOUT))?;
@@ -553,12 +583,22 @@ fn receive_hello(fd: &OwnedFd) -> io::Result<(Hello, Vec<OwnedFd>)> {
         )));
     }
     match proto::decode::<ToWorker>(&buf[..received.len], proto::MAX_IPC_RECORD) {
-        Ok(ToWorker::Hello(hello)) if hello.listeners.len() == received.fds.len() => {
-            Ok((hello, received.fds))
+        Ok(ToWorker::Hello(hello))
+            if hello.listeners.len() + usize::from(hello.scoreboard.is_some())
+                == received.fds.len() =>
+        {
+            let mut fds = received.fds;
+            let board = hello.scoreboard.and_then(|_| fds.pop());
+            Ok((hello, fds, board))
         }
         Ok(ToWorker::Hello(hello)) => Err(invalid(format!(
-            "clusterd IPC: Hello names {} listeners but {} fds are attached",
+            "clusterd IPC: Hello names {} listeners{} but {} fds are attached",
             hello.listeners.len(),
+            if hello.scoreboard.is_some() {
+                " and a scoreboard"
+            } else {
+                ""
+            },
             received.fds.len()
         ))),
         Ok(other) => Err(invalid(format!(
@@ -965,6 +1005,8 @@ struct StatsCells {
     active: AtomicU32,
     /// When set, `active` is read from here instead.
     tracked: Mutex<Option<InFlight>>,
+    /// The scoreboard, when clusterd passed one.
+    board: OnceLock<Board>,
 }
 
 impl Stats {
@@ -984,9 +1026,25 @@ impl Stats {
         self.cells.active.store(active, Ordering::Relaxed);
     }
 
-    /// Reports `in_flight.active()` as the active count from now on.
+    /// Reports `in_flight.active()` as the active count from now on: to
+    /// clusterd (`status`, `/metrics`) and, under clusterd, to the sibling
+    /// workers, whose accept loops then leave new connections to whichever
+    /// worker holds fewest (see [balanced accepting](self#balanced-accepting)).
+    /// Track the counter your [`Acceptor`]s use.
     pub fn track(&self, in_flight: &InFlight) {
         *lock(&self.cells.tracked) = Some(in_flight.clone());
+        if let Some(board) = self.cells.board.get() {
+            let _ = in_flight.inner.board.set(*board);
+        }
+    }
+
+    /// Publishes the tracked count on the scoreboard, if both exist.
+    fn join_board(&self) {
+        if let (Some(board), Some(in_flight)) =
+            (self.cells.board.get(), &*lock(&self.cells.tracked))
+        {
+            board.join(in_flight.active());
+        }
     }
 
     /// Requests counted so far.
@@ -1045,6 +1103,8 @@ struct InFlightInner {
     capacity: Event,
     /// Notified when the count drops to zero.
     idle: Event,
+    /// Where the count is published for the sibling workers, once tracked.
+    board: OnceLock<Board>,
 }
 
 impl InFlight {
@@ -1068,6 +1128,7 @@ impl InFlight {
                 limit,
                 capacity: Event::new(),
                 idle: Event::new(),
+                board: OnceLock::new(),
             }),
         }
     }
@@ -1089,7 +1150,10 @@ impl InFlight {
 
     /// Counts one more, regardless of the limit, until the guard is dropped.
     pub fn enter(&self) -> Guard {
-        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        let before = self.inner.active.fetch_add(1, Ordering::AcqRel);
+        if let Some(board) = self.inner.board.get() {
+            board.publish(before + 1);
+        }
         Guard {
             in_flight: self.clone(),
         }
@@ -1133,6 +1197,9 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let inner = &self.in_flight.inner;
         let before = inner.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(board) = inner.board.get() {
+            board.publish(before - 1);
+        }
         if before == inner.limit {
             inner.capacity.notify(usize::MAX);
         }
@@ -1178,17 +1245,56 @@ enum Kind {
 #[derive(Debug)]
 pub enum Listener {
     /// A TCP listener (IPv4 or IPv6).
-    Tcp(smol::net::TcpListener),
+    Tcp(Async<std::net::TcpListener>),
     /// A unix stream listener.
-    Unix(smol::net::unix::UnixListener),
+    Unix(Async<std::os::unix::net::UnixListener>),
 }
 
 impl Listener {
     fn from_fd(kind: Kind, fd: OwnedFd) -> io::Result<Listener> {
         Ok(match kind {
-            Kind::Tcp => Listener::Tcp(std::net::TcpListener::from(fd).try_into()?),
-            Kind::Unix => Listener::Unix(std::os::unix::net::UnixListener::from(fd).try_into()?),
+            Kind::Tcp => Listener::Tcp(Async::new(std::net::TcpListener::from(fd))?),
+            Kind::Unix => Listener::Unix(Async::new(std::os::unix::net::UnixListener::from(fd))?),
         })
+    }
+
+    /// Waits until a connection is pending (another worker may still take
+    /// it first).
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(listener) => listener.readable().await,
+            Listener::Unix(listener) => listener.readable().await,
+        }
+    }
+
+    /// Whether a connection is pending right now.
+    fn is_readable_now(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            self,
+            rustix::event::PollFlags::IN,
+        )];
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(1))
+    }
+
+    /// Accepts a pending connection without waiting.
+    fn try_accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, peer) = listener.get_ref().accept()?;
+                tcp_stream(stream, peer)
+            }
+            Listener::Unix(listener) => {
+                let (stream, peer) = listener.get_ref().accept()?;
+                Ok((
+                    Stream::Unix(Async::new(stream)?.into()),
+                    unix_address(&peer),
+                ))
+            }
+        }
     }
 
     /// Accepts one connection; returns it with the peer's address
@@ -1202,14 +1308,15 @@ impl Listener {
     pub async fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
             Listener::Tcp(listener) => {
-                let (stream, peer) = listener.accept().await?;
-                // Responses are written in pieces; do not let Nagle hold them.
-                let _ = stream.set_nodelay(true);
-                Ok((Stream::Tcp(stream), peer.to_string()))
+                let (stream, peer) = listener.read_with(|l| l.accept()).await?;
+                tcp_stream(stream, peer)
             }
             Listener::Unix(listener) => {
-                let (stream, peer) = listener.accept().await?;
-                Ok((Stream::Unix(stream), unix_address(&peer)))
+                let (stream, peer) = listener.read_with(|l| l.accept()).await?;
+                Ok((
+                    Stream::Unix(Async::new(stream)?.into()),
+                    unix_address(&peer),
+                ))
             }
         }
     }
@@ -1217,17 +1324,53 @@ impl Listener {
     /// Waits until `in_flight` is below its limit, then accepts one
     /// connection, counted by the returned guard.
     ///
+    /// When `in_flight` is tracked under clusterd ([`Stats::track`]) and a
+    /// sibling worker holds fewer connections, a pending connection is left
+    /// to that sibling for up to [`scoreboard::DEFER_MAX`] before this
+    /// worker takes it itself.
+    ///
     /// # Errors
     ///
     /// As [`Listener::accept`].
     pub async fn accept_limited(&self, in_flight: &InFlight) -> io::Result<Accepted> {
         in_flight.wait_capacity().await;
-        let (stream, peer) = self.accept().await?;
+        let (stream, peer) = match in_flight.inner.board.get() {
+            Some(board) => {
+                board.join(in_flight.active());
+                self.accept_balanced(board, in_flight).await?
+            }
+            None => self.accept().await?,
+        };
         Ok(Accepted {
             stream,
             peer,
             guard: in_flight.enter(),
         })
+    }
+
+    /// Accepts the next connection unless a sibling that holds fewer takes
+    /// it within [`scoreboard::DEFER_MAX`].
+    async fn accept_balanced(
+        &self,
+        board: &Board,
+        in_flight: &InFlight,
+    ) -> io::Result<(Stream, String)> {
+        loop {
+            self.readable().await?;
+            let deferred = Instant::now();
+            while board.fewer_elsewhere(in_flight.active())
+                && deferred.elapsed() < scoreboard::DEFER_MAX
+            {
+                Timer::after(scoreboard::DEFER_TICK).await;
+                if !self.is_readable_now() {
+                    break; // taken
+                }
+            }
+            match self.try_accept() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return result,
+            }
+        }
     }
 
     /// The bound address, written as in the config (`host:port` or
@@ -1238,8 +1381,8 @@ impl Listener {
     /// As `getsockname(2)`.
     pub fn local_addr(&self) -> io::Result<String> {
         match self {
-            Listener::Tcp(listener) => Ok(listener.local_addr()?.to_string()),
-            Listener::Unix(listener) => Ok(unix_address(&listener.local_addr()?)),
+            Listener::Tcp(listener) => Ok(listener.get_ref().local_addr()?.to_string()),
+            Listener::Unix(listener) => Ok(unix_address(&listener.get_ref().local_addr()?)),
         }
     }
 }
@@ -1251,6 +1394,15 @@ impl AsFd for Listener {
             Listener::Unix(listener) => listener.as_fd(),
         }
     }
+}
+
+fn tcp_stream(
+    stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> io::Result<(Stream, String)> {
+    // Responses are written in pieces; do not let Nagle hold them.
+    let _ = stream.set_nodelay(true);
+    Ok((Stream::Tcp(Async::new(stream)?.into()), peer.to_string()))
 }
 
 fn unix_address(addr: &std::os::unix::net::SocketAddr) -> String {
@@ -1659,6 +1811,7 @@ mod tests {
                 name: "http".into(),
                 address: listener.local_addr().unwrap().to_string(),
             }],
+            scoreboard: None,
         }))
     }
 

@@ -939,15 +939,20 @@ prop_compose! {
 
 fn to_worker() -> impl Strategy<Value = ToWorker> {
     prop_oneof![
-        (int32(), int64(), vec(listener_info(), 0..8)).prop_map(
-            |(worker_id, generation, listeners)| {
+        (
+            int32(),
+            int64(),
+            vec(listener_info(), 0..8),
+            proptest::option::of(int32())
+        )
+            .prop_map(|(worker_id, generation, listeners, scoreboard)| {
                 ToWorker::Hello(Hello {
                     worker_id,
                     generation,
                     listeners,
+                    scoreboard,
                 })
-            }
-        ),
+            }),
         int64().prop_map(|timeout_ms| ToWorker::Drain { timeout_ms }),
     ]
 }
@@ -1037,7 +1042,7 @@ fn response() -> impl Strategy<Value = Response> {
     ]
 }
 
-/// Arbitrary bytes, and bytes that begin like a record (version 1, then a
+/// Arbitrary bytes, and bytes that begin like a record (our version, then a
 /// small variant index).
 fn record_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
@@ -1293,6 +1298,7 @@ fn the_largest_hello_fits_in_a_record() {
     let hello = ToWorker::Hello(Hello {
         worker_id: u32::MAX,
         generation: u64::MAX,
+        scoreboard: Some(u32::MAX),
         listeners: vec![
             ListenerInfo {
                 name: "n".repeat(64),

@@ -428,8 +428,10 @@ fn another_protocol_version_is_named() {
     let run = clusterctl(&["-s", daemon.path(), "stop"], &[]);
     run.expect(1);
     assert!(
-        run.stderr
-            .contains("speaks protocol version 7, this clusterctl speaks version 1"),
+        run.stderr.contains(&format!(
+            "speaks protocol version 7, this clusterctl speaks version {}",
+            proto::VERSION
+        )),
         "{run:#?}"
     );
 }

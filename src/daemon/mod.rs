@@ -33,6 +33,7 @@ use smol::{Async, LocalExecutor};
 use crate::config::{self, Config, Protocol};
 use crate::lifecycle::{Action, Exit, InstanceId, Notice, ScaleTo, Supervisor, Timing, human};
 use crate::proto::{self, FromWorker, Response, ToWorker};
+use crate::scoreboard;
 use control::{ControlRequest, ControlSocket};
 use listen::Listener;
 use spawn::Spec;
@@ -72,6 +73,8 @@ struct Proc {
     stats: Option<(u64, u32)>,
     /// The last `STATUS=` a systemd-protocol worker sent.
     note: Option<String>,
+    /// The worker's cell in the scoreboard, vacated when it is reaped.
+    cell: Option<u32>,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -230,6 +233,53 @@ struct Daemon {
     manager: Option<notify::Manager>,
     /// READY=1 was sent to the manager.
     told_ready: bool,
+    /// The connections each worker holds, for balanced accepting; `None`
+    /// if it could not be created (workers then accept unbalanced).
+    scoreboard: Option<Scoreboard>,
+}
+
+/// The scoreboard's memfd (passed to every native worker) and its free cells.
+struct Scoreboard {
+    fd: OwnedFd,
+    cells: scoreboard::Cells,
+}
+
+impl Scoreboard {
+    fn create() -> Option<Scoreboard> {
+        match scoreboard::create() {
+            Ok(fd) => Some(Scoreboard {
+                fd,
+                cells: scoreboard::Cells::new(scoreboard::CELLS),
+            }),
+            Err(e) => {
+                log!(warn, "scoreboard.failed", error = e);
+                None
+            }
+        }
+    }
+
+    /// A vacant cell for a new worker, if one is free (a worker without one
+    /// accepts unbalanced).
+    fn take(&mut self) -> Option<u32> {
+        let cell = self.cells.take()?;
+        match scoreboard::vacate(&self.fd, cell) {
+            Ok(()) => Some(cell),
+            Err(e) => {
+                log!(warn, "scoreboard.failed", error = e);
+                self.cells.give_back(cell);
+                None
+            }
+        }
+    }
+
+    /// Vacates the cell of a worker that is gone and frees it for the next.
+    fn give_back(&mut self, cell: u32) {
+        match scoreboard::vacate(&self.fd, cell) {
+            Ok(()) => self.cells.give_back(cell),
+            // Not reused: a stale count in it would skew the balance.
+            Err(e) => log!(warn, "scoreboard.failed", error = e),
+        }
+    }
 }
 
 fn timing(config: &Config) -> Timing {
@@ -272,6 +322,7 @@ impl Daemon {
             counters: metrics::Counters::default(),
             manager: notify::Manager::from_env(),
             told_ready: false,
+            scoreboard: Scoreboard::create(),
         }
     }
 
@@ -352,7 +403,11 @@ impl Daemon {
                     };
                     match self.pids.remove(&pid) {
                         Some(id) => {
-                            self.procs.remove(&id);
+                            if let Some(cell) = self.procs.remove(&id).and_then(|p| p.cell) {
+                                if let Some(board) = self.scoreboard.as_mut() {
+                                    board.give_back(cell);
+                                }
+                            }
                             self.sup.exited(Instant::now(), id, exit);
                         }
                         None => log!(info, "reaped", pid = pid, status = exit),
@@ -503,6 +558,10 @@ impl Daemon {
                 fd: l.fd.as_fd(),
             })
             .collect();
+        let cell = match protocol {
+            Protocol::Clusterd => self.scoreboard.as_mut().and_then(Scoreboard::take),
+            Protocol::Systemd => None,
+        };
         match spawn::spawn(spec, slot, generation, &inherit, Some(&self.notify_name)) {
             Ok(spawned) => {
                 let pid = spawned.pid;
@@ -523,7 +582,7 @@ impl Daemon {
                     }
                 });
                 if let Some(ipc) = &ipc {
-                    match self.hello(ipc.get_ref(), slot, generation) {
+                    match self.hello(ipc.get_ref(), slot, generation, cell) {
                         // The worker exited before reading it: its exit is
                         // logged when it is reaped.
                         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
@@ -563,10 +622,16 @@ impl Daemon {
                     ipc,
                     stats: None,
                     note: None,
+                    cell,
                 };
                 self.procs.insert(instance, proc);
             }
             Err(e) => {
+                if let Some(cell) = cell {
+                    if let Some(board) = self.scoreboard.as_mut() {
+                        board.give_back(cell);
+                    }
+                }
                 log!(
                     error,
                     "worker.spawn_failed",
@@ -601,13 +666,23 @@ impl Daemon {
         }
     }
 
-    fn hello(&self, ipc: &OwnedFd, slot: u32, generation: u64) -> io::Result<()> {
+    fn hello(
+        &self,
+        ipc: &OwnedFd,
+        slot: u32,
+        generation: u64,
+        cell: Option<u32>,
+    ) -> io::Result<()> {
         let hello = ToWorker::Hello(proto::Hello {
             worker_id: slot,
             generation,
             listeners: self.listeners.iter().map(Listener::info).collect(),
+            scoreboard: cell,
         });
-        let fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let mut fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        if let (Some(_), Some(board)) = (cell, &self.scoreboard) {
+            fds.push(board.fd.as_fd());
+        }
         crate::fdpass::send_with_fds(ipc, &proto::encode(&hello), &fds)
     }
 

@@ -141,3 +141,66 @@ fn a_worker_inherits_only_its_channel_and_the_listener() {
         }
     }
 }
+
+/// Opens a keep-alive connection, sends one request on it and returns it,
+/// still open, with the id of the worker that accepted it.
+fn held_connection(addr: std::net::SocketAddr) -> (std::net::TcpStream, String) {
+    use std::io::Write;
+    let mut s = connect(addr);
+    s.write_all(&request("GET", "/", b"", false)).expect("send");
+    let resp = read_response(&mut s).expect("response");
+    let id = resp.header("x-worker").expect("X-Worker").to_owned();
+    (s, id)
+}
+
+/// How many of `conns` the worker `id` accepted.
+fn accepted_by(conns: &[(std::net::TcpStream, String)], id: &str) -> usize {
+    conns.iter().filter(|(_, w)| w == id).count()
+}
+
+/// The scoreboard (DESIGN.md, balanced accepting): a new connection goes to
+/// the worker holding fewest, whichever worker the kernel wakes first. One
+/// at a time, so each connection is a clean race between the two workers.
+/// The losing worker defers only a moment, so a connection or two may go
+/// astray on a loaded machine; without the scoreboard the split would follow
+/// the kernel's wake-up order, not the counts.
+#[test]
+fn new_connections_go_to_the_worker_holding_fewest() {
+    const N: usize = 10;
+    let cluster = Cluster::testworkers("fewest", 1, "ok", "");
+    cluster.wait_ready(1);
+    let addr = cluster.addr();
+    let first: Vec<_> = (0..N).map(|_| held_connection(addr)).collect();
+    assert_eq!(accepted_by(&first, "1"), N, "worker 1 is alone");
+
+    // Worker 2 starts holding none: the next ones go to it.
+    let out = cluster.ctl(&["scale", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    cluster.ready_pid(2, 1);
+    let second: Vec<_> = (0..N).map(|_| held_connection(addr)).collect();
+    let to_2 = accepted_by(&second, "2");
+    assert!(
+        to_2 >= N - 2,
+        "worker 2 held fewer, yet accepted only {to_2} of {N}"
+    );
+
+    // Worker 1 lets go of its connections: now it holds fewest.
+    let holds = |id: u64| -> Option<u64> {
+        cluster.status_json()["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["id"] == id)?["active"]
+            .as_u64()
+    };
+    let on_1 = accepted_by(&second, "1") as u64;
+    drop(first);
+    wait_for("worker 1 to report its connections closed", || {
+        (holds(1) == Some(on_1)).then_some(())
+    });
+    let third: Vec<_> = (0..N).map(|_| held_connection(addr)).collect();
+    let to_1 = accepted_by(&third, "1");
+    assert!(
+        to_1 >= N - 2,
+        "worker 1 held fewer, yet accepted only {to_1} of {N}"
+    );
+}

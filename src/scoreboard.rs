@@ -1,0 +1,364 @@
+//! The scoreboard: how many connections each worker holds, shared between
+//! the workers so that a new connection goes to the one holding fewest.
+//!
+//! All workers accept from the same listening socket, and the kernel wakes
+//! every waiting worker for each new connection; whichever calls `accept`
+//! first wins. When a burst of keep-alive connections arrives (a load
+//! balancer opening its pool, a load test starting), that race splits them
+//! unevenly, 45 / 19 between two workers here, and with keep-alive the split
+//! lasts as long as the connections do.
+//!
+//! clusterd creates one small shared memory file (a sealed `memfd`: it can
+//! be neither shrunk nor grown, so a mapping of it can never fault) and
+//! gives every `protocol = clusterd` worker a copy of its fd and the index
+//! of its own cell. The worker library maps it and keeps the number of
+//! connections it holds in its cell; before accepting, a worker that sees
+//! another one holding fewer waits a moment ([`DEFER_MAX`] at most) so that
+//! the other one takes the connection. The wait is bounded, so a sibling
+//! that is stuck or gone costs a new connection at most that much latency,
+//! never the connection.
+//!
+//! A cell holds a count, or [`VACANT`] (no worker, or one that has not begun
+//! accepting), or [`WITHDRAWN`] (the worker is draining). Each cell has one
+//! writer at a time: clusterd writes [`VACANT`] before it hands the cell to a
+//! new worker and after that worker has been reaped; in between only the
+//! worker writes it. A worker only reads the others' cells, so whatever a
+//! misbehaving worker writes can only skew the balance, and only by
+//! [`DEFER_MAX`] per connection.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rustix::fs::{MemfdFlags, SealFlags};
+
+/// Cells in the scoreboard: one per worker process alive at once (workers
+/// plus those still draining). A worker spawned when all are taken runs
+/// without one: it accepts as it would without the scoreboard.
+pub const CELLS: u32 = 1024;
+
+/// Bytes per cell.
+const CELL_SIZE: usize = size_of::<u32>();
+
+/// The cell of no worker, or of one that is not accepting yet.
+pub const VACANT: u32 = u32::MAX;
+
+/// The cell of a worker that has begun to drain and no longer accepts.
+pub const WITHDRAWN: u32 = u32::MAX - 1;
+
+/// Counts at or above this are not counts (see [`VACANT`], [`WITHDRAWN`]).
+const NOT_A_COUNT: u32 = WITHDRAWN;
+
+/// The longest a worker defers a pending connection to a sibling that
+/// holds fewer, before it accepts the connection itself.
+pub const DEFER_MAX: Duration = Duration::from_millis(2);
+
+/// How often a deferring worker checks whether the connection was taken.
+pub const DEFER_TICK: Duration = Duration::from_micros(200);
+
+// ---------------------------------------------------------------------------
+// clusterd's side
+
+/// Creates the scoreboard: a sealed memfd of [`CELLS`] vacant cells.
+///
+/// # Errors
+///
+/// As `memfd_create(2)`, `ftruncate(2)`, `pwrite(2)` and `fcntl(2)`.
+pub fn create() -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(
+        "clusterd-scoreboard",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let len = CELLS as usize * CELL_SIZE;
+    rustix::fs::ftruncate(&fd, len as u64)?;
+    write_all_at(&fd, &vec![0xff; len], 0)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// Marks `cell` vacant: before it is handed to a new worker, and after its
+/// worker has been reaped.
+///
+/// # Errors
+///
+/// As `pwrite(2)`.
+pub fn vacate(board: impl AsFd, cell: u32) -> io::Result<()> {
+    write_all_at(
+        board,
+        &VACANT.to_ne_bytes(),
+        u64::from(cell) * CELL_SIZE as u64,
+    )
+}
+
+fn write_all_at(fd: impl AsFd, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::pwrite(&fd, buf, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Which cells are free: lowest first, so a steady cluster keeps using the
+/// same few.
+#[derive(Debug)]
+pub struct Cells {
+    /// Free cells, highest first (popped from the end).
+    free: Vec<u32>,
+}
+
+impl Cells {
+    /// All `n` cells free.
+    pub fn new(n: u32) -> Cells {
+        Cells {
+            free: (0..n).rev().collect(),
+        }
+    }
+
+    /// Takes the lowest free cell, if any.
+    pub fn take(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    /// Gives `cell` back.
+    pub fn give_back(&mut self, cell: u32) {
+        debug_assert!(!self.free.contains(&cell), "cell {cell} given back twice");
+        let at = self.free.partition_point(|&c| c > cell);
+        self.free.insert(at, cell);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The worker's side
+
+/// A worker's view of the scoreboard: every cell, and which one is its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Board {
+    cells: &'static [AtomicU32],
+    mine: usize,
+}
+
+impl Board {
+    /// Maps the scoreboard clusterd passed; `cell` is this worker's.
+    ///
+    /// The mapping lives as long as the process (a worker connects once).
+    ///
+    /// # Errors
+    ///
+    /// `fd` is not a sealed memfd of whole cells (a mapping of a file that
+    /// can shrink could fault), `cell` is out of range, or `mmap(2)` fails.
+    pub fn map(fd: &OwnedFd, cell: u32) -> io::Result<Board> {
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        let seals = rustix::fs::fcntl_get_seals(fd)
+            .map_err(|e| invalid(format!("scoreboard is not a memfd ({e})")))?;
+        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
+            return Err(invalid(format!(
+                "scoreboard may change size (seals {seals:?})"
+            )));
+        }
+        let len = usize::try_from(rustix::fs::fstat(fd)?.st_size).unwrap_or(0);
+        let cells = len / CELL_SIZE;
+        if len == 0 || len % CELL_SIZE != 0 || len > CELLS as usize * CELL_SIZE {
+            return Err(invalid(format!("scoreboard has a bad size ({len} bytes)")));
+        }
+        if cell as usize >= cells {
+            return Err(invalid(format!(
+                "scoreboard cell {cell} out of range (0..{cells})"
+            )));
+        }
+        // SAFETY: a fresh shared mapping chosen by the kernel, of a file we
+        // checked cannot shrink (so no access within `len` can fault), and
+        // never unmapped, so the slice below may be 'static. `AtomicU32` has
+        // the size and alignment of `u32`, the mapping is page-aligned, and
+        // every access to the memory goes through atomics (the other
+        // processes sharing it are other workers and clusterd's `pwrite`).
+        let cells = unsafe {
+            let ptr = rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                0,
+            )?;
+            std::slice::from_raw_parts(ptr.cast::<AtomicU32>(), cells)
+        };
+        Ok(Board::over(cells, cell as usize))
+    }
+
+    /// A board over `cells` (tests use a plain array).
+    pub fn over(cells: &'static [AtomicU32], mine: usize) -> Board {
+        Board { cells, mine }
+    }
+
+    fn cell(&self) -> &AtomicU32 {
+        &self.cells[self.mine]
+    }
+
+    /// Joins with `count` connections held, unless the worker has already
+    /// joined or withdrawn.
+    pub fn join(&self, count: usize) {
+        let _ = self.cell().compare_exchange(
+            VACANT,
+            as_count(count),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Publishes `count`, if the worker has joined and not withdrawn.
+    pub fn publish(&self, count: usize) {
+        let new = as_count(count);
+        let _ = self
+            .cell()
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                (old < NOT_A_COUNT).then_some(new)
+            });
+    }
+
+    /// Withdraws for good: the worker is draining and accepts no more.
+    pub fn withdraw(&self) {
+        self.cell().store(WITHDRAWN, Ordering::Release);
+    }
+
+    /// What this worker's cell holds.
+    pub fn own(&self) -> u32 {
+        self.cell().load(Ordering::Acquire)
+    }
+
+    /// Whether another accepting worker holds fewer than `count` connections,
+    /// so that this one should leave the next connection to it.
+    pub fn fewer_elsewhere(&self, count: usize) -> bool {
+        let count = as_count(count);
+        self.cells
+            .iter()
+            .enumerate()
+            .any(|(i, c)| i != self.mine && c.load(Ordering::Acquire) < count)
+    }
+}
+
+/// A count as stored, kept below the markers.
+fn as_count(count: usize) -> u32 {
+    u32::try_from(count)
+        .unwrap_or(u32::MAX)
+        .min(NOT_A_COUNT - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board(cells: &[u32]) -> &'static [AtomicU32] {
+        cells
+            .iter()
+            .map(|&c| AtomicU32::new(c))
+            .collect::<Vec<_>>()
+            .leak()
+    }
+
+    #[test]
+    fn a_worker_joins_publishes_and_withdraws_once() {
+        let cells = board(&[VACANT, VACANT]);
+        let me = Board::over(cells, 0);
+        me.publish(3);
+        assert_eq!(me.own(), VACANT, "no count before joining");
+        me.join(2);
+        assert_eq!(me.own(), 2);
+        me.join(7);
+        assert_eq!(me.own(), 2, "joining twice keeps the count");
+        me.publish(5);
+        assert_eq!(me.own(), 5);
+        me.withdraw();
+        me.publish(1);
+        me.join(1);
+        assert_eq!(me.own(), WITHDRAWN, "withdrawn for good");
+        assert_eq!(
+            cells[1].load(Ordering::Relaxed),
+            VACANT,
+            "the sibling's untouched"
+        );
+    }
+
+    #[test]
+    fn defers_only_to_an_accepting_sibling_holding_fewer() {
+        let cells = board(&[VACANT, VACANT, VACANT]);
+        let me = Board::over(cells, 0);
+        me.join(4);
+        assert!(!me.fewer_elsewhere(4), "alone: never defer");
+        cells[1].store(WITHDRAWN, Ordering::Relaxed);
+        assert!(!me.fewer_elsewhere(4), "a draining sibling does not count");
+        cells[2].store(4, Ordering::Relaxed);
+        assert!(!me.fewer_elsewhere(4), "a tie: both accept");
+        cells[2].store(3, Ordering::Relaxed);
+        assert!(me.fewer_elsewhere(4));
+        assert!(!me.fewer_elsewhere(3));
+        assert!(!me.fewer_elsewhere(0), "nobody holds fewer than none");
+    }
+
+    #[test]
+    fn huge_counts_stay_counts() {
+        let cells = board(&[VACANT, VACANT]);
+        let me = Board::over(cells, 1);
+        me.join(usize::MAX);
+        assert_eq!(me.own(), NOT_A_COUNT - 1);
+        cells[0].store(5, Ordering::Relaxed);
+        assert!(me.fewer_elsewhere(usize::MAX));
+    }
+
+    #[test]
+    fn cells_are_taken_lowest_first_and_reused() {
+        let mut cells = Cells::new(3);
+        assert_eq!(cells.take(), Some(0));
+        assert_eq!(cells.take(), Some(1));
+        assert_eq!(cells.take(), Some(2));
+        assert_eq!(cells.take(), None, "all taken");
+        cells.give_back(1);
+        cells.give_back(0);
+        assert_eq!(cells.take(), Some(0));
+        assert_eq!(cells.take(), Some(1));
+        assert_eq!(cells.take(), None);
+    }
+
+    #[test]
+    fn clusterd_and_a_worker_share_the_memfd() {
+        let fd = create().unwrap();
+        let a = Board::map(&fd, 0).unwrap();
+        let b = Board::map(&fd, 1).unwrap();
+        assert_eq!(a.own(), VACANT, "created vacant");
+        a.join(3);
+        b.join(1);
+        assert!(a.fewer_elsewhere(3), "a sees b's count through the mapping");
+        vacate(&fd, 1).unwrap();
+        assert!(!a.fewer_elsewhere(3), "and clusterd's vacate");
+        assert_eq!(b.own(), VACANT);
+        let err = Board::map(&fd, CELLS).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+        let err = rustix::fs::ftruncate(&fd, 4).unwrap_err();
+        assert_eq!(err, rustix::io::Errno::PERM, "sealed against shrinking");
+    }
+
+    #[test]
+    fn refuses_what_could_fault_or_is_not_a_board() {
+        let unsealed = rustix::fs::memfd_create("t", MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&unsealed, 64).unwrap();
+        let err = Board::map(&unsealed, 0).unwrap_err();
+        assert!(err.to_string().contains("may change size"), "{err}");
+
+        let (pipe, _w) = rustix::pipe::pipe().unwrap();
+        let err = Board::map(&pipe, 0).unwrap_err();
+        assert!(err.to_string().contains("not a memfd"), "{err}");
+
+        let odd = rustix::fs::memfd_create("t", MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&odd, 6).unwrap();
+        rustix::fs::fcntl_add_seals(&odd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+        let err = Board::map(&odd, 0).unwrap_err();
+        assert!(err.to_string().contains("bad size"), "{err}");
+    }
+}
