@@ -1,7 +1,7 @@
-//! Load generation for clusterd's tests and benchmarks: a small HTTP/1.1 load tool, std only,
-//! loopback only.
+//! Load generation for clusterd's tests and benchmarks: a small HTTP/1.1 load tool, loopback
+//! only.
 //!
-//! A fixed number of connections (one thread each) send `GET`s, or `POST`s with a body, over
+//! A fixed number of connections (tasks on one or a few event-loop threads) send `GET`s, or `POST`s with a body, over
 //! keep-alive connections or a new connection per request, until a duration, a request count
 //! or [`Running::stop`]. Every request is counted once in a [`Report`], under one outcome: ok
 //! (2xx), non-2xx by status, or an error (connect error, reset, EOF before or in the middle of
@@ -28,8 +28,8 @@
 //! # Layout
 //!
 //! - [`spec`](Spec): what to run, and the loopback-only check.
-//! - `load`: [`run`], [`start`], [`Running`], [`Stop`]; the connection threads and how a
-//!   failure is classified.
+//! - `load`: [`run`], [`start`], [`Running`], [`Stop`]; the event loops and connection tasks,
+//!   and how a failure is classified.
 //! - `http`: writing requests and reading responses (status line, headers, bodies framed by
 //!   `Content-Length`, chunked encoding or EOF; `Connection: close`), and the [`get`] helper.
 //! - `report`: [`Report`], its table ([`Display`](std::fmt::Display)) and JSON.
@@ -79,4 +79,4 @@ pub use histogram::Histogram;
 pub use http::{Method, Response, get};
 pub use load::{Running, Stop, run, start};
 pub use report::{OTHER_WORKERS, Report};
-pub use spec::{MAX_CONNECTIONS, Spec};
+pub use spec::{MAX_CONNECTIONS, MAX_THREADS, Spec};

@@ -1,30 +1,44 @@
-//! Running the load: one thread per connection, a shared request budget, a stop flag.
+//! Running the load: a few event-loop threads, each driving its share of the connections.
 //!
 //! # Implementation
 //!
-//! Each connection thread loops: take a ticket from the shared budget (`max_requests`, the
-//! `duration` deadline and the stop flag all end the loop), run one request with its own
-//! deadline, classify it, and count it in the thread's own [`Report`] behind a mutex that only
-//! [`Running::snapshot`] ever contends for. A request in flight when the run is stopped is
-//! finished (bounded by the timeout) and counted, never abandoned.
+//! The connections are dealt round-robin to [`Spec::threads`] threads, each running a smol
+//! executor with one task per connection (as wrk does): 64 connections cost 64 small tasks,
+//! not 64 threads for the scheduler to juggle on the same CPUs as the server under test.
+//! Each connection task loops: take a ticket from the shared budget (`max_requests`, the
+//! `duration` deadline and the stop flag all end the loop), run one request under one timer
+//! for its deadline, classify it, and count it in the connection's own [`Report`] behind a
+//! mutex that only [`Running::snapshot`] ever contends for. A request in flight when the run
+//! is stopped is finished (bounded by the timeout) and counted, never abandoned.
+//!
+//! Responses are parsed by the same blocking parser as [`get`](crate::get), over the bytes
+//! received so far: when it runs out of bytes before the connection ended it reports
+//! `WouldBlock`, the task reads more and parses again (responses here are a few hundred bytes,
+//! so the re-parse costs nothing next to a system call).
 
-use std::io::{self, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::cell::Cell;
+use std::io::{self, BufRead, Read};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::http::{self, Parsed, Sink, Timed};
+use smol::future::FutureExt as _;
+use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use smol::net::TcpStream;
+use smol::{LocalExecutor, Timer};
+
+use crate::http::{self, Parsed, Sink};
 use crate::report::Outcome;
 use crate::{Method, Report, Spec};
 
-/// Stack size of a connection thread; the buffers live on the heap.
-const THREAD_STACK: usize = 256 * 1024;
 /// How often [`Running::wait_for_ok`] looks at the counts.
 const POLL: Duration = Duration::from_millis(2);
 /// Longest wait for the server's FIN after it announced `Connection: close`.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Bytes read from the socket at a time.
+const READ_SIZE: usize = 16 * 1024;
 
 /// Runs `spec` to the end and returns the report. Blocks.
 ///
@@ -67,26 +81,43 @@ pub fn start(spec: Spec) -> io::Result<Running> {
         issued: AtomicU64::new(0),
         spec,
     });
+    let reports: Vec<Arc<Mutex<Report>>> = (0..shared.spec.connections)
+        .map(|_| Arc::new(Mutex::new(Report::default())))
+        .collect();
+    let threads = shared.spec.threads.min(shared.spec.connections);
     let mut running = Running {
         shared: Arc::clone(&shared),
-        threads: Vec::with_capacity(shared.spec.connections),
-        reports: Vec::with_capacity(shared.spec.connections),
+        threads: Vec::with_capacity(threads),
+        reports: reports.clone(),
         started,
     };
-    for i in 0..shared.spec.connections {
-        let report = Arc::new(Mutex::new(Report::default()));
-        let (thread_shared, thread_report) = (Arc::clone(&shared), Arc::clone(&report));
+    for t in 0..threads {
+        // Connections t, t + threads, t + 2 * threads, ...
+        let mine: Vec<Arc<Mutex<Report>>> =
+            reports.iter().skip(t).step_by(threads).cloned().collect();
+        let thread_shared = Arc::clone(&shared);
         // On error, dropping `running` stops and joins the threads already started.
         let thread = thread::Builder::new()
-            .name(format!("loadgen-{i}"))
-            .stack_size(THREAD_STACK)
-            .spawn(move || connection(&thread_shared, &thread_report, started))?;
+            .name(format!("loadgen-{t}"))
+            .spawn(move || drive(&thread_shared, mine, started))?;
         running.threads.push(thread);
-        running.reports.push(report);
     }
     Ok(running)
 }
 
+/// One thread: runs its connections' tasks until all have ended.
+fn drive(shared: &Shared, reports: Vec<Arc<Mutex<Report>>>, started: Instant) {
+    let ex = LocalExecutor::new();
+    let tasks: Vec<_> = reports
+        .iter()
+        .map(|report| ex.spawn(connection(shared, report, started)))
+        .collect();
+    smol::block_on(ex.run(async {
+        for task in tasks {
+            task.await;
+        }
+    }));
+}
 /// A handle that stops a run: no new request starts once it is triggered. Cheap to clone and
 /// to send to another thread.
 /// Get one from [`Running::stop_handle`].
@@ -242,19 +273,26 @@ impl Shared {
     }
 }
 
-/// A connection and its read buffer.
-type Conn = BufReader<Timed>;
+/// A connection and the bytes received on it not yet parsed.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// The server closed its side.
+    eof: bool,
+}
 
-/// One connection thread: requests until the run is over.
-fn connection(shared: &Shared, report: &Mutex<Report>, started: Instant) {
+/// One connection: requests until the run is over.
+async fn connection(shared: &Shared, report: &Mutex<Report>, started: Instant) {
     let mut conn: Option<Conn> = None;
     while shared.next() {
         let start = Instant::now();
         let deadline = start + shared.spec.timeout;
         let mut retried = false;
+        let mut fresh;
         let result = loop {
             let reused = conn.is_some();
-            match exchange(shared, &mut conn, deadline) {
+            fresh = !reused;
+            match exchange(shared, &mut conn, deadline).await {
                 Ok(parsed) => break Ok(parsed),
                 Err(failure) => {
                     let outcome = failure.classify(reused);
@@ -266,26 +304,12 @@ fn connection(shared: &Shared, report: &Mutex<Report>, started: Instant) {
                 }
             }
         };
-        let latency = start.elapsed();
-        let mut counts = lock(report);
-        match &result {
-            Ok(parsed) => counts.record(
-                Outcome::Status(parsed.status),
-                latency,
-                parsed.worker.as_deref(),
-                retried,
-            ),
-            Err((outcome, failure)) => {
-                counts.record(*outcome, latency, None, retried);
-                counts.sample_error(&failure.to_string());
-            }
-        }
-        drop(counts);
+        count(&mut lock(report), &result, start.elapsed(), fresh, retried);
         if let Ok(parsed) = result {
             if parsed.close || !shared.spec.keep_alive {
                 if let Some(closing) = conn.take() {
-                    if parsed.announced_close {
-                        await_close(closing, shared.spec.timeout);
+                    if parsed.announced_close && !closing.eof {
+                        await_close(closing, shared.spec.timeout).await;
                     }
                 }
             }
@@ -294,64 +318,172 @@ fn connection(shared: &Shared, report: &Mutex<Report>, started: Instant) {
     lock(report).elapsed = started.elapsed();
 }
 
-/// Sends the request on `conn` (connecting first if it is `None`) and reads the response. On
-/// failure the connection is dropped.
-fn exchange(
+/// Counts one request's result; `fresh` says it opened its connection.
+fn count(
+    counts: &mut Report,
+    result: &Result<Parsed, (Outcome, Failure)>,
+    latency: Duration,
+    fresh: bool,
+    retried: bool,
+) {
+    match result {
+        Ok(parsed) => {
+            if let (true, Some(worker)) = (fresh, &parsed.worker) {
+                counts.record_connection(worker);
+            }
+            counts.record(
+                Outcome::Status(parsed.status),
+                latency,
+                parsed.worker.as_deref(),
+                retried,
+            )
+        }
+        Err((outcome, failure)) => {
+            counts.record(*outcome, latency, None, retried);
+            counts.sample_error(&failure.to_string());
+        }
+    }
+}
+
+/// Sends the request on `conn` (connecting first if it is `None`) and reads the response, all
+/// by `deadline`. On failure the connection is dropped.
+async fn exchange(
     shared: &Shared,
     conn: &mut Option<Conn>,
     deadline: Instant,
 ) -> Result<Parsed, Failure> {
-    let c = match conn {
-        Some(c) => {
-            c.get_mut().deadline = deadline;
-            c
-        }
-        None => conn.insert(connect(shared.spec.addr, deadline)?),
-    };
-    let result = match c.get_mut().write_all(&shared.request) {
-        Err(error) => Err(Failure {
-            phase: Phase::Write,
-            error,
-            started: false,
-        }),
-        Ok(()) => http::read_response(c, &mut Sink::Discard).map_err(|e| Failure {
-            phase: Phase::Read,
-            error: e.error,
-            started: e.started,
-        }),
-    };
+    // Where the exchange got to, for the failure if the deadline passes first.
+    let at = Cell::new((Phase::Connect, false));
+    let result = async {
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(connect(shared.spec.addr).await?),
+        };
+        at.set((Phase::Write, false));
+        c.stream
+            .write_all(&shared.request)
+            .await
+            .map_err(|error| Failure {
+                phase: Phase::Write,
+                error,
+                started: false,
+            })?;
+        at.set((Phase::Read, false));
+        read_response(c, &at).await
+    }
+    .or(async {
+        Timer::at(deadline).await;
+        let (phase, started) = at.get();
+        Err(Failure {
+            phase,
+            error: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            started,
+        })
+    })
+    .await;
     if result.is_err() {
         *conn = None;
     }
     result
 }
 
-/// Opens a connection that must be usable by `deadline`.
-fn connect(addr: SocketAddr, deadline: Instant) -> Result<Conn, Failure> {
+/// Reads until the bytes received hold one complete response, and returns it; leaves what
+/// follows it in the buffer.
+async fn read_response(c: &mut Conn, at: &Cell<(Phase, bool)>) -> Result<Parsed, Failure> {
+    let failure = |error, started| Failure {
+        phase: Phase::Read,
+        error,
+        started,
+    };
+    loop {
+        let mut received = Received {
+            buf: &c.buf,
+            pos: 0,
+            eof: c.eof,
+        };
+        match http::read_response(&mut received, &mut Sink::Discard) {
+            Ok(parsed) => {
+                let used = received.pos;
+                c.buf.drain(..used);
+                return Ok(parsed);
+            }
+            Err(e) if e.error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(failure(e.error, e.started)),
+        }
+        let started = !c.buf.is_empty();
+        at.set((Phase::Read, started));
+        let len = c.buf.len();
+        c.buf.resize(len + READ_SIZE, 0);
+        let n = c.stream.read(&mut c.buf[len..]).await;
+        c.buf.truncate(len + *n.as_ref().unwrap_or(&0));
+        match n {
+            Ok(0) => c.eof = true,
+            Ok(_) => {}
+            Err(error) => return Err(failure(error, started)),
+        }
+    }
+}
+
+/// The bytes received so far, as a reader that says `WouldBlock` where they end, or EOF if
+/// the server has closed.
+struct Received<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    eof: bool,
+}
+
+impl Read for Received<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(out.len());
+        out[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Received<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        let rest = &self.buf[self.pos..];
+        if rest.is_empty() && !self.eof {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(rest)
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+    }
+}
+
+/// Opens a connection.
+async fn connect(addr: SocketAddr) -> Result<Conn, Failure> {
     let failure = |error| Failure {
         phase: Phase::Connect,
         error,
         started: false,
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(failure(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "timed out",
-        )));
-    }
-    let stream = TcpStream::connect_timeout(&addr, left).map_err(failure)?;
+    let stream = TcpStream::connect(addr).await.map_err(failure)?;
     stream.set_nodelay(true).map_err(failure)?;
-    Ok(BufReader::new(Timed { stream, deadline }))
+    Ok(Conn {
+        stream,
+        buf: Vec::with_capacity(READ_SIZE),
+        eof: false,
+    })
 }
 
 /// After a response with `Connection: close`, waits (briefly) for the server's FIN before
 /// dropping the socket, so that the server closes first and holds the TIME_WAIT state: with a
 /// new connection per request, TIME_WAIT sockets on our side would use up the ephemeral ports.
-fn await_close(mut conn: Conn, timeout: Duration) {
-    conn.get_mut().deadline = Instant::now() + timeout.min(CLOSE_WAIT);
+async fn await_close(mut conn: Conn, timeout: Duration) {
     let mut buf = [0; 512];
-    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+    let drain = async { while matches!(conn.stream.read(&mut buf).await, Ok(n) if n > 0) {} };
+    drain
+        .or(async {
+            Timer::after(timeout.min(CLOSE_WAIT)).await;
+        })
+        .await;
 }
 
 /// Where in a request an error happened.

@@ -76,6 +76,9 @@ pub struct Report {
     pub latency: Histogram,
     /// Complete responses (any status) per `X-Worker` header value.
     pub workers: BTreeMap<String, u64>,
+    /// Connections per `X-Worker` value of their first response: which worker accepted
+    /// them. With keep-alive, the split of the connections among the workers.
+    pub connections: BTreeMap<String, u64>,
     /// Sample error messages (`phase: error`) with counts, for diagnosis; at most 16 distinct.
     pub errors: BTreeMap<String, u64>,
     /// Time from the start of the run to its end (or to the snapshot).
@@ -122,6 +125,11 @@ impl Report {
     /// Largest latency, exact to the microsecond.
     pub fn max_latency(&self) -> Duration {
         self.latency.max()
+    }
+
+    /// Counts one connection, by the worker that answered its first response.
+    pub(crate) fn record_connection(&mut self, worker: &str) {
+        count_capped(&mut self.connections, worker, MAX_WORKERS, OTHER_WORKERS);
     }
 
     /// Counts one finished request.
@@ -189,6 +197,9 @@ impl Report {
         for (worker, n) in &other.workers {
             *self.workers.entry(worker.clone()).or_default() += n;
         }
+        for (worker, n) in &other.connections {
+            *self.connections.entry(worker.clone()).or_default() += n;
+        }
         for (message, n) in &other.errors {
             *self.errors.entry(message.clone()).or_default() += n;
         }
@@ -201,7 +212,7 @@ impl Report {
     ///  "eof_before_response":0,"idle_close":0,"eof_mid_response":1,"timeout":0,
     ///  "bad_response":0,"other_error":0,"retried":3,
     ///  "latency_us":{"p50":850,"p90":1200,"p99":2100,"max":5300,"mean":900},
-    ///  "workers":{"1":500,"2":499},"errors":{"read: ...":1},
+    ///  "workers":{"1":500,"2":499},"connections":{"1":5,"2":5},"errors":{"read: ...":1},
     ///  "elapsed_s":1.02,"requests_per_sec":980.4}
     /// ```
     pub fn to_json(&self) -> String {
@@ -233,6 +244,7 @@ impl Report {
                 "mean": us(self.latency.mean()),
             },
             "workers": self.workers,
+            "connections": self.connections,
             "errors": self.errors,
             "elapsed_s": self.elapsed.as_secs_f64(),
             "requests_per_sec": self.requests_per_sec(),
@@ -346,6 +358,14 @@ impl fmt::Display for Report {
                 .map(|(worker, n)| format!("{worker}: {n}"))
                 .collect();
             writeln!(f, "workers      {}", counts.join("  "))?;
+        }
+        if !self.connections.is_empty() && self.connections != self.workers {
+            let counts: Vec<String> = self
+                .connections
+                .iter()
+                .map(|(worker, n)| format!("{worker}: {n}"))
+                .collect();
+            writeln!(f, "connections  {}", counts.join("  "))?;
         }
         for (message, n) in &self.errors {
             writeln!(f, "error        {n} × {message}")?;

@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use crate::Method;
 
-/// Most connections (threads) one run may open.
+/// Most connections one run may open.
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// Most threads one run may use.
+pub const MAX_THREADS: usize = 64;
 
 /// A load to generate. Build one with [`Spec::new`] and struct update syntax:
 ///
@@ -28,8 +31,12 @@ pub struct Spec {
     /// The server. Must be loopback (127.0.0.0/8 or ::1): this tool is for our own tests and
     /// benchmarks, never for loading someone else's host.
     pub addr: SocketAddr,
-    /// Concurrent connections, one thread each, 1 to [`MAX_CONNECTIONS`]. Default 10.
+    /// Concurrent connections, 1 to [`MAX_CONNECTIONS`]. Default 10.
     pub connections: usize,
+    /// Threads sharing the connections, each an event loop, 1 to [`MAX_THREADS`] (more than
+    /// `connections` is taken as `connections`). Default 1: the load generator runs on the
+    /// same CPUs as the server it measures, so it should take as little of them as it can.
+    pub threads: usize,
     /// Stop starting new requests after this long. Default none.
     pub duration: Option<Duration>,
     /// Stop after this many requests in total, over all connections; exact. Default none.
@@ -60,6 +67,7 @@ impl Spec {
         Spec {
             addr,
             connections: 10,
+            threads: 1,
             duration: None,
             max_requests: None,
             keep_alive: true,
@@ -79,6 +87,12 @@ impl Spec {
             return Err(invalid(format!(
                 "connections must be 1 to {MAX_CONNECTIONS}, not {}",
                 self.connections
+            )));
+        }
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            return Err(invalid(format!(
+                "threads must be 1 to {MAX_THREADS}, not {}",
+                self.threads
             )));
         }
         if self.timeout.is_zero() {

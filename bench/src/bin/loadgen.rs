@@ -7,16 +7,18 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clusterd_bench::{MAX_CONNECTIONS, Method, Spec};
+use clusterd_bench::{MAX_CONNECTIONS, MAX_THREADS, Method, Spec};
 
 const USAGE: &str = "\
-usage: loadgen URL [-c CONNS] [-d DURATION] [-n REQUESTS] [--new-conn] [--post BODY]
+usage: loadgen URL [-c CONNS] [-t THREADS] [-d DURATION] [-n REQUESTS] [--new-conn] [--post BODY]
                [--timeout DURATION] [--no-retry] [--json]
 
 HTTP/1.1 load generator for clusterd's benchmarks. Loopback addresses only.
 
   URL                     http://HOST[:PORT]/PATH, HOST a loopback address or name
   -c, --connections N     concurrent connections, 1 to 512 (default 10)
+  -t, --threads N         threads sharing the connections, each an event loop,
+                          1 to 64 (default 1)
   -d, --duration D        stop after this long (default 10s when -n is not given)
   -n, --requests N        stop after N requests in total
       --new-conn          open a new connection per request (Connection: close)
@@ -104,6 +106,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let mut args = args.into_iter();
     let mut url = None;
     let mut connections = None;
+    let mut threads = None;
     let mut duration = None;
     let mut max_requests = None;
     let mut keep_alive = true;
@@ -128,6 +131,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         match name.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-c" | "--connections" => connections = Some(number(&name, &value("a number")?)?),
+            "-t" | "--threads" => threads = Some(number(&name, &value("a number")?)?),
             "-d" | "--duration" => duration = Some(parse_duration(&value("a duration")?)?),
             "-n" | "--requests" => max_requests = Some(number(&name, &value("a number")?)?),
             "--new-conn" => keep_alive = false,
@@ -160,6 +164,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             return Err(format!("-c must be 1 to {MAX_CONNECTIONS}"));
         }
         spec.connections = c as usize;
+    }
+    if let Some(t) = threads {
+        if t == 0 || t > MAX_THREADS as u64 {
+            return Err(format!("-t must be 1 to {MAX_THREADS}"));
+        }
+        spec.threads = t as usize;
     }
     if let Some(t) = timeout {
         spec.timeout = t;

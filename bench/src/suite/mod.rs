@@ -40,6 +40,10 @@ pub const SECTIONS: [(&str, &str); 7] = [
 /// Connections of every load (as `wrk -c64` in the issue's comparisons).
 pub const CONNECTIONS: usize = 64;
 
+/// Load generator threads, as `wrk -t2 -c64` (wrk's default thread count) in the issue's
+/// figures: two event loops, one per CPU of this machine.
+pub const THREADS: usize = 2;
+
 /// The body of every `POST /checkout`.
 pub const CART: &[u8] = br#"{"cart":[1,2,3]}"#;
 
@@ -433,10 +437,12 @@ impl Route {
         }
     }
 
-    /// A spec for this route against `addr`: [`CONNECTIONS`] connections, 10 s timeout.
+    /// A spec for this route against `addr`: [`CONNECTIONS`] connections on [`THREADS`]
+    /// threads, 10 s timeout.
     pub fn spec(self, addr: SocketAddr, keep_alive: bool) -> Spec {
         let mut spec = Spec {
             connections: CONNECTIONS,
+            threads: THREADS,
             keep_alive,
             timeout: Duration::from_secs(10),
             ..Spec::new(addr)
@@ -460,6 +466,9 @@ pub fn loadgen_command(spec: &Spec) -> String {
         "target/release/loadgen http://127.0.0.1:$PORT{} -c {}",
         spec.path, spec.connections
     );
+    if spec.threads != 1 {
+        let _ = write!(cmd, " -t {}", spec.threads);
+    }
     if let Some(d) = spec.duration {
         if d.subsec_millis() == 0 {
             let _ = write!(cmd, " -d {}s", d.as_secs());
@@ -519,7 +528,7 @@ mod tests {
         spec.duration = Some(Duration::from_secs(5));
         assert_eq!(
             loadgen_command(&spec),
-            "target/release/loadgen http://127.0.0.1:$PORT/checkout -c 64 -d 5s --new-conn --post '{\"cart\":[1,2,3]}'"
+            "target/release/loadgen http://127.0.0.1:$PORT/checkout -c 64 -t 2 -d 5s --new-conn --post '{\"cart\":[1,2,3]}'"
         );
     }
 }
