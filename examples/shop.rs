@@ -30,9 +30,11 @@
 //! already on its way, `DRAIN_IDLE_GRACE`); when no connection is
 //! left the worker reports DRAINED and exits 0.
 //!
-//! `SHOP_INFLIGHT_LIMIT=N` sets the accept limit per worker (connections
-//! held at once; 0 = none; unset = `InFlight::DEFAULT_LIMIT`), for the
-//! benchmark's balance comparison.
+//! For the benchmark's balance comparison, `SHOP_INFLIGHT_LIMIT=N` sets the
+//! accept limit per worker (connections held at once; 0 = none; unset =
+//! `InFlight::DEFAULT_LIMIT`), and `SHOP_SCOREBOARD=off` leaves the
+//! connection count untracked, so that it is neither shown in `clusterctl
+//! status` nor shared with the other workers on clusterd's scoreboard.
 //!
 //! One worker runs on one thread (clusterd runs one worker per core), so
 //! `/cpu` blocks this worker's other connections while it runs, as a
@@ -134,7 +136,10 @@ fn run(listen: &str) -> io::Result<()> {
     let mut worker = Worker::connect(&[("http", listen)])?;
     let in_flight = in_flight_from_env()?;
     let stats = worker.stats();
-    stats.track(&in_flight);
+    let scoreboard = std::env::var("SHOP_SCOREBOARD").map_or(true, |v| v != "off");
+    if scoreboard {
+        stats.track(&in_flight);
+    }
     let shutdown = worker.shutdown();
     let mut acceptor = Acceptor::new(
         worker.take_listener("http")?,
@@ -148,12 +153,13 @@ fn run(listen: &str) -> io::Result<()> {
         .map(|l| format!("{}={}", l.name, l.address))
         .collect();
     say!(
-        "shop: worker {id} gen {} listening on {}, in-flight limit {}",
+        "shop: worker {id} gen {} listening on {}, in-flight limit {}, scoreboard {}",
         worker.generation(),
         listeners.join(", "),
         in_flight
             .limit()
-            .map_or_else(|| "none".to_owned(), |n| n.to_string())
+            .map_or_else(|| "none".to_owned(), |n| n.to_string()),
+        if scoreboard { "on" } else { "off" }
     );
     let app = Rc::new(App {
         worker_id: id.to_string(),

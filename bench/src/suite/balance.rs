@@ -4,11 +4,12 @@
 //! worker over one run gives max/min (target ≤ 1.10) and Jain's fairness index
 //! ((Σx)² / (n·Σx²): 1 is perfectly even, 1/n is one worker doing everything).
 //!
-//! The library's accept limit is compared on (the default, 256 connections per worker), on
-//! and tight (connections / workers, so that it binds), and off. The shop takes the limit
-//! from `SHOP_INFLIGHT_LIMIT` (0 = no limit) and names it in its start-up line
-//! (`in-flight limit N`, or `in-flight limit none`); a shop without that knob cannot be
-//! measured with the limit changed, and those rows say so.
+//! The library balances in two ways: the scoreboard (a worker leaves a new connection to a
+//! sibling holding fewer) and the accept limit (256 connections per worker by default). Each
+//! is measured on and off. The shop takes the limit from `SHOP_INFLIGHT_LIMIT` (0 = no limit)
+//! and leaves the scoreboard with `SHOP_SCOREBOARD=off`, and names both in its start-up line
+//! (`in-flight limit N` or `none`, `scoreboard on` or `off`); a shop without those knobs
+//! cannot be measured with them changed, and those rows say so.
 
 use std::time::Duration;
 
@@ -43,9 +44,66 @@ pub fn max_min(x: &[u64]) -> f64 {
 
 /// Requests per worker id `1..=workers`, from a report's `X-Worker` counts.
 pub fn per_worker(report: &Report, workers: u32) -> Vec<u64> {
+    by_id(&report.workers, workers)
+}
+
+/// The values of `counts` for worker ids `1..=workers` (0 where missing).
+fn by_id(counts: &std::collections::BTreeMap<String, u64>, workers: u32) -> Vec<u64> {
     (1..=workers)
-        .map(|id| report.workers.get(&id.to_string()).copied().unwrap_or(0))
+        .map(|id| counts.get(&id.to_string()).copied().unwrap_or(0))
         .collect()
+}
+
+/// Counts joined as `a / b / c`.
+fn joined(counts: &[u64]) -> String {
+    counts
+        .iter()
+        .map(|&c| thousands(c))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// One way of running the shop for the balance section.
+struct Setting {
+    /// The row's label.
+    label: &'static str,
+    /// `SHOP_INFLIGHT_LIMIT`, or `None` for the default.
+    limit: Option<usize>,
+    /// Whether the shop publishes its count on the scoreboard (the default).
+    scoreboard: bool,
+}
+
+const SETTINGS: [Setting; 4] = [
+    Setting {
+        label: "scoreboard, limit 256 (default)",
+        limit: None,
+        scoreboard: true,
+    },
+    Setting {
+        label: "scoreboard, no limit",
+        limit: Some(0),
+        scoreboard: true,
+    },
+    Setting {
+        label: "limit 256 only",
+        limit: None,
+        scoreboard: false,
+    },
+    Setting {
+        label: "neither",
+        limit: Some(0),
+        scoreboard: false,
+    },
+];
+
+/// Whether the shop's start-up lines show the scoreboard off when `scoreboard` is false.
+/// `Err` says why not.
+pub fn scoreboard_applied(lines: &[String], scoreboard: bool) -> Result<(), String> {
+    if scoreboard || lines.iter().any(|l| l.contains("scoreboard off")) {
+        Ok(())
+    } else {
+        Err("asked for SHOP_SCOREBOARD=off, the shop does not report `scoreboard off`".into())
+    }
 }
 
 /// Whether the shop's start-up lines show the in-flight limit `want` (`None`: the default,
@@ -82,40 +140,44 @@ pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("balance");
     let p = &ctx.p;
     let workers = ctx.workers();
-    let tight = super::CONNECTIONS / workers as usize;
-    let settings: [(String, Option<usize>); 3] = [
-        ("on, default (256)".into(), None),
-        (format!("on, tight ({tight})"), Some(tight)),
-        ("off".into(), Some(0)),
-    ];
     let mut table = Table::new(&[
         "load",
-        "accept limit",
+        "balancing",
+        "connections per worker",
         "requests per worker",
         "shares",
         "max/min",
         "Jain",
         "target",
     ]);
-    for (setting, limit) in &settings {
-        println!("  -- accept limit {setting}");
-        let extra = limit.map_or(String::new(), |n| format!("env = SHOP_INFLIGHT_LIMIT={n}"));
-        let tag = format!(
-            "balance-{}",
-            limit.map_or("default".into(), |n| n.to_string())
-        );
+    for (i, setting) in SETTINGS.iter().enumerate() {
+        let Setting {
+            label: setting,
+            limit,
+            scoreboard,
+        } = setting;
+        let setting = setting.to_string();
+        println!("  -- balancing: {setting}");
+        let mut extra = limit.map_or(String::new(), |n| {
+            format!("env = SHOP_INFLIGHT_LIMIT={n}\n")
+        });
+        if !scoreboard {
+            extra.push_str("env = SHOP_SCOREBOARD=off\n");
+        }
+        let tag = format!("balance-{i}");
         let daemon = ctx
             .shop_daemon(&tag, &workers.to_string(), &extra)
             .and_then(|d| {
                 d.wait_pool_ready(1, Duration::from_secs(30))?;
                 knob_applied(&d.raw_lines(), *limit)?;
+                scoreboard_applied(&d.raw_lines(), *scoreboard)?;
                 let addr = d.addr()?;
                 Ok((d, addr))
             });
         let (daemon, addr) = match daemon {
             Ok(d) => d,
             Err(e) => {
-                s.fail(&format!("accept limit {setting}"), &e);
+                s.fail(&format!("balancing: {setting}"), &e);
                 for (route, keep_alive) in LOADS {
                     table.row(vec![
                         format!("{} {}", route.label(), mode(keep_alive)),
@@ -151,7 +213,7 @@ pub fn run(ctx: &Ctx) -> Section {
             } else {
                 "∞ (a worker got nothing)".into()
             };
-            if limit.is_none() {
+            if i == 0 {
                 s.check(Check::new(
                     &format!("balance max/min, {label}"),
                     "≤ 1.10",
@@ -172,11 +234,12 @@ pub fn run(ctx: &Ctx) -> Section {
             table.row(vec![
                 label,
                 setting.clone(),
-                counts
-                    .iter()
-                    .map(|&c| thousands(c))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
+                if keep_alive {
+                    joined(&by_id(&report.connections, workers))
+                } else {
+                    "(one per request)".into()
+                },
+                joined(&counts),
                 shares.join(" / "),
                 ratio_text,
                 format!("{fairness:.4}"),
@@ -189,13 +252,16 @@ pub fn run(ctx: &Ctx) -> Section {
         "clusterd with {workers} shop workers; each load runs {run:?} with {conns} \
          connections, counting the responses of each worker by its `X-Worker` header. With \
          keep-alive each worker serves the connections it accepted at the start for the \
-         whole run, so its share follows how many it holds and how much CPU it gets; with a \
-         new connection per request, every request is won by one worker's accept. *Accept \
-         limit*: the `clusterd::worker` accept loop takes a connection only while the worker \
-         holds fewer than its limit (and yields to its other tasks before each accept). The \
-         default limit, 256 per worker, does not bind at {conns} connections; *tight* is \
-         {conns} / {workers} = {tight}; *off* is no limit (`SHOP_INFLIGHT_LIMIT=0`). The \
-         target applies to the default.\n",
+         whole run, so its share follows how many it holds (*connections per worker*, by \
+         the worker that answered each connection's first request) and how much CPU it \
+         gets; with a \
+         new connection per request, every request is won by one worker's accept. The \
+         `clusterd::worker` accept loop balances in two ways. *Scoreboard*: a worker that \
+         sees a sibling holding fewer connections leaves a pending connection to it (for 2 ms \
+         at most); off is `SHOP_SCOREBOARD=off`. *Limit*: it takes a connection only while \
+         the worker holds fewer than its limit (256 by default, which does not bind at \
+         {conns} connections); off is `SHOP_INFLIGHT_LIMIT=0`. The target applies to the \
+         default.\n",
         run = p.balance_run,
         conns = super::CONNECTIONS,
     ));
@@ -203,8 +269,8 @@ pub fn run(ctx: &Ctx) -> Section {
     let addr = ([127, 0, 0, 1], 0).into();
     let mut cmds = format!(
         "Config: `exec = target/release/examples/shop`, `workers = {workers}`, \
-         `listen = 127.0.0.1:0`, plus `env = SHOP_INFLIGHT_LIMIT={tight}` (tight) or \
-         `env = SHOP_INFLIGHT_LIMIT=0` (off). Loads:\n\n```sh\n"
+         `listen = 127.0.0.1:0`, plus `env = SHOP_INFLIGHT_LIMIT=0` (no limit) and \
+         `env = SHOP_SCOREBOARD=off` (no scoreboard) as the row says. Loads:\n\n```sh\n"
     );
     for (route, keep_alive) in LOADS {
         let mut spec = route.spec(addr, keep_alive);
@@ -242,6 +308,9 @@ mod tests {
         assert!(knob_applied(&lines("in-flight limit none"), Some(0)).is_ok());
         assert!(knob_applied(&lines("in-flight limit 32"), Some(32)).is_ok());
         assert!(knob_applied(&lines("in-flight limit 256"), Some(32)).is_err());
+        assert!(scoreboard_applied(&lines("scoreboard on"), true).is_ok());
+        assert!(scoreboard_applied(&lines("scoreboard on"), false).is_err());
+        assert!(scoreboard_applied(&lines("in-flight limit 0, scoreboard off"), false).is_ok());
     }
 
     #[test]

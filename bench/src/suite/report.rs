@@ -197,25 +197,19 @@ const WHY: &[(&str, &str)] = &[
         "throughput, 1 worker vs bare",
         "**Overhead.** The worker accepts straight from the kernel's queue and serves \
          without clusterd on the request path, and the shop runs the same library code \
-         bare. The per-round ranges (*runs (min-max)*) overlap widely: the load generator's \
-         64 threads compete with the server for the same 2 CPUs, and the cheapest route \
-         (`/products/1`, about 10 us a request) is the noisiest. The CPU-bound and \
-         I/O-bound routes come out at 1.00x. A small cost on the cheapest route is not \
-         ruled out and not yet explained; separating it from the noise needs the load \
+         bare. The per-round ranges (*runs (min-max)*) overlap: the load generator's two \
+         threads compete with the server for the same 2 CPUs, and the cheapest route \
+         (`/products/1`, a few microseconds a request) is the noisiest. A small cost on the \
+         cheapest route is not ruled out; separating it from the noise needs the load \
          generator on other CPUs than the server.",
     ),
     (
         "balance max/min",
         "**Balance.** With keep-alive, a worker serves the connections it accepted when the \
-         load began for the whole run, so the split is decided in the first milliseconds, \
-         when every worker is idle and woken together for each new connection. The \
-         library's accept limit (256 per worker by default) does not bind at 64 \
-         connections; at connections/workers (*tight*) it splits them evenly, and what \
-         remains is how much CPU each worker gets next to the load generator. A default \
-         limit that low would stall connections beyond workers x limit in the backlog, so \
-         the default stays high; balancing keep-alive connections without it (a limit on \
-         requests in flight rather than connections, or accepting in the master and \
-         passing the connection on) is open work.",
+         load began for the whole run. The scoreboard splits them evenly (a worker leaves a \
+         new connection to a sibling holding fewer), so what remains is how much CPU each \
+         worker gets next to the load generator's threads on the same 2 CPUs: the scheduler, \
+         not the accept loop. Compare the rows with the scoreboard off.",
     ),
     (
         "RSS, 2 workers",
