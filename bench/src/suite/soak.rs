@@ -10,6 +10,21 @@ fn fd_count(pid: u32) -> Option<u64> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
 
+/// clusterd's open fds once the control connections just used are closed: the fewest of
+/// five reads 20 ms apart. The `clusterctl restart` and status clients have gone, but
+/// clusterd closes its end when it next reads from them, so one read can count one of them;
+/// a leaked fd stays in every read.
+fn settled_fd_count(pid: u32) -> Option<u64> {
+    (0..5)
+        .filter_map(|i| {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            fd_count(pid)
+        })
+        .min()
+}
+
 pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("soak");
     let restarts = ctx.p.soak_restarts;
@@ -62,7 +77,7 @@ pub fn run(ctx: &Ctx) -> Section {
                 error = Some(format!("settling after restart {i}: {e}"));
                 break;
             }
-            let (fds, rss) = (fd_count(pid), status_kb(pid, "VmRSS"));
+            let (fds, rss) = (settled_fd_count(pid), status_kb(pid, "VmRSS"));
             samples.push((i, fds, rss));
             let show = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
             println!(
@@ -97,6 +112,10 @@ pub fn run(ctx: &Ctx) -> Section {
         ]);
     }
     let first = samples.first().copied();
+    // The allocator's arenas warm up over the first few hundred restarts (a separate
+    // 3000-restart run stayed at the same RSS from restart 1000 to 3000), so growth is
+    // judged over the second half: a leak of 256 bytes a restart shows there as 125 KiB.
+    let middle = samples.iter().find(|(i, ..)| *i >= restarts / 2).copied();
     let last = samples.last().copied();
     let complete = error.is_none() && done == restarts;
     let ok_requests: u64 = reports.iter().map(|(_, r)| r.ok).sum();
@@ -118,12 +137,19 @@ pub fn run(ctx: &Ctx) -> Section {
             format!("{f0} → {f1} (after restart {n})"),
             Some(f1 <= f0),
         ));
-        s.check(Check::new(
-            "soak: clusterd's RSS, after restart 1 vs the last",
-            "flat (≤ +256 KiB)",
-            format!("{} → {}", mib(r0), mib(r1)),
-            Some(r1 <= r0 + 256 * 1024),
-        ));
+        if let Some((m, _, Some(rm))) = middle.filter(|(m, ..)| *m < n) {
+            s.check(Check::new(
+                "soak: clusterd's RSS over the second half",
+                "flat (≤ +128 KiB)",
+                format!(
+                    "{} after restart {m} → {} after restart {n} ({} after restart 1)",
+                    mib(rm),
+                    mib(r1),
+                    mib(r0)
+                ),
+                Some(r1 <= rm + 128 * 1024),
+            ));
+        }
     }
     if let Some(e) = &error {
         s.fail("soak", e);
@@ -132,7 +158,8 @@ pub fn run(ctx: &Ctx) -> Section {
         "{restarts} rolling restarts (`clusterctl restart`, one after another) of 2 shop \
          workers while 16 keep-alive GET and 16 new-connection POST clients run; clusterd's \
          open fds and RSS read after restart 1 and at each quarter, once every old worker has \
-         exited.\n"
+         exited (fds: the fewest of five reads 20 ms apart, so that a control connection \
+         clusterd has not yet seen close is not counted).\n"
     ));
     s.table(&table);
     s.table(&growth);
