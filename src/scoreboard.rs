@@ -12,9 +12,10 @@
 //! be neither shrunk nor grown, so a mapping of it can never fault) and
 //! gives every `protocol = clusterd` worker a copy of its fd and the index
 //! of its own cell. The worker library maps it and keeps the number of
-//! connections it holds in its cell; before accepting, a worker that sees
-//! another one holding fewer waits a moment ([`DEFER_MAX`] at most) so that
-//! the other one takes the connection. The wait is bounded, so a sibling
+//! connections it holds in its cell. A worker takes pending connections
+//! while it holds less than its fair share ([`Board::over_share`]); past it,
+//! a worker that sees another one holding fewer waits a moment
+//! ([`DEFER_MAX`]) so that the other one takes the connection. The wait is bounded, so a sibling
 //! that is stuck or gone costs a new connection at most that much latency,
 //! never the connection.
 //!
@@ -233,14 +234,31 @@ impl Board {
         self.cell().load(Ordering::Acquire)
     }
 
-    /// Whether another accepting worker holds fewer than `count` connections,
-    /// so that this one should leave the next connection to it.
-    pub fn fewer_elsewhere(&self, count: usize) -> bool {
-        let count = as_count(count);
-        self.cells
-            .iter()
-            .enumerate()
-            .any(|(i, c)| i != self.mine && c.load(Ordering::Acquire) < count)
+    /// Whether this worker, holding `count` connections, should leave the
+    /// next pending connection to a sibling: it already holds its fair share
+    /// of every connection the accepting workers hold plus the `pending`
+    /// ones still in the accept queue (at least the one being decided on),
+    /// and some accepting sibling holds fewer.
+    ///
+    /// Counting what is pending lets each worker take its share of a burst
+    /// back to back: when 64 connections arrive at two idle workers, each
+    /// takes 32 without waiting, instead of the two taking turns one
+    /// connection at a time, which costs a busy worker a round of its tasks
+    /// per turn. With nothing else pending it is the plain rule: defer to a
+    /// sibling that holds fewer (between two workers, exactly that).
+    pub fn over_share(&self, count: usize, pending: usize) -> bool {
+        let count = u64::from(as_count(count));
+        let (mut workers, mut held, mut fewest) = (1u64, count, u64::MAX);
+        for (i, cell) in self.cells.iter().enumerate() {
+            let c = cell.load(Ordering::Acquire);
+            if i != self.mine && c < NOT_A_COUNT {
+                workers += 1;
+                held += u64::from(c);
+                fewest = fewest.min(u64::from(c));
+            }
+        }
+        let total = held + u64::from(as_count(pending.max(1)));
+        fewest < count && count >= total.div_ceil(workers)
     }
 }
 
@@ -291,15 +309,61 @@ mod tests {
         let cells = board(&[VACANT, VACANT, VACANT]);
         let me = Board::over(cells, 0);
         me.join(4);
-        assert!(!me.fewer_elsewhere(4), "alone: never defer");
+        assert!(!me.over_share(4, 1), "alone: never defer");
+        assert!(!me.over_share(4, 100), "alone, however many are pending");
         cells[1].store(WITHDRAWN, Ordering::Relaxed);
-        assert!(!me.fewer_elsewhere(4), "a draining sibling does not count");
+        assert!(!me.over_share(4, 1), "a draining sibling does not count");
         cells[2].store(4, Ordering::Relaxed);
-        assert!(!me.fewer_elsewhere(4), "a tie: both accept");
+        assert!(!me.over_share(4, 1), "a tie: both accept");
         cells[2].store(3, Ordering::Relaxed);
-        assert!(me.fewer_elsewhere(4));
-        assert!(!me.fewer_elsewhere(3));
-        assert!(!me.fewer_elsewhere(0), "nobody holds fewer than none");
+        assert!(me.over_share(4, 1));
+        assert!(me.over_share(4, 0), "the connection decided on is pending");
+        assert!(!me.over_share(3, 1));
+        assert!(!me.over_share(0, 1), "nobody holds fewer than none");
+    }
+
+    #[test]
+    fn a_burst_is_shared_out_without_taking_turns() {
+        let cells = board(&[VACANT, VACANT]);
+        let me = Board::over(cells, 0);
+        me.join(0);
+        cells[1].store(0, Ordering::Relaxed);
+        // 64 pending at two idle workers: this one may take 32 in a row.
+        let mut pending = 64;
+        let mut taken = 0;
+        while pending > 0 && !me.over_share(taken, pending) {
+            taken += 1;
+            pending -= 1;
+        }
+        assert_eq!(taken, 32, "its share, then it leaves the rest");
+        // The sibling takes the rest the same way.
+        let sibling = Board::over(cells, 1);
+        cells[0].store(32, Ordering::Relaxed);
+        let mut theirs = 0;
+        while pending > 0 && !sibling.over_share(theirs, pending) {
+            theirs += 1;
+            pending -= 1;
+        }
+        assert_eq!((theirs, pending), (32, 0));
+        // Settled at 32 / 32, one more arrives: either may take it, and
+        // whoever then holds 33 leaves the next to the other.
+        cells[1].store(32, Ordering::Relaxed);
+        assert!(!me.over_share(32, 1));
+        cells[1].store(33, Ordering::Relaxed);
+        assert!(!me.over_share(32, 1));
+        cells[1].store(32, Ordering::Relaxed);
+        assert!(me.over_share(33, 1));
+    }
+
+    #[test]
+    fn three_workers_share_by_the_average() {
+        let cells = board(&[VACANT, 10, 2]);
+        let me = Board::over(cells, 0);
+        // 10 + 2 + 6 held and 1 pending: a share is 7.
+        assert!(!me.over_share(6, 1));
+        assert!(me.over_share(7, 1));
+        // 10 + 2 + 4 held and 8 pending: a share is 8.
+        assert!(!me.over_share(4, 8));
     }
 
     #[test]
@@ -309,7 +373,10 @@ mod tests {
         me.join(usize::MAX);
         assert_eq!(me.own(), NOT_A_COUNT - 1);
         cells[0].store(5, Ordering::Relaxed);
-        assert!(me.fewer_elsewhere(usize::MAX));
+        assert!(me.over_share(usize::MAX, 1));
+        assert!(!me.over_share(usize::MAX, usize::MAX), "no overflow");
+        cells[0].store(NOT_A_COUNT - 1, Ordering::Relaxed);
+        assert!(!me.over_share(usize::MAX, 1), "no sibling holds fewer");
     }
 
     #[test]
@@ -334,9 +401,9 @@ mod tests {
         assert_eq!(a.own(), VACANT, "created vacant");
         a.join(3);
         b.join(1);
-        assert!(a.fewer_elsewhere(3), "a sees b's count through the mapping");
+        assert!(a.over_share(3, 1), "a sees b's count through the mapping");
         vacate(&fd, 1).unwrap();
-        assert!(!a.fewer_elsewhere(3), "and clusterd's vacate");
+        assert!(!a.over_share(3, 1), "and clusterd's vacate");
         assert_eq!(b.own(), VACANT);
         let err = Board::map(&fd, CELLS).unwrap_err();
         assert!(err.to_string().contains("out of range"), "{err}");

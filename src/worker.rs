@@ -38,13 +38,16 @@
 //! so a burst of keep-alive connections splits unevenly and stays split.
 //! Under clusterd, the [`InFlight`] count given to [`Stats::track`] is
 //! published on the [`scoreboard`](crate::scoreboard) the worker shares with
-//! its siblings, and [`Listener::accept_limited`] and [`Acceptor`] leave a
-//! pending connection to a sibling that holds fewer connections, for
-//! [`scoreboard::DEFER_MAX`] at most, before taking it. They also accept only
-//! while the count is below its limit (as nginx stops accepting when a
-//! worker's connections run low), and [`Acceptor::accept`] yields to the
-//! worker's other tasks before each accept, so a worker that just took a
-//! connection serves it before it competes for the next one. Each accepted
+//! its siblings, and [`Listener::accept_limited`] and [`Acceptor`] take
+//! pending connections while the worker holds less than its fair share
+//! ([`Board::over_share`]: what every accepting worker holds plus the accept
+//! queue, divided among them); past it they leave the next one to a sibling
+//! that holds fewer, for [`scoreboard::DEFER_MAX`], before taking it. They
+//! also accept only while the count is below its limit (as nginx stops
+//! accepting when a worker's connections run low). [`Acceptor::accept`] takes the connections
+//! already pending back to back, yielding to the worker's other tasks after
+//! every [`ACCEPT_BATCH`], so a new connection does not wait for a round of a
+//! CPU-busy worker's tasks per connection queued ahead of it. Each accepted
 //! connection carries a [`Guard`] that releases its slot when dropped,
 //! however the connection ends, so a client that disconnects mid-request can
 //! never leave a drain waiting.
@@ -95,7 +98,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::ToSocketAddrs;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -143,6 +146,14 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// How long [`Acceptor::accept`] pauses when the process is out of fds or
 /// memory, instead of spinning on a listener that stays readable.
 const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How many connections [`Acceptor::accept`] takes back to back before it
+/// yields to the worker's other tasks once. Accepting until the queue is
+/// empty (as libuv and Go do) keeps a connection from waiting in the accept
+/// queue for a whole round of a busy executor per connection ahead of it;
+/// the bound keeps a flood of connections from starving the ones already
+/// accepted.
+pub const ACCEPT_BATCH: u32 = 64;
 
 /// Set once the fd named by `CLUSTERD_FD` has been taken over, so that two
 /// `OwnedFd`s can never own it.
@@ -1280,6 +1291,15 @@ impl Listener {
         matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(1))
     }
 
+    /// How many connections wait in the accept queue: TCP says
+    /// (`TCP_INFO` of a listener), for a unix listener it is taken as 1.
+    fn pending(&self) -> usize {
+        match self {
+            Listener::Tcp(listener) => tcp_accept_queue(listener.as_fd()).unwrap_or(1),
+            Listener::Unix(_) => 1,
+        }
+    }
+
     /// Accepts a pending connection without waiting.
     fn try_accept(&self) -> io::Result<(Stream, String)> {
         match self {
@@ -1324,10 +1344,10 @@ impl Listener {
     /// Waits until `in_flight` is below its limit, then accepts one
     /// connection, counted by the returned guard.
     ///
-    /// When `in_flight` is tracked under clusterd ([`Stats::track`]) and a
-    /// sibling worker holds fewer connections, a pending connection is left
-    /// to that sibling for up to [`scoreboard::DEFER_MAX`] before this
-    /// worker takes it itself.
+    /// When `in_flight` is tracked under clusterd ([`Stats::track`]) and this
+    /// worker already holds its fair share ([`Board::over_share`]), a pending
+    /// connection is left to a sibling that holds fewer for up to
+    /// [`scoreboard::DEFER_MAX`] before this worker takes it itself.
     ///
     /// # Errors
     ///
@@ -1355,12 +1375,26 @@ impl Listener {
         board: &Board,
         in_flight: &InFlight,
     ) -> io::Result<(Stream, String)> {
+        let over_share = || board.over_share(in_flight.active(), self.pending());
         loop {
+            if over_share() {
+                // Serve what this worker already holds first: a short
+                // request finishes and the count drops, and only a worker
+                // still over its share after that defers below.
+                future::yield_now().await;
+            }
+            // A connection this worker should have is taken at once: waiting
+            // for readiness first would cost a turn of the reactor, which a
+            // busy executor reaches only after a round of its tasks.
+            if !over_share() {
+                match self.try_accept() {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    result => return result,
+                }
+            }
             self.readable().await?;
             let deferred = Instant::now();
-            while board.fewer_elsewhere(in_flight.active())
-                && deferred.elapsed() < scoreboard::DEFER_MAX
-            {
+            while over_share() && deferred.elapsed() < scoreboard::DEFER_MAX {
                 Timer::after(scoreboard::DEFER_TICK).await;
                 if !self.is_readable_now() {
                     break; // taken
@@ -1395,6 +1429,36 @@ impl AsFd for Listener {
         }
     }
 }
+
+/// The length of a TCP listener's accept queue: for a socket in the LISTEN
+/// state, Linux reports it in `tcpi_unacked` of `TCP_INFO` (what `ss -l`
+/// shows as Recv-Q).
+fn tcp_accept_queue(listener: BorrowedFd<'_>) -> io::Result<usize> {
+    // SAFETY: `tcp_info` is plain integers, so all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes and `len` is a valid
+    // out-pointer; the kernel writes at most `len` bytes and updates it.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if info.tcpi_state != TCP_LISTEN {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    Ok(info.tcpi_unacked as usize)
+}
+
+/// `TCP_LISTEN` of the kernel's `enum tcp_states` (not in the libc crate).
+const TCP_LISTEN: u8 = 10;
 
 fn tcp_stream(
     stream: std::net::TcpStream,
@@ -1627,6 +1691,8 @@ pub struct Acceptor {
     listener: Option<Listener>,
     in_flight: InFlight,
     shutdown: Shutdown,
+    /// Connections returned since the last yield (see [`ACCEPT_BATCH`]).
+    batch: u32,
 }
 
 impl Acceptor {
@@ -1637,12 +1703,15 @@ impl Acceptor {
             listener: Some(listener),
             in_flight,
             shutdown,
+            batch: 0,
         }
     }
 
     /// The next connection, or `None` once the shutdown has begun (the
-    /// listener is closed then). Yields to the caller's other tasks first,
-    /// so connections already accepted get served before new ones are taken.
+    /// listener is closed then). Connections already pending are taken back
+    /// to back; after every [`ACCEPT_BATCH`] of them it yields to the
+    /// caller's other tasks once, so that a flood of new connections cannot
+    /// starve the ones already accepted.
     ///
     /// # Errors
     ///
@@ -1652,8 +1721,12 @@ impl Acceptor {
             listener,
             in_flight,
             shutdown,
+            batch,
         } = self;
-        future::yield_now().await;
+        if *batch >= ACCEPT_BATCH {
+            *batch = 0;
+            future::yield_now().await;
+        }
         let mut exhausted_logged = false;
         loop {
             let Some(current) = listener.as_ref() else {
@@ -1670,7 +1743,10 @@ impl Acceptor {
                     *listener = None;
                     return Ok(None);
                 }
-                Next::Accepted(Ok(accepted)) => return Ok(Some(accepted)),
+                Next::Accepted(Ok(accepted)) => {
+                    *batch += 1;
+                    return Ok(Some(accepted));
+                }
                 Next::Accepted(Err(e)) if is_transient_accept_error(&e) => {}
                 Next::Accepted(Err(e)) if is_exhaustion(&e) => {
                     if !exhausted_logged {
@@ -2120,6 +2196,120 @@ mod tests {
         assert_eq!(in_flight.active(), 1);
         drop(conn);
         within(in_flight.wait_idle());
+    }
+
+    #[test]
+    fn a_tcp_listener_reports_its_accept_queue() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        assert_eq!(tcp_accept_queue(listener.as_fd()).unwrap(), 0);
+        let _clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(address).unwrap())
+            .collect();
+        assert_eq!(tcp_accept_queue(listener.as_fd()).unwrap(), 3);
+        let _taken = listener.accept().unwrap();
+        assert_eq!(tcp_accept_queue(listener.as_fd()).unwrap(), 2);
+        let client = std::net::TcpStream::connect(address).unwrap();
+        assert!(tcp_accept_queue(client.as_fd()).is_err(), "not a listener");
+    }
+
+    /// Runs `body` on a local executor beside a task that counts how often
+    /// it gets to run (it yields after each count); returns what `body`
+    /// returned and the count of the rounds it let happen.
+    fn with_busy_neighbour<T>(body: impl Future<Output = T>) -> (T, u64) {
+        let ex = LocalExecutor::new();
+        let rounds = std::rc::Rc::new(std::cell::Cell::new(0u64));
+        let done = std::rc::Rc::new(std::cell::Cell::new(false));
+        let neighbour = ex.spawn({
+            let (rounds, done) = (rounds.clone(), done.clone());
+            async move {
+                // Bounded: a broken test ends instead of spinning.
+                for _ in 0..10_000_000 {
+                    if done.get() {
+                        break;
+                    }
+                    rounds.set(rounds.get() + 1);
+                    future::yield_now().await;
+                }
+            }
+        });
+        let out = within(ex.run(async {
+            // Let the neighbour start, so that it is queued from now on.
+            future::yield_now().await;
+            let before = rounds.get();
+            let out = body.await;
+            let spent = rounds.get() - before;
+            done.set(true);
+            (out, spent)
+        }));
+        within(ex.run(neighbour));
+        out
+    }
+
+    use smol::LocalExecutor;
+
+    #[test]
+    fn acceptor_takes_pending_connections_back_to_back() {
+        let (mut worker, clusterd) = connected();
+        let in_flight = InFlight::default();
+        let mut acceptor = Acceptor::new(
+            worker.take_listener("http").unwrap(),
+            in_flight.clone(),
+            worker.shutdown(),
+        );
+        let address = clusterd.listener.local_addr().unwrap();
+        let _clients: Vec<_> = (0..10)
+            .map(|_| std::net::TcpStream::connect(address).unwrap())
+            .collect();
+        // A worker busy with other tasks still takes the whole queue in one
+        // go: one round of its tasks per connection would keep the tenth
+        // client waiting for ten rounds.
+        let (accepted, rounds) = with_busy_neighbour(async {
+            let mut accepted = Vec::new();
+            for _ in 0..10 {
+                accepted.push(acceptor.accept().await.unwrap().unwrap());
+            }
+            accepted
+        });
+        assert_eq!(accepted.len(), 10);
+        assert_eq!(rounds, 0, "accepting yielded to the other tasks");
+        assert_eq!(in_flight.active(), 10);
+    }
+
+    #[test]
+    fn a_balanced_worker_takes_its_share_of_a_burst_back_to_back() {
+        let (mut worker, clusterd) = connected();
+        let in_flight = InFlight::default();
+        // This worker has cell 0; a sibling that accepts but is stuck (it
+        // never takes a connection) holds none.
+        let cells: &'static [AtomicU32] =
+            vec![AtomicU32::new(scoreboard::VACANT), AtomicU32::new(0)].leak();
+        in_flight.inner.board.set(Board::over(cells, 0)).unwrap();
+        let mut acceptor = Acceptor::new(
+            worker.take_listener("http").unwrap(),
+            in_flight.clone(),
+            worker.shutdown(),
+        );
+        let address = clusterd.listener.local_addr().unwrap();
+        let _clients: Vec<_> = (0..10)
+            .map(|_| std::net::TcpStream::connect(address).unwrap())
+            .collect();
+        let (mut accepted, rounds) = with_busy_neighbour(async {
+            let mut accepted = Vec::new();
+            for _ in 0..5 {
+                accepted.push(acceptor.accept().await.unwrap().unwrap());
+            }
+            accepted
+        });
+        assert_eq!(rounds, 0, "its share of the burst, without yielding");
+        assert_eq!(cells[0].load(Ordering::Relaxed), 5, "published");
+        // Over its share now: it leaves the next one to the sibling, serving
+        // its own tasks meanwhile, and takes it itself when the sibling
+        // does not (so a stuck sibling never loses a connection).
+        let (sixth, rounds) = with_busy_neighbour(acceptor.accept());
+        accepted.push(sixth.unwrap().unwrap());
+        assert!(rounds > 0, "it deferred to the sibling first");
+        assert_eq!(in_flight.active(), 6);
     }
 
     #[test]
