@@ -42,6 +42,10 @@ use spawn::Spec;
 /// ignored (each one is logged).
 const MAX_BAD_RECORDS: u32 = 16;
 
+/// Records of an exited worker read before its exit is handled (a worker
+/// sends one or two a second: Stats, Ready, Drained).
+const MAX_LAST_RECORDS: u32 = 64;
+
 /// Something the main loop must handle.
 #[derive(Debug)]
 enum Event {
@@ -403,6 +407,7 @@ impl Daemon {
                     };
                     match self.pids.remove(&pid) {
                         Some(id) => {
+                            self.read_last_records(id);
                             if let Some(cell) = self.procs.remove(&id).and_then(|p| p.cell) {
                                 if let Some(board) = self.scoreboard.as_mut() {
                                     board.give_back(cell);
@@ -420,6 +425,34 @@ impl Daemon {
                     log!(error, "reap.failed", error = e);
                     break;
                 }
+            }
+        }
+    }
+
+    /// Handles the records an exited worker sent that its reader task has
+    /// not read yet, before the exit: a worker that sends DRAINED and exits
+    /// at once is drained, whichever of SIGCHLD and the record clusterd's
+    /// loop sees first. Bounded: what is left is at most a socket buffer's
+    /// worth, and the worker can send no more.
+    fn read_last_records(&mut self, id: InstanceId) {
+        let Some(ipc) = self.procs.get(&id).and_then(|p| p.ipc.clone()) else {
+            return;
+        };
+        let mut buf = vec![0u8; proto::MAX_IPC_RECORD];
+        for _ in 0..MAX_LAST_RECORDS {
+            let received = crate::fdpass::recv_with_fds(
+                ipc.get_ref(),
+                &mut buf,
+                rustix::net::RecvFlags::DONTWAIT,
+            );
+            if matches!(&received, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                return;
+            }
+            match worker_record(received, &buf) {
+                // The reader task sees the end of the channel too, and
+                // reports it.
+                WorkerEvent::Closed => return,
+                event => self.worker_event(id, event),
             }
         }
     }
@@ -1087,23 +1120,7 @@ async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>)
                 crate::fdpass::recv_with_fds(fd, &mut buf, rustix::net::RecvFlags::DONTWAIT)
             })
             .await;
-        let event = match received {
-            Ok(r) if r.len == 0 && r.fds.is_empty() => WorkerEvent::Closed,
-            Ok(r) if r.truncated => WorkerEvent::Bad(format!(
-                "record larger than {} bytes",
-                proto::MAX_IPC_RECORD
-            )),
-            Ok(r) if !r.fds.is_empty() => {
-                WorkerEvent::Bad("unexpected fds attached (closed)".into())
-            }
-            Ok(r) => match proto::decode::<FromWorker>(&buf[..r.len], proto::MAX_IPC_RECORD) {
-                Ok(msg) => WorkerEvent::Message(msg),
-                Err(e) => WorkerEvent::Bad(e.to_string()),
-            },
-            // A killed worker resets the channel when records were left unread.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => WorkerEvent::Closed,
-            Err(e) => WorkerEvent::Bad(format!("receive failed: {e}")),
-        };
+        let event = worker_record(received, &buf);
         let closed = matches!(event, WorkerEvent::Closed);
         if let WorkerEvent::Bad(_) = event {
             bad += 1;
@@ -1122,6 +1139,25 @@ async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>)
                 .await;
             return;
         }
+    }
+}
+
+/// What one receive on a worker's IPC channel amounts to.
+fn worker_record(received: io::Result<crate::fdpass::Received>, buf: &[u8]) -> WorkerEvent {
+    match received {
+        Ok(r) if r.len == 0 && r.fds.is_empty() => WorkerEvent::Closed,
+        Ok(r) if r.truncated => WorkerEvent::Bad(format!(
+            "record larger than {} bytes",
+            proto::MAX_IPC_RECORD
+        )),
+        Ok(r) if !r.fds.is_empty() => WorkerEvent::Bad("unexpected fds attached (closed)".into()),
+        Ok(r) => match proto::decode::<FromWorker>(&buf[..r.len], proto::MAX_IPC_RECORD) {
+            Ok(msg) => WorkerEvent::Message(msg),
+            Err(e) => WorkerEvent::Bad(e.to_string()),
+        },
+        // A killed worker resets the channel when records were left unread.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => WorkerEvent::Closed,
+        Err(e) => WorkerEvent::Bad(format!("receive failed: {e}")),
     }
 }
 
