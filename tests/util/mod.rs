@@ -406,6 +406,19 @@ impl Drop for Cluster {
                 self.log.display(),
                 self.log_text()
             );
+            // What the workers printed to stdout, byte for byte (some tests
+            // read it).
+            let stdout = self.dir.path().join("stdout.log");
+            if let Ok(bytes) = std::fs::read(&stdout) {
+                if !bytes.is_empty() {
+                    eprintln!(
+                        "---- stdout ({}, {} bytes) ----\n{}\n---- end of stdout ----",
+                        stdout.display(),
+                        bytes.len(),
+                        bytes.escape_ascii()
+                    );
+                }
+            }
         }
         if self.exit.is_some() {
             return;
