@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use clusterd::proto::Request;
 
 use super::machine::epoch_ms;
-use super::procs::{Daemon, Proc, cpu_sample, free_port, poll_until, raw_request, status_kb};
+use super::procs::{
+    Daemon, Proc, cpu_sample, free_port, kb_field, poll_until, raw_request, status_kb,
+};
 use super::{Check, Ctx, Route, Section, Table, fmt_ms, mark, median, mib, ms, quantile};
 
 const MIB: u64 = 1024 * 1024;
@@ -30,7 +32,10 @@ pub fn run(ctx: &Ctx) -> Section {
          `VmRSS` (and `VmHWM`, its peak) from `/proc/PID/status`, not its workers'; *anon* \
          (`RssAnon`) is memory clusterd itself wrote, *file* (`RssFile`) the resident pages \
          of the files it maps (its binary, and libc unless it is linked statically), shared \
-         with every other process that maps them. The idle \
+         with every other process that maps them; *by mapped file* is what is resident in \
+         each file's mappings (`/proc/PID/smaps`, their written copy-on-write pages \
+         included); *PSS* (`/proc/PID/smaps_rollup`) divides each shared page among the \
+         processes mapping it. The idle \
          window reads `utime + stime` (clock ticks) from `/proc/PID/stat` and the sum of \
          `voluntary_ctxt_switches + nonvoluntary_ctxt_switches` of every thread from \
          `/proc/PID/task/*/status` before and after {idle:?} without traffic; each switch is \
@@ -48,16 +53,66 @@ pub fn run(ctx: &Ctx) -> Section {
     s
 }
 
-/// clusterd's memory: `VmRSS`, and a breakdown `anon …, file …; peak VmHWM …`.
+/// clusterd's memory: `VmRSS`, and a breakdown `anon …, file …; by mapped
+/// file: …; PSS …; peak VmHWM …` (the files largest first).
 fn memory(pid: u32) -> (Option<u64>, String) {
     let show = |key: &str| status_kb(pid, key).map_or_else(|| "unknown".to_string(), mib);
+    let files = mapped_files(pid);
+    let files = if files.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = files
+            .iter()
+            .take(4)
+            .map(|(name, bytes)| format!("{name} {}", mib(*bytes)))
+            .collect();
+        format!("; by mapped file: {}", list.join(", "))
+    };
+    let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|text| kb_field(&text, "Pss"))
+        .map_or_else(|| "unknown".to_string(), mib);
     let detail = format!(
-        "anon {}, file {}; peak VmHWM {}",
+        "anon {}, file {}{files}; PSS {pss}; peak VmHWM {}",
         show("RssAnon"),
         show("RssFile"),
         show("VmHWM")
     );
     (status_kb(pid, "VmRSS"), detail)
+}
+
+/// The resident bytes of each file `pid` maps (from `/proc/PID/smaps`), by
+/// file name, largest first. A file's figure includes the pages of its
+/// private mappings that were written (copy-on-write, counted as anon by
+/// `RssAnon`), so the figures can add up to more than `RssFile`.
+fn mapped_files(pid: u32) -> Vec<(String, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map(|text| files_in_smaps(&text))
+        .unwrap_or_default()
+}
+
+fn files_in_smaps(text: &str) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && first.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            // A mapping's header: ADDRESS PERMS OFFSET DEV INODE [PATH].
+            current = words
+                .nth(4)
+                .filter(|path| path.starts_with('/'))
+                .map(|path| path.rsplit('/').next().unwrap_or(path).to_string());
+        } else if let (Some(name), Some(bytes)) = (&current, kb_field(line, "Rss")) {
+            match files.iter_mut().find(|(n, _)| n == name) {
+                Some((_, total)) => *total += bytes,
+                None => files.push((name.clone(), bytes)),
+            }
+        }
+    }
+    files.retain(|(_, bytes)| *bytes > 0);
+    files.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
+    files
 }
 
 /// RSS with 2 workers of the static clusterd (what a scratch container runs).
@@ -600,5 +655,32 @@ mod tests {
             "{kind}"
         );
         assert_eq!(elf_kind(Path::new("/nonexistent")), "unreadable");
+    }
+
+    #[test]
+    fn smaps_are_summed_by_file() {
+        let smaps = "\
+55d0c0a00000-55d0c0a20000 r--p 00000000 fe:01 1234   /srv/bin/clusterd
+Rss:                 100 kB
+Pss:                 100 kB
+55d0c0a20000-55d0c0b00000 r-xp 00020000 fe:01 1234   /srv/bin/clusterd
+Rss:                 700 kB
+7f0000000000-7f0000100000 r-xp 00000000 fe:01 99     /usr/lib/x86_64-linux-gnu/libc.so.6
+Rss:                1400 kB
+VmFlags: rd ex mr mw me
+7f0000200000-7f0000300000 rw-p 00000000 00:00 0
+Rss:                 300 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0      [stack]
+Rss:                  36 kB
+7f0000400000-7f0000401000 r--p 00000000 fe:01 98     /usr/lib/empty.so
+Rss:                   0 kB
+";
+        assert_eq!(
+            files_in_smaps(smaps),
+            [
+                ("libc.so.6".to_string(), 1400 * 1024),
+                ("clusterd".to_string(), 800 * 1024)
+            ]
+        );
     }
 }

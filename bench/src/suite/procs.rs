@@ -524,8 +524,15 @@ pub fn free_port() -> Result<u16, String> {
 
 /// A field of /proc/PID/status in kB (`VmRSS`, `VmHWM`), in bytes.
 pub fn status_kb(pid: u32, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status_field(&text, key)?
+    kb_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
+}
+
+/// `KEY:   N kB` in a /proc text (status, smaps), in bytes.
+pub fn kb_field(text: &str, key: &str) -> Option<u64> {
+    status_field(text, key)?
         .split_whitespace()
         .next()?
         .parse::<u64>()

@@ -206,16 +206,21 @@ const WHY: &[(&str, &str)] = &[
     (
         "balance max/min",
         "**Balance.** With keep-alive, a worker serves the connections it accepted when the \
-         load began for the whole run. The scoreboard splits them evenly (a worker leaves a \
-         new connection to a sibling holding fewer), so what remains is how much CPU each \
+         load began for the whole run. The scoreboard splits them evenly (a worker past its \
+         fair share leaves a new connection to a sibling holding fewer), so what remains is how much CPU each \
          worker gets next to the load generator's threads on the same 2 CPUs: the scheduler, \
          not the accept loop. Compare the rows with the scoreboard off.",
     ),
     (
         "RSS, 2 workers",
         "**RSS, dynamic build.** clusterd itself writes about 0.4 MiB (`RssAnon`); the rest \
-         is resident pages of mapped files, mostly the shared libc and the binary's text, \
-         which every process using libc shares. The static build (what the scratch image \
-         runs) meets the target; see its row.",
+         is resident pages of mapped files, named in the row: glibc's `libc.so.6` alone is \
+         about 1.4 MiB of it, pages every process on the machine that uses glibc shares \
+         (the PSS figure charges clusterd its share only), then the binary's own code and \
+         the dynamic loader. The kernel maps file pages in 64 KiB blocks around each one \
+         touched (fault-around), so a program that calls into libc at all has most of it \
+         resident. A glibc-linked binary cannot get under 2 MiB this way; the static build \
+         (what the scratch image runs: no libc.so, no loader) meets the target, see its \
+         row.",
     ),
 ];
