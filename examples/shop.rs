@@ -23,6 +23,12 @@
 //! cargo run --example shop -- --listen 127.0.0.1:3999
 //! ```
 //!
+//! Rebalancing: when this worker holds clearly more keep-alive connections
+//! than its share (a sibling was replaced after a crash, or the pool was
+//! scaled up), a few responses carry `Connection: close`
+//! ([`InFlight::crowded`]), and those clients reconnect to the workers
+//! holding fewer.
+//!
 //! Draining (on clusterd's DRAIN, clusterd going away, SIGTERM or Ctrl-C):
 //! the listener is closed at once, so new connections go to other workers;
 //! requests in flight finish, and their responses carry `Connection: close`;
@@ -165,6 +171,7 @@ fn run(listen: &str) -> io::Result<()> {
         worker_id: id.to_string(),
         stats,
         shutdown: shutdown.clone(),
+        in_flight: in_flight.clone(),
         orders: Cell::new(0),
     });
 
@@ -207,6 +214,10 @@ struct App {
     stats: Stats,
     /// Checked before each response: once draining, say `Connection: close`.
     shutdown: Shutdown,
+    /// Also checked: a worker holding more than its share of the
+    /// connections (after a crash or a scale-up) ends a few keep-alive
+    /// connections, whose clients reconnect to the worker holding fewer.
+    in_flight: InFlight,
     /// Orders confirmed by this worker, for order ids.
     orders: Cell<u64>,
 }
@@ -264,8 +275,9 @@ impl App {
         };
         self.stats.count_request();
         res.insert_header("X-Worker", self.worker_id.as_str());
-        if self.shutdown.is_triggered() {
-            // The last response on this connection: the worker is draining.
+        if self.shutdown.is_triggered() || self.in_flight.crowded() {
+            // The last response on this connection: the worker is draining,
+            // or holds more than its share and lets the client move.
             res.insert_header("Connection", "close");
         }
         res

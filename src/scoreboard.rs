@@ -248,18 +248,55 @@ impl Board {
     /// sibling that holds fewer (between two workers, exactly that).
     pub fn over_share(&self, count: usize, pending: usize) -> bool {
         let count = u64::from(as_count(count));
-        let (mut workers, mut held, mut fewest) = (1u64, count, u64::MAX);
+        let siblings = self.siblings();
+        let total = count + siblings.held + u64::from(as_count(pending.max(1)));
+        siblings.fewest < count && count >= total.div_ceil(siblings.workers + 1)
+    }
+
+    /// How many connections this worker, holding `count`, holds beyond its
+    /// fair share of what every accepting worker holds, plus a tolerance of
+    /// one in 32 (at least one): how many of its keep-alive connections it
+    /// should close after their current response, so that their clients
+    /// reconnect and [`Board::over_share`] sends them to the workers holding
+    /// fewer. After a crash the survivors hold the connections of the dead
+    /// worker, and after a scale-up the new workers hold none; without this
+    /// they would stay so for as long as the clients keep their
+    /// connections. 0 when the worker is alone.
+    pub fn excess(&self, count: usize) -> usize {
+        let count = u64::from(as_count(count));
+        let siblings = self.siblings();
+        let share = (count + siblings.held).div_ceil(siblings.workers + 1);
+        let tolerance = (share / 32).max(1);
+        usize::try_from(count.saturating_sub(share + tolerance)).unwrap_or(usize::MAX)
+    }
+
+    /// The other accepting workers' cells, summed up.
+    fn siblings(&self) -> Siblings {
+        let mut siblings = Siblings {
+            workers: 0,
+            held: 0,
+            fewest: u64::MAX,
+        };
         for (i, cell) in self.cells.iter().enumerate() {
             let c = cell.load(Ordering::Acquire);
             if i != self.mine && c < NOT_A_COUNT {
-                workers += 1;
-                held += u64::from(c);
-                fewest = fewest.min(u64::from(c));
+                siblings.workers += 1;
+                siblings.held += u64::from(c);
+                siblings.fewest = siblings.fewest.min(u64::from(c));
             }
         }
-        let total = held + u64::from(as_count(pending.max(1)));
-        fewest < count && count >= total.div_ceil(workers)
+        siblings
     }
+}
+
+/// What [`Board::siblings`] found.
+struct Siblings {
+    /// Accepting workers other than this one.
+    workers: u64,
+    /// The connections they hold.
+    held: u64,
+    /// The fewest any of them holds (`u64::MAX` when there are none).
+    fewest: u64,
 }
 
 /// A count as stored, kept below the markers.
@@ -364,6 +401,33 @@ mod tests {
         assert!(me.over_share(7, 1));
         // 10 + 2 + 4 held and 8 pending: a share is 8.
         assert!(!me.over_share(4, 8));
+    }
+
+    #[test]
+    fn the_excess_is_what_lies_beyond_a_share_and_a_tolerance() {
+        let cells = board(&[VACANT, VACANT, VACANT]);
+        let me = Board::over(cells, 0);
+        assert_eq!(me.excess(64), 0, "alone: never crowded");
+        cells[2].store(WITHDRAWN, Ordering::Relaxed);
+        assert_eq!(me.excess(64), 0, "a draining sibling does not count");
+        // A crash: the survivor holds all 64, the replacement none. A share
+        // is 32, the tolerance 1: close 31 so that they move.
+        cells[1].store(0, Ordering::Relaxed);
+        assert_eq!(me.excess(64), 31);
+        cells[1].store(31, Ordering::Relaxed);
+        assert_eq!(me.excess(33), 0, "33 / 31 is within the tolerance");
+        cells[1].store(30, Ordering::Relaxed);
+        assert_eq!(me.excess(34), 1);
+        // Small counts: the tolerance is one connection.
+        cells[1].store(1, Ordering::Relaxed);
+        assert_eq!(me.excess(4), 0, "a share of 3 (5 / 2, rounded up), and 1");
+        assert_eq!(me.excess(5), 1);
+        // Large counts: one in 32. 1000 + 1000 over two: share 1000, 31.
+        cells[1].store(969, Ordering::Relaxed);
+        assert_eq!(me.excess(1031), 0);
+        cells[1].store(900, Ordering::Relaxed);
+        assert_eq!(me.excess(1100), 1100 - 1000 - 31);
+        assert!(me.excess(usize::MAX) > 0, "no overflow");
     }
 
     #[test]

@@ -155,6 +155,12 @@ const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
 /// accepted.
 pub const ACCEPT_BATCH: u32 = 64;
 
+/// How often [`InFlight::crowded`] looks at the scoreboard: once every this
+/// many calls (responses, typically). Between two looks it asks to close at
+/// most the excess it last saw, so the connections it sheds have time to
+/// close before it counts again.
+pub const CROWDED_EVERY: u32 = 32;
+
 /// Set once the fd named by `CLUSTERD_FD` has been taken over, so that two
 /// `OwnedFd`s can never own it.
 static IPC_FD_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -1116,6 +1122,12 @@ struct InFlightInner {
     idle: Event,
     /// Where the count is published for the sibling workers, once tracked.
     board: OnceLock<Board>,
+    /// Connections [`InFlight::crowded`] may still ask to close, from its
+    /// last look at the board.
+    shed: AtomicUsize,
+    /// Calls of [`InFlight::crowded`], to look at the board every
+    /// [`CROWDED_EVERY`].
+    crowded_calls: AtomicU32,
 }
 
 impl InFlight {
@@ -1140,6 +1152,8 @@ impl InFlight {
                 capacity: Event::new(),
                 idle: Event::new(),
                 board: OnceLock::new(),
+                shed: AtomicUsize::new(0),
+                crowded_calls: AtomicU32::new(0),
             }),
         }
     }
@@ -1167,6 +1181,43 @@ impl InFlight {
         }
         Guard {
             in_flight: self.clone(),
+        }
+    }
+
+    /// Whether this worker holds clearly more connections than its fair
+    /// share, so that a server should end the keep-alive connection it is
+    /// answering after this response (`Connection: close`): the client
+    /// reconnects, and the accept loops send the new connection to a worker
+    /// that holds fewer. That is how keep-alive clients spread onto a
+    /// replacement after a crash, or onto new workers after `clusterctl
+    /// scale`; otherwise they stay where they are for as long as they keep
+    /// their connections.
+    ///
+    /// Asks for at most the excess [`scoreboard::Board::excess`] found (the
+    /// connections beyond a fair share and a tolerance of one in 32), and
+    /// looks at the board once every [`CROWDED_EVERY`] calls, so calling it
+    /// for every response is cheap. Always `false` unless the count is
+    /// tracked under clusterd ([`Stats::track`]).
+    pub fn crowded(&self) -> bool {
+        let inner = &self.inner;
+        let Some(board) = inner.board.get() else {
+            return false;
+        };
+        let from_budget = inner
+            .shed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if from_budget.is_ok() {
+            return true;
+        }
+        if inner.crowded_calls.fetch_add(1, Ordering::Relaxed) % CROWDED_EVERY != 0 {
+            return false;
+        }
+        match board.excess(self.active()) {
+            0 => false,
+            excess => {
+                inner.shed.store(excess - 1, Ordering::Release);
+                true
+            }
         }
     }
 
@@ -2310,6 +2361,37 @@ mod tests {
         accepted.push(sixth.unwrap().unwrap());
         assert!(rounds > 0, "it deferred to the sibling first");
         assert_eq!(in_flight.active(), 6);
+    }
+
+    #[test]
+    fn a_crowded_worker_sheds_only_its_excess() {
+        let untracked = InFlight::default();
+        let _held: Vec<Guard> = (0..10).map(|_| untracked.enter()).collect();
+        assert!(!untracked.crowded(), "not on a board: never crowded");
+
+        let in_flight = InFlight::default();
+        let cells: &'static [AtomicU32] =
+            vec![AtomicU32::new(scoreboard::VACANT), AtomicU32::new(0)].leak();
+        let board = Board::over(cells, 0);
+        board.join(0);
+        in_flight.inner.board.set(board).unwrap();
+        let mut held: Vec<Guard> = (0..10).map(|_| in_flight.enter()).collect();
+        // 10 held, the sibling none: a share is 5, the tolerance 1, so 4
+        // connections should move; then it waits CROWDED_EVERY calls.
+        let shed = (0..CROWDED_EVERY).filter(|_| in_flight.crowded()).count();
+        assert_eq!(shed, 4);
+        // Those 4 closed; the sibling has taken 3 of the clients back.
+        held.truncate(6);
+        cells[1].store(3, Ordering::Relaxed);
+        let shed = (0..=CROWDED_EVERY).filter(|_| in_flight.crowded()).count();
+        assert_eq!(shed, 0, "6 / 3: a share of 5, and 1");
+        cells[1].store(scoreboard::WITHDRAWN, Ordering::Relaxed);
+        let shed = (0..=CROWDED_EVERY).filter(|_| in_flight.crowded()).count();
+        assert_eq!(shed, 0, "the sibling is draining: nowhere to go");
+        cells[1].store(0, Ordering::Relaxed);
+        let shed = (0..=CROWDED_EVERY).filter(|_| in_flight.crowded()).count();
+        assert_eq!(shed, 2, "6 / 0: a share of 3, and 1");
+        drop(held);
     }
 
     #[test]

@@ -43,3 +43,34 @@ fn ttin_and_ttou_scale_by_one() {
     println!("{report}");
     assert_no_failures("new-connection GET while scaling", &report);
 }
+
+/// Keep-alive clients follow a scale-up: the worker holding them all ends a
+/// few of their connections after a response (`Connection: close`, the
+/// shop's use of `InFlight::crowded`), and the clients reconnect to the new
+/// worker, which holds fewer. Without that, keep-alive clients never reach
+/// the new worker (they reconnect only when their connection ends).
+#[test]
+fn keep_alive_clients_spread_onto_a_new_worker() {
+    let cluster = Cluster::shop("spread", 1, "");
+    cluster.wait_ready(1);
+    let running = load(cluster.addr(), 16, true, Method::Get);
+    wait_for("16 connections on worker 1", || {
+        let now = running.snapshot();
+        (now.connections.get("1") == Some(&16)).then_some(())
+    });
+
+    cluster.signal(Signal::TTIN);
+    cluster.ready_pid(2, 1);
+    let moved = wait_for("keep-alive connections moved to worker 2", || {
+        let now = running.snapshot();
+        let moved = now.connections.get("2").copied().unwrap_or(0);
+        (moved >= 4).then_some(moved)
+    });
+    // No more than the excess moved: 16 over two is 8 each, give or take
+    // the tolerance of one.
+    assert!(moved <= 9, "{moved} connections moved");
+    assert!(running.wait_for_ok(running.ok_so_far() + 20, DEADLINE));
+    let report = running.stop();
+    println!("{report}");
+    assert_no_failures("keep-alive GET while scaling up", &report);
+}
