@@ -1,7 +1,7 @@
 //! `bench`: clusterd's benchmark suite, one command.
 //!
 //! ```sh
-//! cargo run --release -p clusterd-bench --bin bench              # about ten minutes
+//! cargo run --release -p clusterd-bench --bin bench              # about seven minutes after the build
 //! cargo run --release -p clusterd-bench --bin bench -- --quick   # a 1-2 minute smoke run
 //! ```
 //!
@@ -157,9 +157,9 @@ fn main() -> ExitCode {
         };
         section.took = t.elapsed();
         println!(
-            "  ({} took {:.0} s)",
+            "  ({} took {})",
             section.title,
-            section.took.as_secs_f64()
+            suite::fmt_secs(section.took)
         );
         sections.push(section);
     }

@@ -4,12 +4,15 @@
 //! worker over one run gives max/min (target ≤ 1.10) and Jain's fairness index
 //! ((Σx)² / (n·Σx²): 1 is perfectly even, 1/n is one worker doing everything).
 //!
-//! The library balances in two ways: the scoreboard (a worker leaves a new connection to a
-//! sibling holding fewer) and the accept limit (256 connections per worker by default). Each
+//! The library balances in two ways: the scoreboard (a worker past its fair share leaves a
+//! new connection to a sibling holding fewer) and the accept limit (256 connections per worker by default). Each
 //! is measured on and off. The shop takes the limit from `SHOP_INFLIGHT_LIMIT` (0 = no limit)
 //! and leaves the scoreboard with `SHOP_SCOREBOARD=off`, and names both in its start-up line
 //! (`in-flight limit N` or `none`, `scoreboard on` or `off`); a shop without those knobs
 //! cannot be measured with them changed, and those rows say so.
+//!
+//! A last table scales 1 worker up under keep-alive load, with and without the scoreboard:
+//! whether the clients reach the new workers.
 
 use std::time::Duration;
 
@@ -256,9 +259,10 @@ pub fn run(ctx: &Ctx) -> Section {
          the worker that answered each connection's first request) and how much CPU it \
          gets; with a \
          new connection per request, every request is won by one worker's accept. The \
-         `clusterd::worker` accept loop balances in two ways. *Scoreboard*: a worker that \
-         sees a sibling holding fewer connections leaves a pending connection to it (for 2 ms \
-         at most); off is `SHOP_SCOREBOARD=off`. *Limit*: it takes a connection only while \
+         `clusterd::worker` accept loop balances in two ways. *Scoreboard*: a worker takes \
+         pending connections while it holds less than its fair share (of what every worker \
+         holds plus the accept queue) and past it leaves the next one to a sibling holding \
+         fewer (for 2 ms at most); off is `SHOP_SCOREBOARD=off`. *Limit*: it takes a connection only while \
          the worker holds fewer than its limit (256 by default, which does not bind at \
          {conns} connections); off is `SHOP_INFLIGHT_LIMIT=0`. The target applies to the \
          default.\n",
@@ -280,7 +284,139 @@ pub fn run(ctx: &Ctx) -> Section {
     }
     cmds.push_str("```\n");
     s.md(&cmds);
+    scale_up(ctx, &mut s);
     s
+}
+
+/// Keep-alive clients after a scale-up from 1 worker to `ctx.workers()`: with the
+/// scoreboard, the worker holding every connection ends its excess after a response
+/// (`Connection: close`, `InFlight::crowded`) and the clients reconnect to the new
+/// workers; without it they stay where they are.
+fn scale_up(ctx: &Ctx, s: &mut Section) {
+    let p = &ctx.p;
+    let workers = ctx.workers();
+    let mut table = Table::new(&[
+        "balancing",
+        "connections that moved to the new workers",
+        "requests per worker after the scale-up",
+        "shares",
+        "max/min",
+        "failed",
+    ]);
+    for (i, scoreboard) in [true, false].into_iter().enumerate() {
+        let label = if scoreboard {
+            "scoreboard (default)"
+        } else {
+            "no scoreboard"
+        };
+        println!("  -- scale-up 1 -> {workers}: {label}");
+        let extra = if scoreboard {
+            ""
+        } else {
+            "env = SHOP_SCOREBOARD=off\n"
+        };
+        match scale_up_once(ctx, &format!("balance-scale-{i}"), extra, workers) {
+            Ok((moved, counts, report)) => {
+                let total: u64 = counts.iter().sum();
+                let shares: Vec<String> = counts
+                    .iter()
+                    .map(|&c| format!("{:.1}%", 100.0 * c as f64 / total.max(1) as f64))
+                    .collect();
+                let ratio = max_min(&counts);
+                if report.failed() > 0 {
+                    s.fail(
+                        &format!("scale-up, {label}"),
+                        &format!(
+                            "{} requests failed ({})",
+                            report.failed(),
+                            super::failure_classes(&report)
+                        ),
+                    );
+                }
+                table.row(vec![
+                    label.into(),
+                    format!("{moved} of {}", super::CONNECTIONS),
+                    joined(&counts),
+                    shares.join(" / "),
+                    if ratio.is_finite() {
+                        format!("{ratio:.3}")
+                    } else {
+                        "∞ (a worker got nothing)".into()
+                    },
+                    thousands(report.failed()),
+                ]);
+            }
+            Err(e) => {
+                s.fail(&format!("scale-up, {label}"), &e);
+                table.row(vec![label.into(), format!("not measured: {e}")]);
+            }
+        }
+    }
+    s.md(&format!(
+        "**After a scale-up.** clusterd with 1 shop worker under {conns} keep-alive \
+         connections of `GET /products/1`; after {settle:?} `clusterctl scale {workers}`, and \
+         once every worker is ready and another {settle:?} has passed, each worker's \
+         responses are counted for {run:?}. A keep-alive client reconnects only when its \
+         connection ends, so new workers get nothing unless the one holding every \
+         connection ends some of them: with the scoreboard, the shop answers its excess \
+         over a fair share (`InFlight::crowded`) with `Connection: close`, and the accept \
+         loops send the reconnecting clients to the workers holding fewer. The same happens \
+         to a crashed worker's replacement. *Connections that moved* counts the \
+         connections whose first response came from a new worker.\n",
+        conns = super::CONNECTIONS,
+        settle = SCALE_SETTLE,
+        run = p.balance_run,
+    ));
+    s.table(&table);
+}
+
+/// How long the load runs before the scale-up, and after it before counting.
+const SCALE_SETTLE: Duration = Duration::from_secs(1);
+
+/// One scale-up run: the connections that moved to the new workers, the requests per
+/// worker in the counting window, and the whole run's report.
+fn scale_up_once(
+    ctx: &Ctx,
+    tag: &str,
+    extra: &str,
+    workers: u32,
+) -> Result<(u64, Vec<u64>, Report), String> {
+    let d = ctx.ready_shop_daemon(tag, "1", extra)?;
+    let mut spec = Route::Products.spec(d.addr()?, true);
+    spec.duration = Some(Duration::from_secs(120));
+    let running = clusterd_bench::start(spec).map_err(|e| e.to_string())?;
+    std::thread::sleep(SCALE_SETTLE);
+    let scaled = d
+        .ctl(&["scale", &workers.to_string()], Duration::from_secs(30))
+        .and_then(|out| {
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("clusterctl scale: {}: {}", out.status, out.stderr))
+            }
+        })
+        .and_then(|()| {
+            d.wait_settled(workers as usize, Duration::from_secs(30))
+                .map(|_| ())
+        });
+    if let Err(e) = scaled {
+        let _ = running.stop();
+        let _ = d.stop(Duration::from_secs(30));
+        return Err(e);
+    }
+    std::thread::sleep(SCALE_SETTLE);
+    let before = per_worker(&running.snapshot(), workers);
+    std::thread::sleep(ctx.p.balance_run);
+    let after = per_worker(&running.snapshot(), workers);
+    let report = running.stop();
+    let _ = d.stop(Duration::from_secs(30));
+    let moved = by_id(&report.connections, workers).iter().skip(1).sum();
+    let counts = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    Ok((moved, counts, report))
 }
 
 #[cfg(test)]

@@ -364,6 +364,16 @@ pub fn fmt_ms(ms: f64) -> String {
     }
 }
 
+/// A section's duration: `0.4 s`, `236 s`.
+pub fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 10.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
 /// A count with thousands separators: `19,394`.
 pub fn thousands(n: u64) -> String {
     let s = n.to_string();
@@ -403,7 +413,7 @@ pub fn failure_classes(r: &Report) -> String {
         ("connect error", r.connect_error),
         ("reset", r.reset),
         ("EOF before response", r.eof_before_response),
-        ("idle close (POST)", r.idle_close),
+        ("closed unanswered on a reused connection", r.idle_close),
         ("EOF mid-response", r.eof_mid_response),
         ("timeout", r.timeout),
         ("bad response", r.bad_response),

@@ -44,7 +44,7 @@ pub fn markdown(run: &Run<'_>, sections: &[Section]) -> String {
     let _ = writeln!(out, "## How to reproduce\n");
     let _ = writeln!(
         out,
-        "```sh\ncargo run --release -p clusterd-bench --bin bench              # about ten minutes; writes BENCHMARKS.md\n\
+        "```sh\ncargo run --release -p clusterd-bench --bin bench              # about seven minutes after the build; writes BENCHMARKS.md\n\
          cargo run --release -p clusterd-bench --bin bench -- --quick   # a 1-2 minute smoke run\n```\n"
     );
     let _ = writeln!(out, "This report: `{}`.", run.command);
@@ -154,7 +154,7 @@ pub fn markdown(run: &Run<'_>, sections: &[Section]) -> String {
                 let _ = writeln!(out, "```text\n{}\n```", e.trim_end());
             }
         }
-        let _ = writeln!(out, "\n_Section time: {:.0} s._", s.took.as_secs_f64());
+        let _ = writeln!(out, "\n_Section time: {}._", super::fmt_secs(s.took));
     }
 
     let _ = writeln!(
