@@ -1887,6 +1887,7 @@ mod tests {
     use super::*;
     use crate::proto::MAX_IPC_RECORD;
     use rustix::net::{SocketFlags, socketpair};
+    use smol::LocalExecutor;
     use smol::future::poll_once;
     use std::io::{Read, Write};
 
@@ -2223,17 +2224,32 @@ mod tests {
         assert_eq!(in_flight.active(), 0);
     }
 
-    #[test]
-    fn acceptor_stops_and_closes_the_listener_on_shutdown() {
+    /// An [`Acceptor`] counting in `in_flight` on a connected worker's
+    /// listener, with the worker and the fake clusterd (keep them alive) and
+    /// the listener's address.
+    fn acceptor(in_flight: &InFlight) -> (Acceptor, Worker, Clusterd, std::net::SocketAddr) {
         let (mut worker, clusterd) = connected();
-        let in_flight = InFlight::default();
-        let mut acceptor = Acceptor::new(
+        let acceptor = Acceptor::new(
             worker.take_listener("http").unwrap(),
             in_flight.clone(),
             worker.shutdown(),
         );
         let address = clusterd.listener.local_addr().unwrap();
-        let _client = std::net::TcpStream::connect(address).unwrap();
+        (acceptor, worker, clusterd, address)
+    }
+
+    /// `n` clients connected to `address` (waiting in its accept queue).
+    fn clients(address: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+        (0..n)
+            .map(|_| std::net::TcpStream::connect(address).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn acceptor_stops_and_closes_the_listener_on_shutdown() {
+        let in_flight = InFlight::default();
+        let (mut acceptor, _worker, clusterd, address) = acceptor(&in_flight);
+        let _client = clients(address, 1);
         let conn = within(acceptor.accept()).unwrap().unwrap();
         assert_eq!(acceptor.in_flight().active(), 1);
 
@@ -2254,9 +2270,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         assert_eq!(tcp_accept_queue(listener.as_fd()).unwrap(), 0);
-        let _clients: Vec<_> = (0..3)
-            .map(|_| std::net::TcpStream::connect(address).unwrap())
-            .collect();
+        let _clients = clients(address, 3);
         assert_eq!(tcp_accept_queue(listener.as_fd()).unwrap(), 3);
         let _taken = listener.accept().unwrap();
         assert_eq!(tcp_accept_queue(listener.as_fd()).unwrap(), 2);
@@ -2297,21 +2311,11 @@ mod tests {
         out
     }
 
-    use smol::LocalExecutor;
-
     #[test]
     fn acceptor_takes_pending_connections_back_to_back() {
-        let (mut worker, clusterd) = connected();
         let in_flight = InFlight::default();
-        let mut acceptor = Acceptor::new(
-            worker.take_listener("http").unwrap(),
-            in_flight.clone(),
-            worker.shutdown(),
-        );
-        let address = clusterd.listener.local_addr().unwrap();
-        let _clients: Vec<_> = (0..10)
-            .map(|_| std::net::TcpStream::connect(address).unwrap())
-            .collect();
+        let (mut acceptor, _worker, _clusterd, address) = acceptor(&in_flight);
+        let _clients = clients(address, 10);
         // A worker busy with other tasks still takes the whole queue in one
         // go: one round of its tasks per connection would keep the tenth
         // client waiting for ten rounds.
@@ -2329,22 +2333,14 @@ mod tests {
 
     #[test]
     fn a_balanced_worker_takes_its_share_of_a_burst_back_to_back() {
-        let (mut worker, clusterd) = connected();
         let in_flight = InFlight::default();
         // This worker has cell 0; a sibling that accepts but is stuck (it
         // never takes a connection) holds none.
         let cells: &'static [AtomicU32] =
             vec![AtomicU32::new(scoreboard::VACANT), AtomicU32::new(0)].leak();
         in_flight.inner.board.set(Board::over(cells, 0)).unwrap();
-        let mut acceptor = Acceptor::new(
-            worker.take_listener("http").unwrap(),
-            in_flight.clone(),
-            worker.shutdown(),
-        );
-        let address = clusterd.listener.local_addr().unwrap();
-        let _clients: Vec<_> = (0..10)
-            .map(|_| std::net::TcpStream::connect(address).unwrap())
-            .collect();
+        let (mut acceptor, _worker, _clusterd, address) = acceptor(&in_flight);
+        let _clients = clients(address, 10);
         let (mut accepted, rounds) = with_busy_neighbour(async {
             let mut accepted = Vec::new();
             for _ in 0..5 {
