@@ -432,8 +432,8 @@ impl Daemon {
     /// Handles the records an exited worker sent that its reader task has
     /// not read yet, before the exit: a worker that sends DRAINED and exits
     /// at once is drained, whichever of SIGCHLD and the record clusterd's
-    /// loop sees first. Bounded: what is left is at most a socket buffer's
-    /// worth, and the worker can send no more.
+    /// loop sees first. Bounded: at most [`MAX_LAST_RECORDS`], and up to the
+    /// first malformed one (the worker can send no more).
     fn read_last_records(&mut self, id: InstanceId) {
         let Some(ipc) = self.procs.get(&id).and_then(|p| p.ipc.clone()) else {
             return;
@@ -452,6 +452,9 @@ impl Daemon {
                 // The reader task sees the end of the channel too, and
                 // reports it.
                 WorkerEvent::Closed => return,
+                // Logged once; garbage as a worker's last words needs no
+                // more reading.
+                bad @ WorkerEvent::Bad(_) => return self.worker_event(id, bad),
                 event => self.worker_event(id, event),
             }
         }
