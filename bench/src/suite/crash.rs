@@ -209,7 +209,13 @@ pub fn run(ctx: &Ctx) -> Section {
         "A request inside the killed process when it dies cannot be answered by anyone: a \
          POST there fails (the client cannot know whether the order went through), a GET on a \
          reused connection is retried by the client. Connections waiting in the kernel's \
-         accept queue are not lost: the listening socket belongs to clusterd.\n\n\
+         accept queue are not lost: the listening socket belongs to clusterd. Each \
+         `POST /checkout` connection has a request in flight nearly all the time (50 ms \
+         each), so a kill fails about as many POSTs as the killed worker held connections \
+         of them. Those tend to be most of them: after a kill its clients reconnect to the \
+         surviving worker while the replacement starts, the rebalancing that follows \
+         (`InFlight::crowded`) moves whichever connections get a response first, mostly the \
+         quick GETs, and the next kill, the workers being taken in turn, hits the survivor.\n\n\
          ```sh\n{}\n{}\nkill -9 $WORKER_PID   # × {}\n```\n",
         super::loadgen_command(reports[0].1),
         super::loadgen_command(reports[1].1),
