@@ -583,3 +583,53 @@ fn notifications_from_strangers_and_malformed_ones_are_ignored() {
     assert!(cluster.events("worker.crash").is_empty());
     assert_eq!(status(&cluster)["ready"], 2);
 }
+
+/// A `protocol = systemd` worker that sends `STOPPING=1` and exits at once
+/// (`_exit`) is heard, even when the exit and the datagram reach clusterd
+/// together: clusterd reads the datagrams queued on its notification socket
+/// before it handles an exit. To make them arrive together, clusterd is
+/// stopped (SIGSTOP) while the worker is sent SIGTERM, notifies and dies,
+/// and continued once the worker is a zombie. (Such a worker exits without
+/// a DRAIN, so clusterd counts a crash and replaces it.)
+#[test]
+fn stopping_sent_just_before_exiting_is_heard() {
+    const ROUNDS: u64 = 6;
+    let cluster = Cluster::start(
+        "py-stopping",
+        &pyworker("notify-exit", 1, "min_uptime = 100ms\nrestart_delay = 10ms"),
+    );
+    wait_ready_no_crash(&cluster, 1);
+    for round in 0..ROUNDS {
+        let worker = wait_for("a ready worker", || {
+            let st = status(&cluster);
+            let w = workers(&st).first()?.clone();
+            (w["state"] == "ready" && w["restarts"] == round).then(|| w["pid"].as_u64())?
+        }) as u32;
+        kill(cluster.pid(), Signal::STOP);
+        kill(worker, Signal::TERM);
+        wait_for("the worker to exit (a zombie)", || {
+            let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).ok()?;
+            let state = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            (state == "Z").then_some(())
+        });
+        kill(cluster.pid(), Signal::CONT);
+        let exit = cluster.wait_event("worker.crash", |l| l.num("pid") == u64::from(worker));
+        let lines = cluster.lines();
+        let at = |event: &str| {
+            lines
+                .iter()
+                .position(|l| l.event == event && l.num("pid") == u64::from(worker))
+        };
+        let (stopping, exited) = (at("worker.stopping"), at("worker.crash"));
+        assert!(
+            stopping.is_some() && stopping < exited,
+            "round {round}: STOPPING=1 lost or late ({}): {lines:#?}",
+            exit.raw
+        );
+    }
+}

@@ -132,7 +132,7 @@ pub fn run(config: Config) -> i32 {
     }
 
     let notify = match notify::NotifySocket::bind() {
-        Ok(n) => n,
+        Ok(n) => Rc::new(n),
         Err(e) => {
             log!(error, "notify.failed", error = e);
             eprintln!("clusterd: cannot create the worker notification socket: {e}");
@@ -155,8 +155,7 @@ pub fn run(config: Config) -> i32 {
     }
     let ex = Rc::new(LocalExecutor::new());
     let (tx, rx) = smol::channel::unbounded();
-    let notify_name = notify.name.clone();
-    let mut daemon = Daemon::new(config, listeners, notify_name, ex.clone(), tx.clone());
+    let mut daemon = Daemon::new(config, listeners, notify.clone(), ex.clone(), tx.clone());
     smol::block_on(ex.run(async {
         let tx_signals = tx.clone();
         ex.spawn(async move {
@@ -216,6 +215,9 @@ struct Daemon {
     listeners: Vec<Listener>,
     /// `NOTIFY_SOCKET` for systemd-protocol workers.
     notify_name: String,
+    /// The socket itself, read by its own task; [`Daemon::reap`] reads what
+    /// is queued first.
+    notify: Rc<notify::NotifySocket>,
     /// The worker spec of every generation still in use.
     specs: BTreeMap<u64, Spec>,
     next_generation: u64,
@@ -302,7 +304,7 @@ impl Daemon {
     fn new(
         config: Config,
         listeners: Vec<Listener>,
-        notify_name: String,
+        notify: Rc<notify::NotifySocket>,
         ex: Rc<LocalExecutor<'static>>,
         tx: Sender<Event>,
     ) -> Daemon {
@@ -311,7 +313,8 @@ impl Daemon {
         Daemon {
             config,
             listeners,
-            notify_name,
+            notify_name: notify.name.clone(),
+            notify,
             specs,
             next_generation: 2,
             sup,
@@ -396,6 +399,7 @@ impl Daemon {
 
     /// Reaps every child that has exited, workers and orphans alike.
     fn reap(&mut self) {
+        self.read_queued_notifications();
         loop {
             match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
                 Ok(Some((pid, status))) => {
@@ -425,6 +429,21 @@ impl Daemon {
                     log!(error, "reap.failed", error = e);
                     break;
                 }
+            }
+        }
+    }
+
+    /// Handles the sd_notify datagrams queued on the notification socket
+    /// that its reader task has not read yet, while their senders' pids
+    /// still name workers: a `protocol = systemd` worker that sends
+    /// `STATUS=…` or `STOPPING=1` and exits at once is heard. Bounded by
+    /// [`MAX_LAST_RECORDS`].
+    fn read_queued_notifications(&mut self) {
+        let notify = self.notify.clone();
+        for _ in 0..MAX_LAST_RECORDS {
+            match notify.try_recv() {
+                Ok(Some(n)) => self.notification(n),
+                Ok(None) | Err(_) => return,
             }
         }
     }

@@ -56,6 +56,20 @@ impl NotifySocket {
         })
     }
 
+    /// The next well-formed notification already queued, without waiting:
+    /// `Ok(None)` when there is none.
+    pub fn try_recv(&self) -> io::Result<Option<Notification>> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            match receive(self.sock.get_ref(), &mut buf) {
+                Ok(Some(n)) => return Ok(Some(n)),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Receives the next well-formed notification from a process whose
     /// credentials the kernel attached.
     pub async fn recv(&self) -> io::Result<Notification> {
