@@ -44,10 +44,13 @@
 //! queue, divided among them); past it they leave the next one to a sibling
 //! that holds fewer, for [`scoreboard::DEFER_MAX`], before taking it. They
 //! also accept only while the count is below its limit (as nginx stops
-//! accepting when a worker's connections run low). [`Acceptor::accept`] takes the connections
-//! already pending back to back, yielding to the worker's other tasks after
-//! every [`ACCEPT_BATCH`], so a new connection does not wait for a round of a
-//! CPU-busy worker's tasks per connection queued ahead of it. Each accepted
+//! accepting when a worker's connections run low). [`Acceptor::accept`]
+//! takes the connections already pending back to back, yielding to the
+//! worker's other tasks after every [`ACCEPT_BATCH`], so a new connection
+//! does not wait for a round of a CPU-busy worker's tasks per connection
+//! queued ahead of it. [`InFlight::crowded`] tells a worker holding more than
+//! its share when to end a keep-alive connection, so that clients move onto
+//! a replacement or new workers. Each accepted
 //! connection carries a [`Guard`] that releases its slot when dropped,
 //! however the connection ends, so a client that disconnects mid-request can
 //! never leave a drain waiting.
