@@ -437,14 +437,10 @@ impl Daemon {
     /// that its reader task has not read yet, while their senders' pids
     /// still name workers: a `protocol = systemd` worker that sends
     /// `STATUS=…` or `STOPPING=1` and exits at once is heard. Bounded by
-    /// [`MAX_LAST_RECORDS`].
+    /// [`MAX_LAST_RECORDS`] datagrams, well-formed or not.
     fn read_queued_notifications(&mut self) {
-        let notify = self.notify.clone();
-        for _ in 0..MAX_LAST_RECORDS {
-            match notify.try_recv() {
-                Ok(Some(n)) => self.notification(n),
-                Ok(None) | Err(_) => return,
-            }
+        for n in self.notify.drain_queued(MAX_LAST_RECORDS as usize) {
+            self.notification(n);
         }
     }
 

@@ -56,22 +56,25 @@ impl NotifySocket {
         })
     }
 
-    /// The next well-formed notification already queued, without waiting:
-    /// `Ok(None)` when there is none.
-    pub fn try_recv(&self) -> io::Result<Option<Notification>> {
+    /// Reads up to `max` datagrams already queued, without waiting, and
+    /// returns the well-formed notifications among them.
+    pub fn drain_queued(&self, max: usize) -> Vec<Notification> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        loop {
+        let mut out = Vec::new();
+        for _ in 0..max {
             match receive(self.sock.get_ref(), &mut buf) {
-                Ok(Some(n)) => return Ok(Some(n)),
+                Ok(Some(n)) => out.push(n),
                 Ok(None) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e),
+                Err(_) => break, // WouldBlock: nothing more queued
             }
         }
+        out
     }
 
     /// Receives the next well-formed notification from a process whose
-    /// credentials the kernel attached.
+    /// credentials the kernel attached. Yields to the other tasks after each
+    /// datagram it ignores, so a flood of garbage (any local process can
+    /// send to an abstract socket) cannot hold the event loop.
     pub async fn recv(&self) -> io::Result<Notification> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
@@ -79,6 +82,7 @@ impl NotifySocket {
             if let Some(n) = got {
                 return Ok(n);
             }
+            smol::future::yield_now().await;
         }
     }
 }
@@ -228,5 +232,30 @@ mod tests {
             vec![("STOPPING".into(), "1".into())],
             "oversized and garbage ones were skipped"
         );
+    }
+
+    #[test]
+    fn queued_datagrams_are_drained_without_waiting_and_boundedly() {
+        let sock = NotifySocket::bind().unwrap();
+        assert!(sock.drain_queued(8).is_empty(), "nothing queued: no wait");
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let addr =
+            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&sock.name.as_bytes()[1..])
+                .unwrap();
+        for datagram in [
+            &b"garbage"[..],
+            b"STATUS=a",
+            b"junk",
+            b"STATUS=b",
+            b"STATUS=c",
+        ] {
+            client.send_to_addr(datagram, &addr).unwrap();
+        }
+        let first = sock.drain_queued(4);
+        let notes: Vec<&str> = first.iter().map(|n| n.fields[0].1.as_str()).collect();
+        assert_eq!(notes, ["a", "b"], "four datagrams read, garbage among them");
+        let rest = sock.drain_queued(8);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].fields[0].1, "c");
     }
 }
