@@ -15,9 +15,9 @@
 //! connections it holds in its cell. A worker takes pending connections
 //! while it holds less than its fair share ([`Board::over_share`]); past it,
 //! a worker that sees another one holding fewer waits a moment
-//! ([`DEFER_MAX`]) so that the other one takes the connection. The wait is bounded, so a sibling
-//! that is stuck or gone costs a new connection at most that much latency,
-//! never the connection.
+//! ([`DEFER_MAX`]) so that the other one takes the connection. The wait is
+//! bounded, so a sibling that is stuck or gone costs a new connection at
+//! most that much latency, never the connection.
 //!
 //! A cell holds a count, or [`VACANT`] (no worker, or one that has not begun
 //! accepting), or [`WITHDRAWN`] (the worker is draining). Each cell has one
@@ -246,11 +246,17 @@ impl Board {
     /// connection at a time, which costs a busy worker a round of its tasks
     /// per turn. With nothing else pending it is the plain rule: defer to a
     /// sibling that holds fewer (between two workers, exactly that).
-    pub fn over_share(&self, count: usize, pending: usize) -> bool {
+    ///
+    /// `pending` is asked only when some sibling holds fewer (reading the
+    /// accept queue is a system call, and most accepts need no answer).
+    pub fn over_share(&self, count: usize, pending: impl FnOnce() -> usize) -> bool {
         let count = u64::from(as_count(count));
         let siblings = self.siblings();
-        let total = count + siblings.held + u64::from(as_count(pending.max(1)));
-        siblings.fewest < count && count >= total.div_ceil(siblings.workers + 1)
+        if siblings.fewest >= count {
+            return false;
+        }
+        let total = count + siblings.held + u64::from(as_count(pending().max(1)));
+        count >= total.div_ceil(siblings.workers + 1)
     }
 
     /// How many connections this worker, holding `count`, holds beyond its
@@ -346,17 +352,24 @@ mod tests {
         let cells = board(&[VACANT, VACANT, VACANT]);
         let me = Board::over(cells, 0);
         me.join(4);
-        assert!(!me.over_share(4, 1), "alone: never defer");
-        assert!(!me.over_share(4, 100), "alone, however many are pending");
+        assert!(!me.over_share(4, || 1), "alone: never defer");
+        assert!(!me.over_share(4, || 100), "alone, however many are pending");
+        assert!(
+            !me.over_share(4, || unreachable!("the queue is read only when it matters")),
+            "alone"
+        );
         cells[1].store(WITHDRAWN, Ordering::Relaxed);
-        assert!(!me.over_share(4, 1), "a draining sibling does not count");
+        assert!(!me.over_share(4, || 1), "a draining sibling does not count");
         cells[2].store(4, Ordering::Relaxed);
-        assert!(!me.over_share(4, 1), "a tie: both accept");
+        assert!(!me.over_share(4, || 1), "a tie: both accept");
         cells[2].store(3, Ordering::Relaxed);
-        assert!(me.over_share(4, 1));
-        assert!(me.over_share(4, 0), "the connection decided on is pending");
-        assert!(!me.over_share(3, 1));
-        assert!(!me.over_share(0, 1), "nobody holds fewer than none");
+        assert!(me.over_share(4, || 1));
+        assert!(
+            me.over_share(4, || 0),
+            "the connection decided on is pending"
+        );
+        assert!(!me.over_share(3, || 1));
+        assert!(!me.over_share(0, || 1), "nobody holds fewer than none");
     }
 
     #[test]
@@ -368,7 +381,7 @@ mod tests {
         // 64 pending at two idle workers: this one may take 32 in a row.
         let mut pending = 64;
         let mut taken = 0;
-        while pending > 0 && !me.over_share(taken, pending) {
+        while pending > 0 && !me.over_share(taken, || pending) {
             taken += 1;
             pending -= 1;
         }
@@ -377,7 +390,7 @@ mod tests {
         let sibling = Board::over(cells, 1);
         cells[0].store(32, Ordering::Relaxed);
         let mut theirs = 0;
-        while pending > 0 && !sibling.over_share(theirs, pending) {
+        while pending > 0 && !sibling.over_share(theirs, || pending) {
             theirs += 1;
             pending -= 1;
         }
@@ -385,11 +398,11 @@ mod tests {
         // Settled at 32 / 32, one more arrives: either may take it, and
         // whoever then holds 33 leaves the next to the other.
         cells[1].store(32, Ordering::Relaxed);
-        assert!(!me.over_share(32, 1));
+        assert!(!me.over_share(32, || 1));
         cells[1].store(33, Ordering::Relaxed);
-        assert!(!me.over_share(32, 1));
+        assert!(!me.over_share(32, || 1));
         cells[1].store(32, Ordering::Relaxed);
-        assert!(me.over_share(33, 1));
+        assert!(me.over_share(33, || 1));
     }
 
     #[test]
@@ -397,10 +410,10 @@ mod tests {
         let cells = board(&[VACANT, 10, 2]);
         let me = Board::over(cells, 0);
         // 10 + 2 + 6 held and 1 pending: a share is 7.
-        assert!(!me.over_share(6, 1));
-        assert!(me.over_share(7, 1));
+        assert!(!me.over_share(6, || 1));
+        assert!(me.over_share(7, || 1));
         // 10 + 2 + 4 held and 8 pending: a share is 8.
-        assert!(!me.over_share(4, 8));
+        assert!(!me.over_share(4, || 8));
     }
 
     #[test]
@@ -437,10 +450,10 @@ mod tests {
         me.join(usize::MAX);
         assert_eq!(me.own(), NOT_A_COUNT - 1);
         cells[0].store(5, Ordering::Relaxed);
-        assert!(me.over_share(usize::MAX, 1));
-        assert!(!me.over_share(usize::MAX, usize::MAX), "no overflow");
+        assert!(me.over_share(usize::MAX, || 1));
+        assert!(!me.over_share(usize::MAX, || usize::MAX), "no overflow");
         cells[0].store(NOT_A_COUNT - 1, Ordering::Relaxed);
-        assert!(!me.over_share(usize::MAX, 1), "no sibling holds fewer");
+        assert!(!me.over_share(usize::MAX, || 1), "no sibling holds fewer");
     }
 
     #[test]
@@ -465,9 +478,12 @@ mod tests {
         assert_eq!(a.own(), VACANT, "created vacant");
         a.join(3);
         b.join(1);
-        assert!(a.over_share(3, 1), "a sees b's count through the mapping");
+        assert!(
+            a.over_share(3, || 1),
+            "a sees b's count through the mapping"
+        );
         vacate(&fd, 1).unwrap();
-        assert!(!a.over_share(3, 1), "and clusterd's vacate");
+        assert!(!a.over_share(3, || 1), "and clusterd's vacate");
         assert_eq!(b.own(), VACANT);
         let err = Board::map(&fd, CELLS).unwrap_err();
         assert!(err.to_string().contains("out of range"), "{err}");

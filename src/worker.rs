@@ -1429,18 +1429,20 @@ impl Listener {
         board: &Board,
         in_flight: &InFlight,
     ) -> io::Result<(Stream, String)> {
-        let over_share = || board.over_share(in_flight.active(), self.pending());
+        let over_share = || board.over_share(in_flight.active(), || self.pending());
         loop {
-            if over_share() {
+            let mut over = over_share();
+            if over {
                 // Serve what this worker already holds first: a short
                 // request finishes and the count drops, and only a worker
                 // still over its share after that defers below.
                 future::yield_now().await;
+                over = over_share();
             }
             // A connection this worker should have is taken at once: waiting
             // for readiness first would cost a turn of the reactor, which a
             // busy executor reaches only after a round of its tasks.
-            if !over_share() {
+            if !over {
                 match self.try_accept() {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     result => return result,

@@ -607,16 +607,8 @@ fn stopping_sent_just_before_exiting_is_heard() {
         }) as u32;
         kill(cluster.pid(), Signal::STOP);
         kill(worker, Signal::TERM);
-        wait_for("the worker to exit (a zombie)", || {
-            let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).ok()?;
-            let state = stat
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .next()?
-                .to_owned();
-            (state == "Z").then_some(())
-        });
+        // clusterd is stopped, so it cannot reap: the worker is a zombie.
+        wait_gone("the worker to exit", &[worker]);
         kill(cluster.pid(), Signal::CONT);
         let exit = cluster.wait_event("worker.crash", |l| l.num("pid") == u64::from(worker));
         let lines = cluster.lines();

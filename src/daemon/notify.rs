@@ -210,13 +210,24 @@ mod tests {
         }
     }
 
+    /// A datagram socket of this process, and the address of `sock`.
+    fn client_of(
+        sock: &NotifySocket,
+    ) -> (
+        std::os::unix::net::UnixDatagram,
+        std::os::unix::net::SocketAddr,
+    ) {
+        use std::os::linux::net::SocketAddrExt;
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(&sock.name.as_bytes()[1..]).unwrap();
+        (client, addr)
+    }
+
     #[test]
     fn a_datagram_is_attributed_to_its_sender() {
         let sock = NotifySocket::bind().unwrap();
-        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        let addr =
-            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&sock.name.as_bytes()[1..])
-                .unwrap();
+        let (client, addr) = client_of(&sock);
         client.send_to_addr(b"READY=1\nSTATUS=hi", &addr).unwrap();
         client
             .send_to_addr(&[b'x'; MAX_DATAGRAM + 10], &addr)
@@ -238,10 +249,7 @@ mod tests {
     fn queued_datagrams_are_drained_without_waiting_and_boundedly() {
         let sock = NotifySocket::bind().unwrap();
         assert!(sock.drain_queued(8).is_empty(), "nothing queued: no wait");
-        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        let addr =
-            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&sock.name.as_bytes()[1..])
-                .unwrap();
+        let (client, addr) = client_of(&sock);
         for datagram in [
             &b"garbage"[..],
             b"STATUS=a",
