@@ -28,8 +28,16 @@
 //! - `ready-twice`: reports Ready twice, then behaves as `ok`.
 //! - `drained-early`: reports Ready, then Drained before any DRAIN, then
 //!   behaves as `ok` (and reports Drained again when really drained).
-//! - `crash-after MS`: behaves as `ok`, but exits with status 3 after MS
-//!   milliseconds.
+//! - `crash-after MS`: behaves as `ok`, but exits with status 3 MS
+//!   milliseconds after reporting Ready.
+//!
+//! Options, after the mode (for bad deploys that fail after READY):
+//!
+//! - `--ready-delay MS`: waits MS milliseconds before reporting Ready.
+//! - `--crash-on-request N`: exits with status 3 when the Nth request
+//!   arrives, before answering it.
+//! - `--fail-when PATH`: exits with status 3 as soon as PATH exists (looked
+//!   at every 50 ms from its start): a generation that starts failing later.
 //!
 //! The responder answers every request on a keep-alive connection with
 //! `200 OK`, headers `X-Worker: ID`, `X-Pid: PID`, `X-Generation: GEN` and the
@@ -63,7 +71,10 @@ macro_rules! say {
     }};
 }
 
-const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|crash-after MS";
+const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH]";
+
+/// Requests received so far, for `--crash-on-request`.
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Largest request head the responder reads.
 const MAX_HEAD: usize = 64 * 1024;
@@ -80,6 +91,39 @@ enum Mode {
     ReadyTwice,
     DrainedEarly,
     CrashAfter(Duration),
+}
+
+/// The options after the mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Opts {
+    ready_delay: Option<Duration>,
+    crash_on_request: Option<u64>,
+    fail_when: Option<std::path::PathBuf>,
+}
+
+fn parse_opts(args: &[String]) -> Result<(Mode, Opts), String> {
+    let split = args
+        .iter()
+        .position(|a| a.starts_with("--"))
+        .unwrap_or(args.len());
+    let mode = parse(&args[..split])?;
+    let mut opts = Opts::default();
+    let mut rest = args[split..].iter();
+    while let Some(name) = rest.next() {
+        let value = rest.next().ok_or_else(|| format!("{name} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{name}: {value:?} is not a number"))
+        };
+        match name.as_str() {
+            "--ready-delay" => opts.ready_delay = Some(Duration::from_millis(number()?)),
+            "--crash-on-request" => opts.crash_on_request = Some(number()?),
+            "--fail-when" => opts.fail_when = Some(value.into()),
+            _ => return Err(format!("unknown option {name:?}")),
+        }
+    }
+    Ok((mode, opts))
 }
 
 fn parse(args: &[String]) -> Result<Mode, String> {
@@ -105,8 +149,8 @@ fn parse(args: &[String]) -> Result<Mode, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = match parse(&args) {
-        Ok(mode) => mode,
+    let (mode, opts) = match parse_opts(&args) {
+        Ok(parsed) => parsed,
         Err(why) => {
             say!("testworker: {why}\n{USAGE}");
             return ExitCode::from(2);
@@ -114,7 +158,7 @@ fn main() -> ExitCode {
     };
     let result = match mode {
         Mode::CloseIpc => close_ipc(),
-        mode => run(mode),
+        mode => run(mode, opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,7 +169,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(mode: Mode) -> io::Result<()> {
+fn run(mode: Mode, opts: Opts) -> io::Result<()> {
     let listen = std::env::var("TESTWORKER_LISTEN").unwrap_or_else(|_| "127.0.0.1:0".into());
     let mut worker = Worker::connect(&[("http", &listen)])?;
     let (id, generation) = (worker.id(), worker.generation());
@@ -160,6 +204,7 @@ fn run(mode: Mode) -> io::Result<()> {
         ),
         body: format!("worker {id}"),
         stats,
+        crash_on_request: opts.crash_on_request,
         // `ignore-drain` serves as if the drain never came.
         shutdown: (mode != Mode::IgnoreDrain).then(|| shutdown.clone()),
     });
@@ -167,6 +212,22 @@ fn run(mode: Mode) -> io::Result<()> {
     // Accept loops spawn connection tasks, so they hold the executor too.
     let ex = Rc::new(LocalExecutor::new());
     smol::block_on(ex.run(async {
+        if let Some(delay) = opts.ready_delay {
+            Timer::after(delay).await;
+        }
+        if let Some(path) = opts.fail_when.clone() {
+            ex.spawn(async move {
+                while !path.exists() {
+                    Timer::after(Duration::from_millis(50)).await;
+                }
+                say!(
+                    "testworker: worker {id} failing: {} exists (exit 3)",
+                    path.display()
+                );
+                std::process::exit(3);
+            })
+            .detach();
+        }
         match mode {
             Mode::NeverReady => {
                 let reason = shutdown.clone().await;
@@ -203,6 +264,7 @@ fn run(mode: Mode) -> io::Result<()> {
             }
             _ => worker.ready().await?,
         }
+        say!("testworker: worker {id} gen {generation} reported ready");
 
         let loops: Vec<_> = listeners
             .into_iter()
@@ -301,6 +363,8 @@ struct Info {
     headers: String,
     body: String,
     stats: Stats,
+    /// `--crash-on-request N`.
+    crash_on_request: Option<u64>,
     /// `None` in `ignore-drain`.
     shutdown: Option<Shutdown>,
 }
@@ -331,6 +395,11 @@ async fn serve(conn: Accepted, info: Rc<Info>) {
         let Some(head) = read_head(&mut stream, &mut buf).await else {
             break;
         };
+        let n = REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if info.crash_on_request == Some(n) {
+            say!("testworker: crashing on request {n} as asked (exit 3)");
+            std::process::exit(3);
+        }
         if !skip(&mut stream, &mut buf, head.content_length).await {
             break;
         }

@@ -74,6 +74,12 @@ pub struct Config {
     pub ready_after: Option<Duration>,
     /// `metrics`: where to serve `/metrics` and `/healthz`.
     pub metrics: Option<SocketAddr>,
+    /// `bake`: a rolling restart's first replacement (the canary) and its
+    /// last must stay up this long after READY; zero turns it off.
+    pub bake: Duration,
+    /// `rollback = auto`: a generation that crash-loops right after its
+    /// restart finished goes back to the one before.
+    pub rollback: bool,
 }
 
 /// A `listen` line.
@@ -180,6 +186,12 @@ pub fn default_control_path(name: &str) -> (PathBuf, &'static str) {
     )
 }
 
+/// `bake` when the config does not set it: long enough to catch a program
+/// that dies a few seconds after READY (a lazy database connection, the
+/// first requests), short enough that a healthy rolling restart costs only
+/// twice this (the canary and the last replacement bake).
+pub const DEFAULT_BAKE: Duration = Duration::from_secs(5);
+
 /// Every key, in the order of `clusterd.conf(5)`.
 pub const KEYS: &[&str] = &[
     "exec",
@@ -199,6 +211,8 @@ pub const KEYS: &[&str] = &[
     "chdir",
     "ready_after",
     "metrics",
+    "bake",
+    "rollback",
 ];
 
 /// Keys that may be given more than once.
@@ -324,6 +338,8 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             chdir: dir.to_path_buf(),
             ready_after: None,
             metrics: None,
+            bake: DEFAULT_BAKE,
+            rollback: true,
         },
         errors: Vec::new(),
         first: HashMap::new(),
@@ -477,6 +493,19 @@ impl Parser<'_> {
             "env" => self.env(value, line)?,
             "chdir" => c.chdir = absolute(self.dir, value),
             "metrics" => c.metrics = Some(parse_socket_addr(value)?),
+            "bake" => c.bake = parse_duration(value)?,
+            "rollback" => {
+                c.rollback = match value {
+                    "auto" => true,
+                    "off" => false,
+                    _ => {
+                        return Err(format!(
+                            "expected \"auto\" or \"off\", found {}",
+                            show(value)
+                        ));
+                    }
+                }
+            }
             // Not reached: every key in KEYS has an arm (see the tests).
             _ => return Err("not supported".into()),
         }
@@ -1043,6 +1072,8 @@ mod tests {
                 chdir: "/srv/shop".into(),
                 ready_after: None,
                 metrics: None,
+                bake: Duration::from_secs(5),
+                rollback: true,
             }
         );
         assert_eq!(c.control_path(), default_control_path("shop").0);
@@ -1070,6 +1101,8 @@ env = EMPTY=
 chdir = app
 ready_after = 2s
 metrics = localhost:9100
+bake = 1500ms
+rollback = off
 ";
 
     #[test]
@@ -1107,6 +1140,18 @@ metrics = localhost:9100
         assert_eq!(c.chdir, PathBuf::from("/srv/shop/app"));
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.bake, Duration::from_millis(1500));
+        assert!(!c.rollback);
+    }
+
+    #[test]
+    fn bake_and_rollback() {
+        assert_eq!(with("bake = 0").bake, Duration::ZERO);
+        assert!(with("rollback = auto").rollback);
+        assert_eq!(
+            err("rollback = on"),
+            r#"rollback: expected "auto" or "off", found "on""#
+        );
     }
 
     #[test]

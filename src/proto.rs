@@ -1,7 +1,9 @@
 //! The wire protocols: clusterd ↔ worker (IPC) and clusterctl ↔ clusterd (control).
 //!
-//! Both use serde + bincode 2 (standard config). Every record starts with the
-//! protocol [`VERSION`] as a bincode varint, followed by exactly one message;
+//! Both use serde + bincode 2 (standard config). Every record starts with its
+//! protocol's version ([`IPC_VERSION`] or [`CONTROL_VERSION`], the
+//! [`Message::VERSION`] of the message type) as a bincode varint, followed
+//! by exactly one message;
 //! decoding checks the version first (so a mismatch is reported as such, naming
 //! both versions, rather than as garbage), enforces a hard size limit and
 //! rejects trailing bytes.
@@ -18,8 +20,37 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::fmt;
 
-/// The protocol version spoken by this build, on both sockets.
-pub const VERSION: u16 = 2;
+/// The worker protocol's version. It changes only when a worker built
+/// against an older `clusterd::worker` could not be understood: new
+/// messages are appended to the enums, so running workers survive an
+/// upgrade of clusterd.
+pub const IPC_VERSION: u16 = 2;
+
+/// The control protocol's version (clusterctl and clusterd ship together).
+/// 3: restart of one worker, bake and rollback outcomes, phase in status.
+pub const CONTROL_VERSION: u16 = 3;
+
+/// The old name of [`IPC_VERSION`]; removed once nothing uses it.
+#[doc(hidden)]
+pub const VERSION: u16 = IPC_VERSION;
+
+/// A message of one of the two protocols; its type names its version.
+pub trait Message: Serialize + DeserializeOwned {
+    const VERSION: u16;
+}
+
+impl Message for ToWorker {
+    const VERSION: u16 = IPC_VERSION;
+}
+impl Message for FromWorker {
+    const VERSION: u16 = IPC_VERSION;
+}
+impl Message for Request {
+    const VERSION: u16 = CONTROL_VERSION;
+}
+impl Message for Response {
+    const VERSION: u16 = CONTROL_VERSION;
+}
 
 /// Largest IPC record, in either direction.
 pub const MAX_IPC_RECORD: usize = 16 * 1024;
@@ -94,6 +125,9 @@ pub enum Request {
     Scale(Scale),
     /// Graceful stop: drain every worker, then exit 0.
     Stop,
+    /// Replace one worker (by id) with a new instance of its generation,
+    /// READY-gated and baked; answered like [`Request::Restart`].
+    RestartWorker(u32),
 }
 
 /// A change of the worker count.
@@ -121,6 +155,9 @@ pub enum Response {
     Stopping,
     /// The request was refused or failed.
     Error(String),
+    /// A replacement is READY and must stay up for its bake before the
+    /// restart goes on (new variants go last: the others keep their tags).
+    Baking(Baking),
 }
 
 /// The daemon's state, as `clusterctl status` shows it.
@@ -137,7 +174,23 @@ pub struct Status {
     pub generation: u64,
     /// e.g. `restart 3/8`, `stopping`; `None` when idle.
     pub operation: Option<String>,
+    /// `running`, `restarting`, `baking`, `rolling_back` or `stopping`.
+    pub phase: String,
+    /// How the last rolling restart (or rollback) ended.
+    pub last_restart: Option<LastRestart>,
     pub workers: Vec<WorkerStatus>,
+}
+
+/// The result of the last rolling restart, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRestart {
+    /// `done`, `aborted`, `rolled_back` or `rollback_failed`.
+    pub outcome: String,
+    /// The generation serving after it.
+    pub generation: u64,
+    pub reason: Option<String>,
+    /// How long ago it ended.
+    pub ago_ms: u64,
 }
 
 /// One worker process (or a slot waiting in backoff, with `pid: None`).
@@ -172,6 +225,17 @@ pub struct Progress {
     pub elapsed_ms: u64,
 }
 
+/// A replacement that must stay up for its bake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Baking {
+    pub worker_id: u32,
+    pub pid: u32,
+    pub generation: u64,
+    /// `canary`, `last` or `worker`.
+    pub role: String,
+    pub bake_ms: u64,
+}
+
 /// How a rolling restart ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestartOutcome {
@@ -184,6 +248,21 @@ pub enum RestartOutcome {
         reason: String,
         replaced: u32,
         total: u32,
+    },
+    /// The new generation failed after it had served: every slot it took
+    /// went back to `generation` (all of them when `complete`).
+    RolledBack {
+        reason: String,
+        /// The generation serving again.
+        generation: u64,
+        /// The generation that failed.
+        failed_generation: u64,
+        /// Workers the failed generation had replaced.
+        replaced: u32,
+        /// Workers replaced back, READY-gated.
+        restored: u32,
+        total: u32,
+        complete: bool,
     },
 }
 
@@ -227,9 +306,9 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MAX_RESPONSE }>()
 }
 
-/// Encodes `msg` as a record: the version, then the message.
-pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    let mut out = bincode::serde::encode_to_vec(VERSION, config()).expect("encode version");
+/// Encodes `msg` as a record: its protocol's version, then the message.
+pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
+    let mut out = bincode::serde::encode_to_vec(T::VERSION, config()).expect("encode version");
     out.extend(
         bincode::serde::encode_to_vec(msg, config())
             .expect("encoding a message to memory cannot fail"),
@@ -239,7 +318,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 
 /// Decodes one record of at most `limit` bytes: checks the version, decodes the
 /// message and requires that every byte was consumed.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Error> {
+pub fn decode<T: Message>(bytes: &[u8], limit: usize) -> Result<T, Error> {
     if bytes.len() > limit {
         return Err(Error::TooLarge {
             len: bytes.len(),
@@ -248,10 +327,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Erro
     }
     let (theirs, used): (u64, usize) = bincode::serde::decode_from_slice(bytes, config())
         .map_err(|e| Error::Malformed(format!("no version header ({e})")))?;
-    if theirs != u64::from(VERSION) {
+    if theirs != u64::from(T::VERSION) {
         return Err(Error::Version {
             theirs,
-            ours: VERSION,
+            ours: T::VERSION,
         });
     }
     let rest = &bytes[used..];
@@ -269,7 +348,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Erro
 pub const FRAME_HEADER: usize = 4;
 
 /// Encodes `msg` as a control frame: a big-endian `u32` length, then the record.
-pub fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
+pub fn frame<T: Message>(msg: &T) -> Vec<u8> {
     let record = encode(msg);
     let mut out = Vec::with_capacity(FRAME_HEADER + record.len());
     out.extend_from_slice(&(record.len() as u32).to_be_bytes());
@@ -333,6 +412,7 @@ mod tests {
             Request::Restart,
             Request::Stop,
             Request::Scale(Scale::Up(2)),
+            Request::RestartWorker(3),
         ] {
             let f = frame(&req);
             let len = frame_len(f[..4].try_into().unwrap(), MAX_REQUEST).unwrap();
@@ -350,12 +430,12 @@ mod tests {
             err,
             Error::Version {
                 theirs: 9,
-                ours: VERSION
+                ours: IPC_VERSION
             }
         );
         let text = err.to_string();
         assert!(
-            text.contains("version 9") && text.contains(&format!("version {VERSION}")),
+            text.contains("version 9") && text.contains(&format!("version {IPC_VERSION}")),
             "{text}"
         );
     }
@@ -399,7 +479,7 @@ mod tests {
             Err(Error::TooLarge { .. })
         ));
         // A string claiming to be 2^60 bytes long inside a small record.
-        let mut bytes = encode(&0u8);
+        let mut bytes = encode(&ToWorker::Drain { timeout_ms: 0 });
         bytes.truncate(1);
         bytes.push(0); // ToWorker::Hello
         bytes.extend([3, 7, 1, 0xfd]);

@@ -5,6 +5,8 @@
 //!   the unreachable exit code.
 //! - `scale`: scaling up and down under load, refusals.
 //! - `restart`: rolling restarts under load, aborted and refused restarts.
+//! - `rollback`: bad deploys that fail after READY: bake, rollback, the
+//!   restart of one worker.
 //! - `hostile`: malformed, oversized and idle control clients; another uid.
 //!
 //! This file holds the helpers the submodules share: running clusterctl and
@@ -22,6 +24,7 @@ use std::process::{Child, Command, Output, Stdio};
 mod commands;
 mod hostile;
 mod restart;
+mod rollback;
 mod scale;
 
 /// What one clusterctl run did.

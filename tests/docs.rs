@@ -417,7 +417,11 @@ fn clusterctl_1_documents_every_command_option_and_exit_code() {
         let spec = line.split("  ").next().unwrap_or(line);
         let mut spec_words = spec.split_whitespace();
         let command = spec_words.next().expect("a command");
-        let arguments: Vec<&str> = spec_words.flat_map(|w| w.split('|')).collect();
+        // `N|+N|-N` is three arguments; `[--worker ID]` is two (optional).
+        let arguments: Vec<&str> = spec_words
+            .flat_map(|w| w.split('|'))
+            .map(|w| w.trim_matches(|c| c == '[' || c == ']'))
+            .collect();
         let tag = page
             .tags("COMMANDS")
             .into_iter()

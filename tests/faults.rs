@@ -402,7 +402,7 @@ fn a_worker_speaking_another_protocol_version_is_named_and_killed_at_ready_timeo
     let error = warning.get("error").unwrap_or_default();
     assert!(
         error.contains("version 99")
-            && error.contains(&format!("version {}", clusterd::proto::VERSION)),
+            && error.contains(&format!("version {}", clusterd::proto::IPC_VERSION)),
         "the message names both versions: {}",
         warning.raw
     );

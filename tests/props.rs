@@ -25,15 +25,13 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::strategy::Union;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use clusterd::config::{self, Config, Listen, ListenAddr, Protocol, RESERVED_ENV};
 use clusterd::daemon::notify;
 use clusterd::proto::{
-    self, FRAME_HEADER, FromWorker, Hello, ListenerInfo, MAX_IPC_RECORD, MAX_LISTENERS,
-    MAX_REQUEST, MAX_RESPONSE, Progress, Request, Response, RestartOutcome, Scale, Status,
-    ToWorker, VERSION, WorkerStatus,
+    self, Baking, CONTROL_VERSION, FRAME_HEADER, FromWorker, Hello, IPC_VERSION, LastRestart,
+    ListenerInfo, MAX_IPC_RECORD, MAX_LISTENERS, MAX_REQUEST, MAX_RESPONSE, Progress, Request,
+    Response, RestartOutcome, Scale, Status, ToWorker, WorkerStatus,
 };
 
 use crate::util::TempDir;
@@ -760,6 +758,8 @@ fn build(p: Parts) -> Valid {
         chdir: p.chdir.map_or_else(|| dir.clone(), |c| c.resolve(&dir)),
         ready_after,
         metrics: metrics.map(|(_, a)| a),
+        bake: config::DEFAULT_BAKE,
+        rollback: true,
     };
     Valid {
         path,
@@ -973,6 +973,7 @@ fn request() -> impl Strategy<Value = Request> {
         int32().prop_map(|n| Request::Scale(Scale::To(n))),
         int32().prop_map(|n| Request::Scale(Scale::Up(n))),
         int32().prop_map(|n| Request::Scale(Scale::Down(n))),
+        int32().prop_map(Request::RestartWorker),
     ]
 }
 
@@ -1001,10 +1002,15 @@ prop_compose! {
         (desired, ready, generation, operation) in
             (int32(), int32(), int64(), proptest::option::of(text())),
         workers in vec(worker_status(), 0..6),
+        (phase, last_restart) in (text(), proptest::option::of(
+            (text(), int64(), proptest::option::of(text()), int64()).prop_map(
+                |(outcome, generation, reason, ago_ms)| LastRestart { outcome, generation, reason, ago_ms },
+            ),
+        )),
     ) -> Status {
         Status {
             version, pid, uptime_ms, config, protocol, listeners, desired, ready, generation,
-            operation, workers,
+            operation, phase, last_restart, workers,
         }
     }
 }
@@ -1018,10 +1024,43 @@ prop_compose! {
     }
 }
 
-fn response() -> impl Strategy<Value = Response> {
+fn response() -> BoxedStrategy<Response> {
+    // Boxed: the nested strategy types otherwise overflow a test thread's
+    // stack in debug builds.
     prop_oneof![
-        status().prop_map(|s| Response::Status(Box::new(s))),
+        status().prop_map(|s| Response::Status(Box::new(s))).boxed(),
         progress().prop_map(Response::Progress),
+        (int32(), int32(), int64(), text(), int64()).prop_map(
+            |(worker_id, pid, generation, role, bake_ms)| {
+                Response::Baking(Baking {
+                    worker_id,
+                    pid,
+                    generation,
+                    role,
+                    bake_ms,
+                })
+            }
+        ),
+        (
+            text(),
+            int64(),
+            int64(),
+            (int32(), int32(), int32()),
+            any::<bool>()
+        )
+            .prop_map(
+                |(reason, generation, failed_generation, (replaced, restored, total), complete)| {
+                    Response::Restarted(RestartOutcome::RolledBack {
+                        reason,
+                        generation,
+                        failed_generation,
+                        replaced,
+                        restored,
+                        total,
+                        complete,
+                    })
+                }
+            ),
         (int64(), int32(), int64()).prop_map(|(generation, replaced, elapsed_ms)| {
             Response::Restarted(RestartOutcome::Done {
                 generation,
@@ -1040,6 +1079,7 @@ fn response() -> impl Strategy<Value = Response> {
         Just(Response::Stopping),
         text().prop_map(Response::Error),
     ]
+    .boxed()
 }
 
 /// Arbitrary bytes, and bytes that begin like a record (our version, then a
@@ -1047,8 +1087,9 @@ fn response() -> impl Strategy<Value = Response> {
 fn record_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         vec(any::<u8>(), 0..200),
-        (0..8u8, vec(any::<u8>(), 0..200)).prop_map(|(variant, rest)| {
-            let mut b = vec![VERSION as u8, variant];
+        (0..8u8, vec(any::<u8>(), 0..200), any::<bool>()).prop_map(|(variant, rest, ipc)| {
+            let version = if ipc { IPC_VERSION } else { CONTROL_VERSION };
+            let mut b = vec![version as u8, variant];
             b.extend(rest);
             b
         }),
@@ -1107,7 +1148,7 @@ fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
 /// input (the encoding is the shortest).
 fn check_decode<T>(bytes: &[u8], limit: usize) -> Result<Option<T>, TestCaseError>
 where
-    T: Serialize + DeserializeOwned + PartialEq + Debug,
+    T: proto::Message + PartialEq + Debug,
 {
     match proto::decode::<T>(bytes, limit) {
         Ok(msg) => {
@@ -1157,7 +1198,7 @@ fn check_round_trip<T>(
     version: u64,
 ) -> Result<(), TestCaseError>
 where
-    T: Serialize + DeserializeOwned + PartialEq + Debug,
+    T: proto::Message + PartialEq + Debug,
 {
     let record = proto::encode(msg);
     prop_assert!(record.len() <= limit, "{} bytes: {msg:?}", record.len());
@@ -1173,24 +1214,24 @@ where
         );
     }
 
-    // The header is VERSION as a varint: one byte for small versions.
-    prop_assert_eq!(record[0] as u64, VERSION as u64);
-    if version != VERSION as u64 {
-        let mut other = proto::encode(&version);
-        other.remove(0); // this build's header; the varint of `version` remains
+    // The header is the version as a varint: one byte for small versions.
+    prop_assert_eq!(record[0] as u64, T::VERSION as u64);
+    if version != T::VERSION as u64 {
+        let mut other =
+            bincode::serde::encode_to_vec(version, bincode::config::standard()).expect("a varint");
         other.extend_from_slice(&record[1..]);
         let err = proto::decode::<T>(&other, limit).unwrap_err();
         prop_assert_eq!(
             &err,
             &proto::Error::Version {
                 theirs: version,
-                ours: VERSION
+                ours: T::VERSION
             }
         );
         let text = err.to_string();
         prop_assert!(
             text.contains(&format!("version {version}"))
-                && text.contains(&format!("version {VERSION}")),
+                && text.contains(&format!("version {}", T::VERSION)),
             "{}",
             text
         );
@@ -1222,7 +1263,8 @@ where
 }
 
 fn other_version() -> impl Strategy<Value = u64> {
-    int64().prop_filter("another version", |v| *v != VERSION as u64)
+    // Either protocol's own version is skipped where it would match.
+    int64()
 }
 
 proptest! {
@@ -1332,7 +1374,7 @@ enum FrameError {
 /// socket: read the header, check it with `frame_len`, read that many bytes,
 /// decode them. Returns the message and the bytes consumed; what follows in
 /// `stream` is never read.
-fn read_frame<T: DeserializeOwned>(stream: &[u8], limit: usize) -> Result<(T, usize), FrameError> {
+fn read_frame<T: proto::Message>(stream: &[u8], limit: usize) -> Result<(T, usize), FrameError> {
     let header: [u8; FRAME_HEADER] = stream
         .get(..FRAME_HEADER)
         .ok_or(FrameError::Closed)?
@@ -1348,7 +1390,7 @@ fn read_frame<T: DeserializeOwned>(stream: &[u8], limit: usize) -> Result<(T, us
 
 fn check_read_frame<T>(stream: &[u8], limit: usize) -> Result<(), TestCaseError>
 where
-    T: Serialize + DeserializeOwned + PartialEq + Debug,
+    T: proto::Message + PartialEq + Debug,
 {
     if let Ok((msg, used)) = read_frame::<T>(stream, limit) {
         prop_assert!(used <= stream.len() && used - FRAME_HEADER <= limit);
@@ -1364,7 +1406,7 @@ fn frame_bytes() -> impl Strategy<Value = Vec<u8>> {
         vec(any::<u8>(), 0..200),
         (0..64u32, vec(any::<u8>(), 0..80)).prop_map(|(len, rest)| {
             let mut b = len.to_be_bytes().to_vec();
-            b.extend([VERSION as u8]);
+            b.extend([CONTROL_VERSION as u8]);
             b.extend(rest);
             b
         }),

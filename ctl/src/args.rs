@@ -7,8 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::PathBuf;
 
-pub const USAGE: &str =
-    "Usage: clusterctl [-s SOCKET | -c CONFIG] [--json] status|restart|scale N|+N|-N|stop";
+pub const USAGE: &str = "Usage: clusterctl [-s SOCKET | -c CONFIG] [--json] status|restart [--worker ID]|scale N|+N|-N|stop";
 
 pub const HELP: &str = "\
 clusterctl: control a running clusterd
@@ -17,7 +16,11 @@ Usage: clusterctl [-s SOCKET | -c CONFIG] [--json] COMMAND
 
 Commands:
   status          show clusterd and its workers
-  restart         rolling restart (re-reads the config); waits and reports each step
+  restart [--worker ID]
+                  rolling restart (re-reads the config); waits and reports
+                  each step; a new generation that fails is rolled back
+                  (exit 1). With --worker, replaces only that worker with a
+                  new instance of the same program, READY-gated and baked
   scale N|+N|-N   set the worker count, or add or remove workers
   stop            graceful stop: clusterd drains every worker, then exits
 
@@ -32,15 +35,16 @@ Options:
 The socket is the one -s names, else the one -c implies (its `control`
 setting or the default path), else $CLUSTERD_SOCKET.
 
-Exit status: 0 success, 1 the command failed (e.g. restart aborted),
-2 usage or config error, 3 clusterd not reachable.
+Exit status: 0 success, 1 the command failed (e.g. restart aborted or
+rolled back), 2 usage or config error, 3 clusterd not reachable.
 ";
 
 /// A command to send to clusterd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     Status,
-    Restart,
+    /// `restart`, or `restart --worker ID`.
+    Restart(Option<u32>),
     Scale(Scale),
     Stop,
 }
@@ -80,6 +84,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     let mut socket = None;
     let mut config = None;
     let mut json = false;
+    let mut worker: Option<u32> = None;
     let mut words: Vec<String> = Vec::new();
     let mut only_words = false;
     let mut args = args.into_iter();
@@ -96,6 +101,16 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
         match name.as_str() {
             "--" => only_words = true,
             "--json" if inline.is_none() => json = true,
+            "--worker" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args.next().ok_or("--worker needs a worker id")?,
+                };
+                let value = value.to_string_lossy();
+                worker = Some(value.parse::<u32>().ok().filter(|&id| id >= 1).ok_or_else(
+                    || format!("--worker needs a worker id (1, 2, ...), found '{value}'"),
+                )?);
+            }
             "-s" | "--socket" | "-c" | "--config" => {
                 let is_socket = matches!(name.as_str(), "-s" | "--socket");
                 let value = match inline {
@@ -126,7 +141,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     let command = match words.next().as_deref() {
         None => return Err("no command given (commands: status, restart, scale, stop)".into()),
         Some("status") => Command::Status,
-        Some("restart") => Command::Restart,
+        Some("restart") => Command::Restart(worker.take()),
         Some("stop") => Command::Stop,
         Some("scale") => match words.next() {
             Some(count) => Command::Scale(parse_scale(&count)?),
@@ -140,6 +155,9 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     };
     if let Some(extra) = words.next() {
         return Err(format!("unexpected argument '{extra}'"));
+    }
+    if worker.is_some() {
+        return Err("--worker goes with restart".into());
     }
     Ok(Parsed::Run(Args {
         socket,
@@ -226,8 +244,12 @@ mod tests {
         assert_eq!((a.command, a.json), (Command::Status, true));
         assert_eq!(a.socket, Some(PathBuf::from("/run/x.sock")));
         let a = ok(&["restart", "--json", "--config", "shop.conf"]);
-        assert_eq!((a.command, a.json), (Command::Restart, true));
+        assert_eq!((a.command, a.json), (Command::Restart(None), true));
         assert_eq!(a.config, Some(PathBuf::from("shop.conf")));
+        let a = ok(&["restart", "--worker", "3"]);
+        assert_eq!(a.command, Command::Restart(Some(3)));
+        let a = ok(&["--worker=2", "restart"]);
+        assert_eq!(a.command, Command::Restart(Some(2)));
         let a = ok(&["--socket=/a.sock", "-cshop.conf", "stop"]);
         assert_eq!(a.socket, Some(PathBuf::from("/a.sock")));
         assert_eq!(a.config, Some(PathBuf::from("shop.conf")));
@@ -298,6 +320,10 @@ mod tests {
             (&["status", "-s"], "-s needs a socket path"),
             (&["status", "--config"], "--config needs a config file"),
             (&["status", "--socket="], "needs a non-empty value"),
+            (&["restart", "--worker"], "--worker needs a worker id"),
+            (&["restart", "--worker", "0"], "found '0'"),
+            (&["restart", "--worker", "two"], "found 'two'"),
+            (&["status", "--worker", "2"], "--worker goes with restart"),
         ] {
             let err = run(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");

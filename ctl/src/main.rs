@@ -7,8 +7,8 @@
 //! # Exit status
 //!
 //! - 0: success.
-//! - 1: the command failed: clusterd refused it or a restart aborted (any
-//!   [`Response::Error`]), or its reply made no sense.
+//! - 1: the command failed: clusterd refused it, or a restart aborted or
+//!   rolled back (any [`Response::Error`]), or its reply made no sense.
 //! - 2: usage or config error (nothing was sent).
 //! - 3: clusterd not reachable: no socket, nobody listening, no answer in
 //!   time, or the connection dropped before the final reply.
@@ -47,7 +47,8 @@ enum Failure {
     Config(String),
     /// The command failed (exit 1).
     Failed(String),
-    /// A restart aborted; its JSON event is already printed (exit 1).
+    /// A restart aborted or rolled back; its JSON event is already printed
+    /// (exit 1).
     Aborted(String),
     /// clusterd cannot be reached, or went away (exit 3).
     Unreachable(String),
@@ -124,7 +125,8 @@ fn run(args: &Args) -> Result<(), Failure> {
     let (path, origin) = choose_socket(args)?;
     let request = match args.command {
         Command::Status => Request::Status,
-        Command::Restart => Request::Restart,
+        Command::Restart(None) => Request::Restart,
+        Command::Restart(Some(id)) => Request::RestartWorker(id),
         Command::Scale(scale) => Request::Scale(scale),
         Command::Stop => Request::Stop,
     };
@@ -137,7 +139,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         ))
     })?;
     let timeout = match args.command {
-        Command::Restart => None,
+        Command::Restart(_) => None,
         _ => Some(REPLY_TIMEOUT),
     };
     conn.set_read_timeout(timeout)
@@ -153,7 +155,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     };
     match args.command {
         Command::Status => session.status(),
-        Command::Restart => session.restart(),
+        Command::Restart(_) => session.restart(),
         Command::Scale(_) => session.scale(),
         Command::Stop => session.stop(),
     }
@@ -251,6 +253,13 @@ impl Session {
                         print(&render::progress(&p))?;
                     }
                 }
+                Response::Baking(b) => {
+                    if self.json {
+                        print(&render::event("baking", &render::baking_json(&b)))?;
+                    } else {
+                        print(&render::baking(&b))?;
+                    }
+                }
                 Response::Restarted(RestartOutcome::Done {
                     generation,
                     replaced,
@@ -279,6 +288,15 @@ impl Session {
                     return Err(Failure::Aborted(render::restart_aborted(
                         &reason, replaced, total,
                     )));
+                }
+                Response::Restarted(outcome @ RestartOutcome::RolledBack { .. }) => {
+                    if self.json {
+                        print(&render::event(
+                            "rolled_back",
+                            &render::rolled_back_json(&outcome),
+                        ))?;
+                    }
+                    return Err(Failure::Aborted(render::rolled_back(&outcome)));
                 }
                 other => return Err(unexpected(&other)),
             }

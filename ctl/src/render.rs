@@ -10,10 +10,11 @@
 //!
 //! - `status --json` prints one object: [`status_json`].
 //! - Every other command prints JSON Lines, one `{"type": …, "data": …}` object
-//!   per event ([`event`]): `progress`, `done`, `aborted` (restart),
+//!   per event ([`event`]): `progress`, `baking`, `done`, `aborted`,
+//!   `rolled_back` (restart),
 //!   `scaled`, `stopping`, and `error` (`{"message": …}`) for any failure.
 
-use clusterd::proto::{Progress, Status, WorkerStatus};
+use clusterd::proto::{Baking, Progress, RestartOutcome, Status, WorkerStatus};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -94,6 +95,49 @@ pub fn restart_done(generation: u64, replaced: u32, elapsed_ms: u64) -> String {
     )
 }
 
+/// `canary: worker 1 (pid 907) is READY and must stay up 5.00 s before the
+/// restart goes on`
+pub fn baking(b: &Baking) -> String {
+    let (who, then) = match b.role.as_str() {
+        "canary" => ("canary: ", "the restart goes on"),
+        "last" => ("last replacement: ", "the restart is done"),
+        _ => ("", "the old one drains"),
+    };
+    format!(
+        "{who}worker {} (pid {}) is READY and must stay up {} before {then}",
+        b.worker_id,
+        b.pid,
+        elapsed(b.bake_ms),
+    )
+}
+
+/// `restart rolled back to generation 3 (2 workers restored): <reason>`
+/// (printed after `clusterctl: `).
+pub fn rolled_back(outcome: &RestartOutcome) -> String {
+    let RestartOutcome::RolledBack {
+        reason,
+        generation,
+        failed_generation,
+        restored,
+        complete,
+        ..
+    } = outcome
+    else {
+        return String::new();
+    };
+    if *complete {
+        format!(
+            "restart rolled back: generation {failed_generation} failed and the workers run generation {generation} again ({restored} {} replaced back): {reason}",
+            plural(*restored, "worker", "workers")
+        )
+    } else {
+        format!(
+            "restart failed and could not be rolled back to generation {generation} completely ({restored} {} replaced back): {reason}",
+            plural(*restored, "worker", "workers")
+        )
+    }
+}
+
 /// `restart aborted after 2/8: <reason>` (printed after `clusterctl: `).
 pub fn restart_aborted(reason: &str, replaced: u32, total: u32) -> String {
     format!("restart aborted after {replaced}/{total}: {reason}")
@@ -134,10 +178,12 @@ pub fn status(s: &Status) -> String {
         ("listeners", listeners),
         ("workers", workers_summary(s)),
         ("generation", s.generation.to_string()),
+        ("phase", s.phase.clone()),
         (
             "operation",
             s.operation.clone().unwrap_or_else(|| "-".into()),
         ),
+        ("restart", last_restart(s)),
     ];
     let mut out = String::new();
     for (label, value) in summary {
@@ -150,6 +196,22 @@ pub fn status(s: &Status) -> String {
         out.push_str(&worker_table(&s.workers));
     }
     out
+}
+
+/// `done, generation 3, 2m ago`, `rolled_back to generation 2, 40s ago: REASON`.
+fn last_restart(s: &Status) -> String {
+    let Some(l) = &s.last_restart else {
+        return "-".into();
+    };
+    let mut text = match l.outcome.as_str() {
+        "done" => format!("done, generation {}", l.generation),
+        outcome => format!("{outcome}, generation {} serving", l.generation),
+    };
+    let _ = write!(text, ", {} ago", uptime(l.ago_ms));
+    if let Some(reason) = &l.reason {
+        let _ = write!(text, ": {reason}");
+    }
+    text
 }
 
 /// `ready 8/8`, or `ready 6/8 (1 starting, 1 backoff)` when some are not.
@@ -291,7 +353,14 @@ pub fn status_json(s: &Status) -> Value {
         "desired": s.desired,
         "ready": s.ready,
         "generation": s.generation,
+        "phase": s.phase,
         "operation": s.operation,
+        "last_restart": s.last_restart.as_ref().map(|l| json!({
+            "outcome": l.outcome,
+            "generation": l.generation,
+            "reason": l.reason,
+            "ago_ms": l.ago_ms,
+        })),
         "workers": s.workers.iter().map(|w| json!({
             "id": w.id,
             "pid": w.pid,
@@ -323,6 +392,41 @@ pub fn progress_json(p: &Progress) -> Value {
 /// The `data` of a `done` event.
 pub fn done_json(generation: u64, replaced: u32, elapsed_ms: u64) -> Value {
     json!({ "generation": generation, "replaced": replaced, "elapsed_ms": elapsed_ms })
+}
+
+/// The `data` of a `baking` event.
+pub fn baking_json(b: &Baking) -> Value {
+    json!({
+        "worker_id": b.worker_id,
+        "pid": b.pid,
+        "generation": b.generation,
+        "role": b.role,
+        "bake_ms": b.bake_ms,
+    })
+}
+
+/// The `data` of a `rolled_back` event.
+pub fn rolled_back_json(outcome: &RestartOutcome) -> Value {
+    match outcome {
+        RestartOutcome::RolledBack {
+            reason,
+            generation,
+            failed_generation,
+            replaced,
+            restored,
+            total,
+            complete,
+        } => json!({
+            "reason": reason,
+            "generation": generation,
+            "failed_generation": failed_generation,
+            "replaced": replaced,
+            "restored": restored,
+            "total": total,
+            "complete": complete,
+        }),
+        _ => Value::Null,
+    }
 }
 
 /// The `data` of an `aborted` event.
@@ -386,6 +490,8 @@ mod tests {
             ready: 2,
             generation: 4,
             operation: None,
+            phase: "running".into(),
+            last_restart: None,
             workers: vec![worker(1), crashed, backoff],
         }
     }
@@ -467,7 +573,9 @@ protocol    clusterd
 listeners   http=127.0.0.1:3000, admin=unix:/run/shop/admin.sock
 workers     ready 2/3 (1 backoff)
 generation  4
+phase       running
 operation   -
+restart     -
 
 ID  PID  GEN  STATE    UPTIME  RESTARTS  LAST-EXIT             RSS  REQUESTS  ACTIVE
  1  801    4  ready     3h12m         0  -                   14.2M     10234       3
@@ -511,8 +619,10 @@ ID  PID  GEN  STATE    UPTIME  RESTARTS  LAST-EXIT             RSS  REQUESTS  AC
                 "config",
                 "desired",
                 "generation",
+                "last_restart",
                 "listeners",
                 "operation",
+                "phase",
                 "pid",
                 "protocol",
                 "ready",

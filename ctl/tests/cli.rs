@@ -5,8 +5,8 @@
 //! End-to-end tests against the real clusterd belong with the daemon's tests.
 
 use clusterd::proto::{
-    self, FRAME_HEADER, ListenerInfo, MAX_REQUEST, Progress, Request, Response, RestartOutcome,
-    Scale, Status, WorkerStatus,
+    self, Baking, FRAME_HEADER, LastRestart, ListenerInfo, MAX_REQUEST, Progress, Request,
+    Response, RestartOutcome, Scale, Status, WorkerStatus,
 };
 use serde_json::Value;
 use std::io::{Read as _, Write as _};
@@ -256,6 +256,15 @@ fn status() -> Status {
         ready: 2,
         generation: 4,
         operation: None,
+        phase: "running".into(),
+        last_restart: Some(LastRestart {
+            outcome: "rolled_back".into(),
+            generation: 4,
+            reason: Some(
+                "the canary for worker 1 (pid 905) ended with exit 3 0.3s after READY".into(),
+            ),
+            ago_ms: 125_000,
+        }),
         workers: vec![worker(1), second],
     }
 }
@@ -288,6 +297,28 @@ fn healthy(name: &str) -> FakeDaemon {
         Request::Scale(Scale::Down(n)) => vec![Step::Send(Response::Scaled { from: 4, to: 4 - n })],
         Request::Scale(Scale::To(n)) => vec![Step::Send(Response::Scaled { from: 4, to: *n })],
         Request::Stop => vec![Step::Send(Response::Stopping)],
+        Request::RestartWorker(id) => vec![
+            Step::Send(Response::Baking(Baking {
+                worker_id: *id,
+                pid: 990,
+                generation: 4,
+                role: "worker".into(),
+                bake_ms: 5000,
+            })),
+            Step::Send(Response::Progress(Progress {
+                worker_id: *id,
+                done: 1,
+                total: 1,
+                old_pid: Some(812),
+                new_pid: 990,
+                elapsed_ms: 12,
+            })),
+            Step::Send(Response::Restarted(RestartOutcome::Done {
+                generation: 4,
+                replaced: 1,
+                elapsed_ms: 5013,
+            })),
+        ],
     })
 }
 
@@ -310,7 +341,12 @@ fn status_human() {
         ("listeners", "http=127.0.0.1:3000"),
         ("workers", "ready 2/2"),
         ("generation", "4"),
+        ("phase", "running"),
         ("operation", "-"),
+        (
+            "restart",
+            "rolled_back, generation 4 serving, 2m5s ago: the canary for worker 1 (pid 905) ended with exit 3 0.3s after READY",
+        ),
     ] {
         let line = lines
             .iter()
@@ -373,6 +409,10 @@ fn status_json() {
     assert_eq!(v["uptime_ms"], 11_533_000);
     assert_eq!(v["desired"], 2);
     assert_eq!(v["operation"], Value::Null);
+    assert_eq!(v["phase"], "running");
+    assert_eq!(v["last_restart"]["outcome"], "rolled_back");
+    assert_eq!(v["last_restart"]["generation"], 4);
+    assert_eq!(v["last_restart"]["ago_ms"], 125_000);
     assert_eq!(v["listeners"][0]["name"], "http");
     assert_eq!(v["listeners"][0]["address"], "127.0.0.1:3000");
     let w = &v["workers"][1];
@@ -422,7 +462,7 @@ fn another_protocol_version_is_named() {
         // A 2-byte record: version 7, then variant 4 (`Stopping`), both
         // bincode varints; checked against this build's encoding below.
         let ours = proto::encode(&Response::Stopping);
-        assert_eq!(ours, [proto::VERSION as u8, 4]);
+        assert_eq!(ours, [proto::CONTROL_VERSION as u8, 4]);
         vec![Step::Raw(vec![0, 0, 0, 2, 7, 4])]
     });
     let run = clusterctl(&["-s", daemon.path(), "stop"], &[]);
@@ -430,7 +470,7 @@ fn another_protocol_version_is_named() {
     assert!(
         run.stderr.contains(&format!(
             "speaks protocol version 7, this clusterctl speaks version {}",
-            proto::VERSION
+            proto::CONTROL_VERSION
         )),
         "{run:#?}"
     );
@@ -516,6 +556,87 @@ fn an_aborted_restart_exits_1_with_the_reason() {
         run.stderr
             .starts_with("clusterctl: restart aborted after 1/3: "),
         "{run:#?}"
+    );
+}
+
+#[test]
+fn one_worker_restart_shows_its_bake() {
+    let daemon = healthy("restart-worker");
+    let run = clusterctl(&["-s", daemon.path(), "restart", "--worker", "2"], &[]);
+    run.expect(0);
+    assert_eq!(
+        run.stdout,
+        "worker 2 (pid 990) is READY and must stay up 5.00 s before the old one drains\n\
+         worker 1/1 replaced (pid 812 -> 990) in 12 ms\n\
+         restart done: generation 4, 1 worker replaced in 5.01 s\n"
+    );
+    assert_eq!(daemon.requests(), [Request::RestartWorker(2)]);
+    let run = clusterctl(
+        &["-s", daemon.path(), "restart", "--worker=2", "--json"],
+        &[],
+    );
+    run.expect(0);
+    let events = run.json_lines();
+    assert_eq!(events[0]["type"], "baking");
+    assert_eq!(
+        events[0]["data"],
+        serde_json::json!({"worker_id": 2, "pid": 990, "generation": 4, "role": "worker", "bake_ms": 5000})
+    );
+}
+
+#[test]
+fn a_rolled_back_restart_exits_1_naming_the_generations() {
+    let reason = "worker 2 (pid 908) of generation 5 ended with exit 3 0.3s after READY";
+    let daemon = FakeDaemon::start("rolled-back", move |_| {
+        vec![
+            Step::Send(Response::Baking(Baking {
+                worker_id: 1,
+                pid: 907,
+                generation: 5,
+                role: "canary".into(),
+                bake_ms: 5000,
+            })),
+            progress(1, 3, Some(811), 907, 35),
+            Step::Send(Response::Restarted(RestartOutcome::RolledBack {
+                reason: reason.into(),
+                generation: 4,
+                failed_generation: 5,
+                replaced: 1,
+                restored: 1,
+                total: 1,
+                complete: true,
+            })),
+        ]
+    });
+    let run = clusterctl(&["-s", daemon.path(), "restart"], &[]);
+    run.expect(1);
+    assert_eq!(
+        run.stdout,
+        "canary: worker 1 (pid 907) is READY and must stay up 5.00 s before the restart goes on\n\
+         worker 1/3 replaced (pid 811 -> 907) in 35 ms\n"
+    );
+    assert_eq!(
+        run.stderr,
+        format!(
+            "clusterctl: restart rolled back: generation 5 failed and the workers run generation 4 again (1 worker replaced back): {reason}\n"
+        )
+    );
+    let run = clusterctl(&["-s", daemon.path(), "restart", "--json"], &[]);
+    run.expect(1);
+    let events = run.json_lines();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["baking", "progress", "rolled_back"]);
+    assert_eq!(
+        events[2]["data"],
+        serde_json::json!({
+            "reason": reason,
+            "generation": 4,
+            "failed_generation": 5,
+            "replaced": 1,
+            "restored": 1,
+            "total": 1,
+            "complete": true,
+        })
     );
 }
 

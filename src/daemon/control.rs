@@ -910,6 +910,8 @@ mod tests {
             ready: 1,
             generation: 4,
             operation: None,
+            phase: "running".into(),
+            last_restart: None,
             workers: vec![WorkerStatus {
                 id: 1,
                 pid: Some(812),
@@ -975,7 +977,7 @@ mod tests {
                     vec![Response::Status(Box::new(s))]
                 }
                 (_, Request::Status) => vec![Response::Status(Box::new(status()))],
-                (_, Request::Restart) => restart_replies(),
+                (_, Request::Restart | Request::RestartWorker(_)) => restart_replies(),
                 (_, Request::Scale(_)) => {
                     vec![Response::Error("scaling is refused in this test".into())]
                 }
@@ -1215,7 +1217,7 @@ mod tests {
             &[
                 "version mismatch",
                 "version 99",
-                &format!("version {}", proto::VERSION),
+                &format!("version {}", proto::CONTROL_VERSION),
             ],
         );
     }

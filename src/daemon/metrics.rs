@@ -41,6 +41,9 @@ pub struct Counters {
     pub exits: [u64; 4],
     pub restarts_done: u64,
     pub restarts_aborted: u64,
+    /// Rollbacks begun: after a restart failed, or after its generation
+    /// failed once it had finished.
+    pub rollbacks: u64,
     pub restart_seconds_sum: f64,
 }
 
@@ -262,6 +265,19 @@ pub fn render(status: &Status, counters: &Counters) -> String {
     let _ = writeln!(out, "clusterd_generation {}", status.generation);
     family(
         &mut out,
+        "clusterd_phase",
+        "gauge",
+        "What the pool is doing: 1 for the current phase, 0 for the others.",
+    );
+    for phase in crate::lifecycle::Phase::ALL.map(crate::lifecycle::Phase::as_str) {
+        let _ = writeln!(
+            out,
+            "clusterd_phase{{phase=\"{phase}\"}} {}",
+            u8::from(status.phase == phase)
+        );
+    }
+    family(
+        &mut out,
         "clusterd_workers_desired",
         "gauge",
         "The configured number of workers.",
@@ -309,7 +325,7 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         &mut out,
         "clusterd_rolling_restarts_total",
         "counter",
-        "Rolling restarts by result.",
+        "Rolling restarts by result (a restart that rolled back counts as aborted).",
     );
     let _ = writeln!(
         out,
@@ -321,6 +337,13 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         "clusterd_rolling_restarts_total{{result=\"aborted\"}} {}",
         counters.restarts_aborted
     );
+    family(
+        &mut out,
+        "clusterd_rollbacks_total",
+        "counter",
+        "Rollbacks to the previous generation: a restart that failed after its new workers served, or a generation that failed right after its restart.",
+    );
+    let _ = writeln!(out, "clusterd_rollbacks_total {}", counters.rollbacks);
     family(
         &mut out,
         "clusterd_rolling_restart_seconds",
@@ -437,6 +460,8 @@ mod tests {
             ready: 2,
             generation: 2,
             operation: None,
+            phase: "running".into(),
+            last_restart: None,
             workers: vec![
                 worker(1, Some(11), "ready"),
                 worker(1, Some(12), "draining"),

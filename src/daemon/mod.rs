@@ -46,6 +46,10 @@ const MAX_BAD_RECORDS: u32 = 16;
 /// sends one or two a second: Stats, Ready, Drained).
 const MAX_LAST_RECORDS: u32 = 64;
 
+/// Events already queued that the loop handles before it judges deadlines
+/// (bounded, so a flood cannot hold off the deadlines for ever).
+const MAX_QUEUED_EVENTS: usize = 1024;
+
 /// Something the main loop must handle.
 #[derive(Debug)]
 enum Event {
@@ -218,8 +222,9 @@ struct Daemon {
     /// The socket itself, read by its own task; [`Daemon::reap`] reads what
     /// is queued first.
     notify: Rc<notify::NotifySocket>,
-    /// The worker spec of every generation still in use.
-    specs: BTreeMap<u64, Spec>,
+    /// The config and worker spec of every generation still in use: a
+    /// rollback needs the previous one's.
+    gens: BTreeMap<u64, Generation>,
     next_generation: u64,
     sup: Supervisor,
     procs: HashMap<InstanceId, Proc>,
@@ -228,9 +233,6 @@ struct Daemon {
     tx: Sender<Event>,
     /// Control clients following the rolling restart in progress.
     restart_watchers: Vec<Sender<Response>>,
-    /// The config in force before the rolling restart in progress: put
-    /// back if it aborts, so a bad deploy leaves nothing of itself behind.
-    rollback: Option<Config>,
     started: Instant,
     exit_code: Option<i32>,
     /// For the metrics.
@@ -242,6 +244,22 @@ struct Daemon {
     /// The connections each worker holds, for balanced accepting; `None`
     /// if it could not be created (workers then accept unbalanced).
     scoreboard: Option<Scoreboard>,
+}
+
+/// What one generation runs: its config (with the keys that only a new
+/// clusterd changes kept as they were at start) and the spec derived from it.
+struct Generation {
+    config: Config,
+    spec: Spec,
+}
+
+impl Generation {
+    fn new(config: Config) -> Generation {
+        Generation {
+            spec: Spec::from_config(&config),
+            config,
+        }
+    }
 }
 
 /// The scoreboard's memfd (passed to every native worker) and its free cells.
@@ -297,7 +315,19 @@ fn timing(config: &Config) -> Timing {
         min_uptime: config.min_uptime,
         fast_stop_grace: Duration::from_secs(1),
         ready_after: config.ready_after,
+        bake: config.bake,
+        rollback_window: if config.rollback {
+            rollback_window(config.bake)
+        } else {
+            Duration::ZERO
+        },
     }
+}
+
+/// How long a finished restart's generation is watched for crashes
+/// (`rollback = auto`): a minute, or ten bakes if that is longer.
+pub fn rollback_window(bake: Duration) -> Duration {
+    Duration::from_secs(60).max(bake.saturating_mul(10))
 }
 
 impl Daemon {
@@ -309,13 +339,13 @@ impl Daemon {
         tx: Sender<Event>,
     ) -> Daemon {
         let sup = Supervisor::new(timing(&config), config.worker_count(), 1);
-        let specs = BTreeMap::from([(1, Spec::from_config(&config))]);
+        let gens = BTreeMap::from([(1, Generation::new(config.clone()))]);
         Daemon {
             config,
             listeners,
             notify_name: notify.name.clone(),
             notify,
-            specs,
+            gens,
             next_generation: 2,
             sup,
             procs: HashMap::new(),
@@ -323,7 +353,6 @@ impl Daemon {
             ex,
             tx,
             restart_watchers: Vec::new(),
-            rollback: None,
             started: Instant::now(),
             exit_code: None,
             counters: metrics::Counters::default(),
@@ -357,6 +386,22 @@ impl Daemon {
             };
             if let Some(event) = event {
                 self.handle(event);
+                self.execute();
+            }
+            // What already arrived is handled before any deadline is
+            // judged: after clusterd was stopped (SIGSTOP) or starved, a
+            // READY waiting in a queue counts.
+            for _ in 0..MAX_QUEUED_EVENTS {
+                let Ok(event) = rx.try_recv() else { break };
+                self.handle(event);
+                self.execute();
+            }
+            if self
+                .sup
+                .next_deadline()
+                .is_some_and(|d| d <= Instant::now())
+            {
+                self.read_queued_before_deadlines();
             }
             self.sup.tick(Instant::now());
             self.execute();
@@ -430,6 +475,23 @@ impl Daemon {
                     break;
                 }
             }
+        }
+    }
+
+    /// Before deadlines are judged: the records and datagrams that starting
+    /// workers sent and that their reader tasks have not read yet (they run
+    /// only when the loop waits). A READY sent in time counts even if
+    /// clusterd could not read it in time.
+    fn read_queued_before_deadlines(&mut self) {
+        self.read_queued_notifications();
+        let starting: Vec<InstanceId> = self
+            .sup
+            .instances()
+            .filter(|i| i.state == crate::lifecycle::State::Starting)
+            .map(|i| i.id)
+            .collect();
+        for id in starting {
+            self.read_last_records(id);
         }
     }
 
@@ -533,7 +595,7 @@ impl Daemon {
                 self.act(action);
             }
         }
-        self.forget_unused_specs();
+        self.forget_unused_generations();
     }
 
     fn act(&mut self, action: Action) {
@@ -592,7 +654,7 @@ impl Daemon {
     }
 
     fn spawn(&mut self, instance: InstanceId, slot: u32, generation: u64) {
-        let Some(spec) = self.specs.get(&generation) else {
+        let Some(spec) = self.gens.get(&generation).map(|g| &g.spec) else {
             self.sup.spawn_failed(
                 Instant::now(),
                 instance,
@@ -822,13 +884,43 @@ impl Daemon {
                     self.told_ready = true;
                 }
             }
-            Notice::RestartBegun { generation, total } => {
-                log!(
+            Notice::RestartBegun {
+                generation,
+                total,
+                worker,
+            } => match worker {
+                Some(id) => log!(info, "restart.begin", generation = generation, id = id),
+                None => log!(
                     info,
                     "restart.begin",
                     generation = generation,
                     workers = total
+                ),
+            },
+            Notice::Baking {
+                slot,
+                pid,
+                generation,
+                bake,
+                role,
+            } => {
+                log!(
+                    info,
+                    "restart.bake",
+                    id = slot,
+                    pid = opt(pid),
+                    generation = generation,
+                    role = role,
+                    bake = human(bake)
                 );
+                let baking = proto::Baking {
+                    worker_id: slot,
+                    pid: pid.unwrap_or(0),
+                    generation,
+                    role: role.into(),
+                    bake_ms: bake.as_millis() as u64,
+                };
+                self.tell_watchers(Response::Baking(baking), false);
             }
             Notice::RestartProgress {
                 slot,
@@ -862,17 +954,28 @@ impl Daemon {
                 generation,
                 replaced,
                 took,
+                worker,
             } => {
-                log!(
-                    info,
-                    "restart.done",
-                    generation = generation,
-                    replaced = replaced,
-                    took_ms = took.as_millis()
-                );
-                self.counters.restarts_done += 1;
-                self.rollback = None;
-                self.counters.restart_seconds_sum += took.as_secs_f64();
+                match worker {
+                    Some(id) => log!(
+                        info,
+                        "restart.done",
+                        generation = generation,
+                        id = id,
+                        took_ms = took.as_millis()
+                    ),
+                    None => {
+                        log!(
+                            info,
+                            "restart.done",
+                            generation = generation,
+                            replaced = replaced,
+                            took_ms = took.as_millis()
+                        );
+                        self.counters.restarts_done += 1;
+                        self.counters.restart_seconds_sum += took.as_secs_f64();
+                    }
+                }
                 let outcome = proto::RestartOutcome::Done {
                     generation,
                     replaced,
@@ -885,24 +988,102 @@ impl Daemon {
                 reason,
                 replaced,
                 total,
+                worker,
             } => {
-                log!(
-                    error,
-                    "restart.aborted",
-                    generation = generation,
-                    replaced = replaced,
-                    total = total,
-                    reason = reason
-                );
-                self.counters.restarts_aborted += 1;
-                if let Some(previous) = self.rollback.take() {
-                    self.sup.set_timing(timing(&previous));
-                    self.config = previous;
+                match worker {
+                    Some(id) => log!(
+                        error,
+                        "restart.aborted",
+                        generation = generation,
+                        id = id,
+                        reason = reason
+                    ),
+                    None => {
+                        log!(
+                            error,
+                            "restart.aborted",
+                            generation = generation,
+                            replaced = replaced,
+                            total = total,
+                            reason = reason
+                        );
+                        self.counters.restarts_aborted += 1;
+                    }
                 }
+                self.serve_config_of(self.sup.generation());
                 let outcome = proto::RestartOutcome::Aborted {
                     reason,
                     replaced,
                     total,
+                };
+                self.tell_watchers(Response::Restarted(outcome), true);
+            }
+            Notice::RollbackBegun {
+                from,
+                to,
+                reason,
+                slots,
+                after_restart,
+            } => {
+                log!(
+                    error,
+                    "restart.rollback",
+                    generation = to,
+                    from = from,
+                    workers = slots,
+                    after_restart = after_restart,
+                    reason = reason
+                );
+                self.counters.rollbacks += 1;
+                self.serve_config_of(to);
+                if let Some(m) = &self.manager {
+                    m.notify(&format!(
+                        "STATUS=rolling back to generation {to}: generation {from} failed"
+                    ));
+                }
+            }
+            Notice::RolledBack {
+                from,
+                to,
+                reason,
+                replaced,
+                restored,
+                total,
+                took,
+                complete,
+                after_restart,
+            } => {
+                if complete {
+                    log!(
+                        warn,
+                        "restart.rolled_back",
+                        generation = to,
+                        from = from,
+                        restored = restored,
+                        took_ms = took.as_millis()
+                    );
+                } else {
+                    log!(
+                        error,
+                        "restart.rollback_failed",
+                        generation = to,
+                        from = from,
+                        restored = restored,
+                        total = total,
+                        reason = reason
+                    );
+                }
+                if !after_restart {
+                    self.counters.restarts_aborted += 1;
+                }
+                let outcome = proto::RestartOutcome::RolledBack {
+                    reason,
+                    generation: to,
+                    failed_generation: from,
+                    replaced,
+                    restored,
+                    total,
+                    complete,
                 };
                 self.tell_watchers(Response::Restarted(outcome), true);
             }
@@ -962,36 +1143,53 @@ impl Daemon {
             }
         }
         let generation = self.next_generation;
-        self.specs.insert(generation, Spec::from_config(&config));
-        // The replacements start with the new timeouts; a refusal or an
-        // abort puts the old ones back.
+        // The keys only a new clusterd changes stay as they are.
+        let config = Config {
+            listen: self.config.listen.clone(),
+            backlog: self.config.backlog,
+            control: self.config.control.clone(),
+            metrics: self.config.metrics,
+            workers: self.config.workers,
+            ..config
+        };
+        self.gens
+            .insert(generation, Generation::new(config.clone()));
+        // The replacements start with the new timeouts; a refusal, an abort
+        // or a rollback puts the old ones back.
         self.sup.set_timing(timing(&config));
         match self.sup.restart(Instant::now(), generation) {
             Ok(()) => {
                 self.next_generation += 1;
-                self.rollback = Some(self.config.clone());
-                let (listen, backlog, control, metrics, workers) = (
-                    self.config.listen.clone(),
-                    self.config.backlog,
-                    self.config.control.clone(),
-                    self.config.metrics,
-                    self.config.workers,
-                );
-                self.config = Config {
-                    listen,
-                    backlog,
-                    control,
-                    metrics,
-                    workers,
-                    ..config
-                };
+                self.config = config;
                 self.restart_watchers.extend(watcher);
             }
             Err(why) => {
-                self.specs.remove(&generation);
+                self.gens.remove(&generation);
                 self.sup.set_timing(timing(&self.config));
                 refuse(watcher, why);
             }
+        }
+    }
+
+    /// `clusterctl restart --worker ID`: one worker replaced by a new
+    /// instance of its generation, READY-gated and baked. The config is not
+    /// re-read.
+    fn restart_worker(&mut self, id: u32, watcher: Sender<Response>) {
+        match self.sup.restart_worker(Instant::now(), id) {
+            Ok(()) => self.restart_watchers.push(watcher),
+            Err(why) => {
+                log!(warn, "restart.refused", id = id, reason = why);
+                let _ = watcher.try_send(Response::Error(format!("restart refused: {why}")));
+            }
+        }
+    }
+
+    /// Puts generation `generation`'s config (and so its timeouts) back in
+    /// force: the pool serves it again after an abort or a rollback.
+    fn serve_config_of(&mut self, generation: u64) {
+        if let Some(g) = self.gens.get(&generation) {
+            self.config = g.config.clone();
+            self.sup.set_timing(timing(&self.config));
         }
     }
 
@@ -1032,6 +1230,7 @@ impl Daemon {
                 let _ = req.reply.try_send(Response::Stopping);
                 self.sup.stop(Instant::now(), false);
             }
+            Request::RestartWorker(id) => self.restart_worker(id, req.reply),
         }
     }
 
@@ -1107,14 +1306,21 @@ impl Daemon {
             ready: self.sup.ready(),
             generation: self.sup.generation(),
             operation: self.sup.operation(),
+            phase: self.sup.phase().as_str().into(),
+            last_restart: self.sup.last_restart().map(|l| proto::LastRestart {
+                outcome: l.outcome.as_str().into(),
+                generation: l.generation,
+                reason: l.reason.clone(),
+                ago_ms: now.saturating_duration_since(l.at).as_millis() as u64,
+            }),
             workers,
         }
     }
 
-    fn forget_unused_specs(&mut self) {
-        if self.specs.len() > 1 {
+    fn forget_unused_generations(&mut self) {
+        if self.gens.len() > 1 {
             let used = self.sup.generations_in_use();
-            self.specs.retain(|g, _| used.contains(g));
+            self.gens.retain(|g, _| used.contains(g));
         }
     }
 }

@@ -15,6 +15,8 @@ fn timing() -> Timing {
         min_uptime: 5 * S,
         fast_stop_grace: S,
         ready_after: None,
+        bake: Duration::ZERO,
+        rollback_window: Duration::ZERO,
     }
 }
 
@@ -121,6 +123,35 @@ fn notices(actions: &[Action]) -> Vec<&Notice> {
             _ => None,
         })
         .collect()
+}
+
+/// `(from, to, reason, slots)` of a RollbackBegun.
+fn rollback_begun(actions: &[Action]) -> Option<(u64, u64, String, u32)> {
+    notices(actions).into_iter().find_map(|n| match n {
+        Notice::RollbackBegun {
+            from,
+            to,
+            reason,
+            slots,
+            ..
+        } => Some((*from, *to, reason.clone(), *slots)),
+        _ => None,
+    })
+}
+
+/// `(from, to, replaced, restored, complete)` of a RolledBack.
+fn rolled_back(actions: &[Action]) -> Option<(u64, u64, u32, u32, bool)> {
+    notices(actions).into_iter().find_map(|n| match n {
+        Notice::RolledBack {
+            from,
+            to,
+            replaced,
+            restored,
+            complete,
+            ..
+        } => Some((*from, *to, *replaced, *restored, *complete)),
+        _ => None,
+    })
 }
 
 fn aborted_reason(actions: &[Action]) -> Option<String> {
@@ -400,22 +431,55 @@ fn a_replacement_that_never_reports_ready_is_killed_and_the_restart_aborts() {
 }
 
 #[test]
-fn an_abort_midway_keeps_replaced_slots_and_respawns_the_rest_with_their_own_generation() {
+fn a_replacement_failing_midway_rolls_the_replaced_slots_back_ready_gated() {
     let mut s = Script::started(3);
     s.sup.restart(s.now, 2).unwrap();
     let new1 = s.spawn_all()[0];
     s.sup.ready_reported(s.now, new1);
     let new2 = s.spawn_all()[0];
     s.sup.exited(s.now, new2, Exit::Code(1));
-    assert!(aborted_reason(&s.sup.take_actions()).is_some());
+    let actions = s.sup.take_actions();
+    assert!(aborted_reason(&actions).is_none(), "not a plain abort");
+    let begun = rollback_begun(&actions).expect("a rollback");
+    assert_eq!((begun.0, begun.1, begun.3), (2, 1, 1), "{begun:?}");
+    assert!(
+        begun.2.contains("worker 2") && begun.2.contains("exit 1"),
+        "{begun:?}"
+    );
+    // Every slot runs generation 1 again as soon as it respawns; slot 1
+    // gets a generation-1 replacement while its generation-2 worker serves.
     let gens: Vec<u64> = s.sup.slots().map(|sl| sl.generation).collect();
-    assert_eq!(gens, vec![2, 1, 1]);
+    assert_eq!(gens, vec![1, 1, 1]);
+    assert_eq!(s.sup.generation(), 1);
+    assert_eq!(spawns(&actions), vec![(1, 1)]);
+    assert!(drains(&actions).is_empty(), "nothing drained before READY");
+    assert_eq!(s.sup.ready(), 3, "capacity kept");
+    assert_eq!(s.sup.phase(), Phase::RollingBack);
+    let back = s.live_in_slot(1).into_iter().max().unwrap();
+    s.sup.spawned(back, 700);
+    s.sup.ready_reported(s.now, back);
+    let actions = s.sup.take_actions();
+    assert_eq!(
+        drains(&actions),
+        vec![new1],
+        "the failed generation drains now"
+    );
+    let done = rolled_back(&actions).expect("rolled back");
+    assert_eq!(
+        done,
+        (2, 1, 1, 1, true),
+        "from, to, replaced, restored, complete"
+    );
+    assert_eq!(s.sup.phase(), Phase::Running);
+    let last = s.sup.last_restart().unwrap();
+    assert_eq!((last.outcome, last.generation), (Outcome::RolledBack, 1));
     // Slot 3 (still generation 1) crashes: it comes back as generation 1.
+    s.sup.exited(s.now, new1, Exit::Code(0));
     s.advance(60 * S);
     let old3 = s.ready_in_slot(3);
     s.sup.exited(s.now, old3, Exit::Signal(11));
     assert_eq!(spawns(&s.sup.take_actions()), vec![(3, 1)]);
-    assert_eq!(s.sup.generations_in_use(), vec![1, 2]);
+    assert_eq!(s.sup.generations_in_use(), vec![1]);
 }
 
 #[test]
@@ -445,9 +509,12 @@ fn a_second_restart_is_refused_with_a_reason() {
     let mut s = Script::started(2);
     s.sup.restart(s.now, 2).unwrap();
     let err = s.sup.restart(s.now, 3).unwrap_err();
-    assert!(err.contains("already in progress (0/2"), "{err}");
+    assert!(err.contains("already in progress (0/2 replaced)"), "{err}");
     let err = s.sup.scale(s.now, ScaleTo::Up(1)).unwrap_err();
-    assert!(err.contains("rolling restart is in progress"), "{err}");
+    assert!(
+        err.contains("rolling restart is already in progress"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -681,4 +748,422 @@ fn ready_after_does_not_revive_a_worker_that_exited() {
     assert_eq!(again.len(), 1, "respawned at once");
     s.advance(S); // the first one's ready_after time passes
     assert_eq!(s.sup.ready(), 0);
+}
+
+// --- bake and rollback --------------------------------------------------------
+
+/// A pool with a 5 s bake and the automatic rollback on (its window is 60 s).
+fn baked(workers: u32) -> Script {
+    let mut s = Script::new(workers);
+    s.sup.set_timing(Timing {
+        bake: 5 * S,
+        rollback_window: 60 * S,
+        ..timing()
+    });
+    s.sup.start(s.now);
+    for id in s.spawn_all() {
+        assert!(s.sup.ready_reported(s.now, id));
+    }
+    s.sup.take_actions();
+    s
+}
+
+/// The newest starting instance (the replacement the rollout spawned),
+/// given a pid and made READY. Leaves the actions for the caller.
+fn ready_replacement(s: &mut Script, pid: u32) -> InstanceId {
+    let id = s
+        .sup
+        .instances()
+        .filter(|i| i.state == State::Starting)
+        .map(|i| i.id)
+        .max()
+        .expect("a starting replacement");
+    s.sup.spawned(id, pid);
+    s.sup.ready_reported(s.now, id);
+    id
+}
+
+fn baking(actions: &[Action]) -> Vec<(SlotId, &'static str)> {
+    notices(actions)
+        .into_iter()
+        .filter_map(|n| match n {
+            Notice::Baking { slot, role, .. } => Some((*slot, *role)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_canary_and_the_last_replacement_bake_while_the_old_workers_serve() {
+    let mut s = baked(3);
+    s.sup.restart(s.now, 2).unwrap();
+    let old1 = s.ready_in_slot(1);
+    let canary = ready_replacement(&mut s, 501);
+    let actions = s.sup.take_actions();
+    assert_eq!(baking(&actions), vec![(1, "canary")]);
+    assert!(drains(&actions).is_empty(), "the old worker serves on");
+    assert_eq!(s.sup.ready(), 4, "one above the count while baking");
+    assert_eq!(s.sup.phase(), Phase::Baking);
+    assert_eq!(
+        s.sup.operation().as_deref(),
+        Some("restart 0/3, canary baking")
+    );
+    assert_eq!(s.sup.next_deadline(), Some(s.now + 5 * S));
+    s.advance(5 * S - MS);
+    assert!(
+        drains(&s.sup.take_actions()).is_empty(),
+        "not before the bake"
+    );
+    s.advance(MS);
+    let actions = s.sup.take_actions();
+    assert_eq!(drains(&actions), vec![old1]);
+    assert_eq!(spawns(&actions), vec![(2, 2)], "then the next slot");
+    // The middle one is only READY-gated.
+    let old2 = s.ready_in_slot(2);
+    ready_replacement(&mut s, 502);
+    let actions = s.sup.take_actions();
+    assert!(baking(&actions).is_empty());
+    assert_eq!(drains(&actions), vec![old2]);
+    // The last one bakes; the restart is done only after it.
+    let old3 = s.ready_in_slot(3);
+    ready_replacement(&mut s, 503);
+    let actions = s.sup.take_actions();
+    assert_eq!(baking(&actions), vec![(3, "last")]);
+    assert!(drains(&actions).is_empty());
+    assert_eq!(s.sup.generation(), 1, "not done yet");
+    s.advance(5 * S);
+    let actions = s.sup.take_actions();
+    assert_eq!(drains(&actions), vec![old3]);
+    assert!(notices(&actions).iter().any(|n| matches!(
+        n,
+        Notice::RestartDone {
+            generation: 2,
+            replaced: 3,
+            ..
+        }
+    )));
+    assert_eq!(s.sup.generation(), 2);
+    assert_eq!(s.sup.last_restart().unwrap().outcome, Outcome::Done);
+    assert!(s.sup.instance(canary).is_some());
+    // Generation 1 is kept for the rollback window, then forgotten.
+    assert_eq!(s.sup.generations_in_use(), vec![1, 2]);
+    s.advance(60 * S);
+    for id in [old1, old2, old3] {
+        s.sup.exited(s.now, id, Exit::Code(0));
+    }
+    assert_eq!(s.sup.generations_in_use(), vec![2]);
+}
+
+#[test]
+fn a_single_worker_pool_bakes_its_one_replacement_once() {
+    let mut s = baked(1);
+    s.sup.restart(s.now, 2).unwrap();
+    ready_replacement(&mut s, 501);
+    assert_eq!(baking(&s.sup.take_actions()), vec![(1, "canary")]);
+    s.advance(5 * S);
+    let actions = s.sup.take_actions();
+    assert_eq!(drains(&actions).len(), 1);
+    assert!(baking(&actions).is_empty());
+    assert_eq!(s.sup.generation(), 2);
+}
+
+#[test]
+fn a_canary_that_dies_while_baking_rolls_back_with_nothing_to_replace() {
+    let mut s = baked(4);
+    s.sup.restart(s.now, 2).unwrap();
+    let old1 = s.ready_in_slot(1);
+    let canary = ready_replacement(&mut s, 501);
+    s.sup.take_actions();
+    s.now += 300 * MS;
+    s.sup.exited(s.now, canary, Exit::Code(3));
+    let actions = s.sup.take_actions();
+    let (from, to, reason, slots) = rollback_begun(&actions).expect("rollback");
+    assert_eq!((from, to, slots), (2, 1, 0));
+    assert_eq!(
+        reason,
+        "the canary for worker 1 (pid 501) ended with exit 3 0.3s after READY"
+    );
+    assert_eq!(rolled_back(&actions), Some((2, 1, 0, 0, true)));
+    assert!(spawns(&actions).is_empty() && drains(&actions).is_empty());
+    assert!(kills(&actions).is_empty());
+    assert_eq!(s.sup.ready(), 4, "the old workers never stopped serving");
+    assert_eq!(s.ready_in_slot(1), old1);
+    assert_eq!(s.sup.generation(), 1);
+    assert!(s.sup.slots().all(|sl| sl.restarts == 0));
+    assert_eq!(s.sup.generations_in_use(), vec![1]);
+    // The next restart is allowed.
+    s.sup.restart(s.now, 3).unwrap();
+}
+
+#[test]
+fn a_new_worker_crashing_after_ready_rolls_back_even_the_baking_last_replacement() {
+    let mut s = baked(3);
+    s.sup.restart(s.now, 2).unwrap();
+    let new1 = ready_replacement(&mut s, 501);
+    s.advance(5 * S);
+    let new2 = ready_replacement(&mut s, 502);
+    s.sup.take_actions();
+    let new3 = ready_replacement(&mut s, 503);
+    let actions = s.sup.take_actions();
+    assert_eq!(baking(&actions), vec![(3, "last")]);
+    let old3 = s.ready_in_slot(3);
+    assert_ne!(old3, new3);
+    // Worker 2 of the new generation dies 1 s after READY, during the last bake.
+    s.now += S;
+    s.sup.exited(s.now, new2, Exit::Signal(11));
+    let actions = s.sup.take_actions();
+    let (from, to, reason, slots) = rollback_begun(&actions).expect("rollback");
+    assert_eq!((from, to), (2, 1));
+    assert!(
+        reason.starts_with("worker 2 (pid 502) of generation 2 ended with signal 11"),
+        "{reason}"
+    );
+    assert_eq!(
+        slots, 1,
+        "slot 1; slot 2 respawns; slot 3 still has its old worker"
+    );
+    assert_eq!(
+        drains(&actions),
+        vec![new3],
+        "the baking replacement drains: nothing is killed"
+    );
+    assert!(kills(&actions).is_empty());
+    let mut spawned = spawns(&actions);
+    spawned.sort();
+    assert_eq!(
+        spawned,
+        vec![(1, 1), (2, 1)],
+        "slot 2 respawns with generation 1 at once; slot 1 gets a replacement"
+    );
+    let slot2 = s.sup.slots().find(|sl| sl.id == 2).unwrap();
+    assert_eq!(slot2.restarts, 1, "the crash is counted");
+    // Slot 1's replacement is READY: its generation-2 worker drains.
+    let back = s
+        .sup
+        .instances()
+        .find(|i| i.slot == 1 && i.generation == 1 && i.state == State::Starting)
+        .unwrap()
+        .id;
+    s.sup.ready_reported(s.now, back);
+    let actions = s.sup.take_actions();
+    assert_eq!(drains(&actions), vec![new1]);
+    assert_eq!(rolled_back(&actions), Some((2, 1, 2, 1, true)));
+}
+
+#[test]
+fn a_rollback_whose_replacement_fails_stops_and_says_so() {
+    let mut s = baked(2);
+    s.sup.restart(s.now, 2).unwrap();
+    ready_replacement(&mut s, 501);
+    s.advance(5 * S);
+    let new2 = ready_replacement(&mut s, 502);
+    s.sup.take_actions();
+    s.sup.exited(s.now, new2, Exit::Code(1));
+    s.sup.take_actions();
+    // Slot 2 respawned as generation 1; slot 1 waits for its replacement.
+    let back = s
+        .sup
+        .instances()
+        .find(|i| i.slot == 1 && i.generation == 1 && i.state == State::Starting)
+        .unwrap()
+        .id;
+    assert_eq!(s.sup.phase(), Phase::RollingBack);
+    let err = s.sup.restart(s.now, 3).unwrap_err();
+    assert!(
+        err.contains("rollback to generation 1 is in progress"),
+        "{err}"
+    );
+    s.sup.exited(s.now, back, Exit::Code(127));
+    let actions = s.sup.take_actions();
+    let (from, to, _, restored, complete) = rolled_back(&actions).unwrap();
+    assert_eq!((from, to, restored, complete), (2, 1, 0, false));
+    let last = s.sup.last_restart().unwrap();
+    assert_eq!(last.outcome, Outcome::RollbackFailed);
+    assert!(
+        last.reason
+            .as_deref()
+            .unwrap()
+            .contains("then the rollback failed"),
+        "{last:?}"
+    );
+    assert_eq!(s.sup.phase(), Phase::Running);
+    // Slot 1's generation-2 worker serves on; the slot respawns generation 1.
+    assert_eq!(
+        s.sup.slots().map(|sl| sl.generation).collect::<Vec<_>>(),
+        [1, 1]
+    );
+}
+
+#[test]
+fn a_replacement_that_fails_before_anything_served_is_only_an_abort() {
+    let mut s = baked(2);
+    s.sup.restart(s.now, 2).unwrap();
+    let new = s.spawn_all()[0];
+    s.advance(10 * S);
+    let actions = s.sup.take_actions();
+    assert_eq!(kills(&actions), vec![(new, KillReason::Aborted)]);
+    assert!(
+        aborted_reason(&actions)
+            .unwrap()
+            .contains("the canary for worker 1")
+    );
+    assert!(rollback_begun(&actions).is_none());
+    assert_eq!(s.sup.last_restart().unwrap().outcome, Outcome::Aborted);
+    assert_eq!(s.sup.last_restart().unwrap().generation, 1);
+}
+
+/// A baked pool that finished a restart to generation 2.
+fn restarted(workers: u32) -> Script {
+    let mut s = baked(workers);
+    s.sup.restart(s.now, 2).unwrap();
+    for slot in 1..=workers {
+        ready_replacement(&mut s, 500 + slot);
+        if slot == 1 || slot == workers {
+            s.advance(5 * S);
+        }
+    }
+    let old: Vec<InstanceId> = s
+        .sup
+        .instances()
+        .filter(|i| i.generation == 1)
+        .map(|i| i.id)
+        .collect();
+    for id in old {
+        s.sup.exited(s.now, id, Exit::Code(0));
+    }
+    s.sup.take_actions();
+    assert_eq!(s.sup.generation(), 2);
+    s
+}
+
+#[test]
+fn a_generation_failing_twice_right_after_its_restart_is_rolled_back() {
+    let mut s = restarted(3);
+    s.advance(10 * S);
+    let w1 = s.ready_in_slot(1);
+    s.sup.exited(s.now, w1, Exit::Code(3));
+    let actions = s.sup.take_actions();
+    assert!(
+        rollback_begun(&actions).is_none(),
+        "one crash is not enough"
+    );
+    assert_eq!(spawns(&actions), vec![(1, 2)], "respawned as generation 2");
+    s.spawn_all();
+    s.now += 200 * MS;
+    let w2 = s.ready_in_slot(2);
+    s.sup.exited(s.now, w2, Exit::Code(3));
+    let actions = s.sup.take_actions();
+    let (from, to, reason, slots) = rollback_begun(&actions).expect("rollback");
+    assert_eq!((from, to), (2, 1));
+    assert!(
+        reason.starts_with("generation 2 failed 2 times within 1m of its restart (the last: worker 2 (pid 502) ended with exit 3"),
+        "{reason}"
+    );
+    // Slot 1's respawn (starting, generation 2) and slot 3 need replacing;
+    // slot 2 respawns straight into generation 1.
+    assert_eq!(slots, 2);
+    let mut spawned = spawns(&actions);
+    spawned.sort();
+    assert_eq!(spawned, vec![(1, 1), (2, 1)]);
+    assert_eq!(s.sup.generation(), 1);
+    assert_eq!(s.sup.phase(), Phase::RollingBack);
+}
+
+#[test]
+fn crashes_after_the_window_or_with_rollback_off_only_respawn() {
+    let mut s = restarted(2);
+    s.advance(61 * S);
+    for slot in [1, 2] {
+        let w = s.ready_in_slot(slot);
+        s.sup.exited(s.now, w, Exit::Code(3));
+    }
+    let actions = s.sup.take_actions();
+    assert!(rollback_begun(&actions).is_none());
+    assert_eq!(
+        s.sup.generations_in_use(),
+        vec![2],
+        "generation 1 forgotten"
+    );
+
+    let mut s = Script::started(2);
+    s.sup.restart(s.now, 2).unwrap();
+    for _ in 0..2 {
+        ready_replacement(&mut s, 600);
+    }
+    s.sup.take_actions();
+    assert_eq!(s.sup.generation(), 2);
+    for slot in [1, 2] {
+        let w = s.ready_in_slot(slot);
+        s.sup.exited(s.now, w, Exit::Code(3));
+    }
+    assert!(
+        rollback_begun(&s.sup.take_actions()).is_none(),
+        "rollback = off"
+    );
+}
+
+#[test]
+fn one_worker_restarts_ready_gated_and_baked() {
+    let mut s = baked(2);
+    let err = s.sup.restart_worker(s.now, 3).unwrap_err();
+    assert_eq!(err, "there is no worker 3 (the workers are 1 to 2)");
+    let old = s.ready_in_slot(2);
+    s.sup.restart_worker(s.now, 2).unwrap();
+    let actions = s.sup.take_actions();
+    assert_eq!(spawns(&actions), vec![(2, 1)], "same generation");
+    assert!(notices(&actions).contains(&&Notice::RestartBegun {
+        generation: 1,
+        total: 1,
+        worker: Some(2)
+    }));
+    assert_eq!(s.sup.operation().as_deref(), Some("restart of worker 2"));
+    let err = s.sup.restart(s.now, 2).unwrap_err();
+    assert!(err.contains("restart of worker 2 is in progress"), "{err}");
+    let new = s.live_in_slot(2).into_iter().max().unwrap();
+    s.sup.spawned(new, 900);
+    s.sup.ready_reported(s.now, new);
+    assert_eq!(baking(&s.sup.take_actions()), vec![(2, "worker")]);
+    s.advance(5 * S);
+    let actions = s.sup.take_actions();
+    assert_eq!(drains(&actions), vec![old]);
+    assert!(notices(&actions).iter().any(|n| matches!(
+        n,
+        Notice::RestartDone {
+            generation: 1,
+            replaced: 1,
+            worker: Some(2),
+            ..
+        }
+    )));
+    assert_eq!(s.sup.generation(), 1);
+
+    // A replacement that fails is an abort: the old worker serves on.
+    let old = s.ready_in_slot(1);
+    s.sup.restart_worker(s.now, 1).unwrap();
+    let new = s.spawn_all()[0];
+    s.sup.exited(s.now, new, Exit::Code(1));
+    let actions = s.sup.take_actions();
+    assert!(aborted_reason(&actions).is_some());
+    assert!(rollback_begun(&actions).is_none());
+    assert_eq!(s.ready_in_slot(1), old);
+}
+
+#[test]
+fn stopping_ends_a_rollback() {
+    let mut s = baked(2);
+    s.sup.restart(s.now, 2).unwrap();
+    ready_replacement(&mut s, 501);
+    s.sup.take_actions();
+    s.advance(5 * S);
+    let new2 = s.spawn_all()[0];
+    s.sup.exited(s.now, new2, Exit::Code(1));
+    let actions = s.sup.take_actions();
+    assert!(rollback_begun(&actions).is_some(), "{actions:#?}");
+    assert_eq!(s.sup.phase(), Phase::RollingBack);
+    s.sup.stop(s.now, false);
+    let actions = s.sup.take_actions();
+    let (.., complete) = rolled_back(&actions).expect("ended");
+    assert!(!complete);
+    assert_eq!(s.sup.phase(), Phase::Stopping);
+    assert!(s.sup.operation().unwrap().starts_with("stopping"));
 }

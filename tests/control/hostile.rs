@@ -110,7 +110,11 @@ fn hostile_requests() -> Vec<(&'static str, Vec<u8>)> {
     trailing.extend_from_slice(&[0, 0, 0]);
     // A Stop whose version header is 99 (a one-byte varint, like 1).
     let mut version = proto::encode(&Request::Stop);
-    assert_eq!(version[0], proto::VERSION as u8, "the version is one byte");
+    assert_eq!(
+        version[0],
+        proto::CONTROL_VERSION as u8,
+        "the version is one byte"
+    );
     version[0] = 99;
     vec![
         ("random bytes", random),
@@ -199,7 +203,8 @@ fn hostile_clients_neither_crash_nor_block_clusterd() {
         );
         if what == "version 99" {
             assert!(
-                message.contains("99") && message.contains(&format!("version {}", proto::VERSION)),
+                message.contains("99")
+                    && message.contains(&format!("version {}", proto::CONTROL_VERSION)),
                 "the mismatch names both versions: {message}"
             );
         }

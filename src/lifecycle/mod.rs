@@ -20,19 +20,36 @@
 //!   crash in an old worker during or after an aborted restart brings back the
 //!   known-good program.
 //!
+//! - A **rollout** moves slots to a generation one at a time: a rolling
+//!   restart (every slot to a new generation), the restart of one worker
+//!   (one slot, same generation), and a rollback (every slot that left the
+//!   last stable generation goes back to it). They share one path, in
+//!   [`rollout`]: "go to generation G" is the only operation.
+//!
 //! # Guarantees kept here
 //!
-//! - A replacement must be READY before the instance it replaces is drained;
-//!   if it exits or misses `ready_timeout` the restart aborts and the old
-//!   instances keep serving.
+//! - A replacement must be READY before the instance it replaces is drained.
+//!   The first and the last replacement of a restart (and a single worker's
+//!   replacement) must then stay up for `bake` while the instance they
+//!   replace keeps serving. If a replacement exits, misses `ready_timeout`,
+//!   or a worker of the new generation fails before the restart is done,
+//!   the restart aborts and every slot already replaced goes back to the
+//!   previous generation, READY-gated as well.
+//! - A generation that fails twice within `rollback_window` after its
+//!   restart finished is rolled back the same way, once.
 //! - A crashed instance is respawned at once the first time, then after
 //!   `restart_delay`, doubling up to `restart_delay_max`, until an instance
 //!   has lived `min_uptime`.
 //! - A draining instance is killed at `drain_timeout`.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+mod rollout;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
+
+pub use rollout::{LastRestart, Outcome, Phase};
+use rollout::{Rollout, Watch};
 
 /// A worker id (slot number), `1..=desired`.
 pub type SlotId = u32;
@@ -57,6 +74,12 @@ pub struct Timing {
     /// `ready_after`: a worker still running this long after its start
     /// counts as ready (for programs that cannot notify).
     pub ready_after: Option<Duration>,
+    /// `bake`: how long a restart's canary and its last replacement must
+    /// stay up after READY before the instance they replace is drained.
+    pub bake: Duration,
+    /// After a restart has finished, its generation is rolled back if it
+    /// fails twice within this; zero turns it off (`rollback = off`).
+    pub rollback_window: Duration,
 }
 
 impl Timing {
@@ -166,6 +189,8 @@ pub struct Instance {
     pub pid: Option<u32>,
     pub state: State,
     pub started: Instant,
+    /// When it reported READY.
+    pub ready_at: Option<Instant>,
     /// The ready or drain deadline, whichever applies.
     deadline: Option<Instant>,
     /// When it counts as ready without reporting it (`ready_after`).
@@ -251,6 +276,17 @@ pub enum Notice {
         delay: Duration,
         restarts: u32,
     },
+    /// A restart's canary or last replacement is READY and must now stay
+    /// up `bake` before the rollout goes on.
+    Baking {
+        slot: SlotId,
+        pid: Option<u32>,
+        generation: u64,
+        bake: Duration,
+        /// `canary` (the first replacement), `last`, or `worker` (the
+        /// restart of one worker).
+        role: &'static str,
+    },
     /// Every slot has a ready worker again.
     AllReady {
         workers: u32,
@@ -259,6 +295,8 @@ pub enum Notice {
     RestartBegun {
         generation: u64,
         total: u32,
+        /// `clusterctl restart --worker ID`: only this one.
+        worker: Option<SlotId>,
     },
     RestartProgress {
         slot: SlotId,
@@ -272,12 +310,41 @@ pub enum Notice {
         generation: u64,
         replaced: u32,
         took: Duration,
+        /// The restart of this one worker, not a rolling restart.
+        worker: Option<SlotId>,
     },
     RestartAborted {
         generation: u64,
         reason: String,
         replaced: u32,
         total: u32,
+        /// The restart of this one worker, not a rolling restart.
+        worker: Option<SlotId>,
+    },
+    /// A generation failed after some of its workers had served: every slot
+    /// it took goes back to `to`.
+    RollbackBegun {
+        from: u64,
+        to: u64,
+        reason: String,
+        /// Slots to replace (READY-gated) with generation `to`.
+        slots: u32,
+        /// The restart had finished (the rollback is the automatic one).
+        after_restart: bool,
+    },
+    /// The rollback ended: `complete` when every slot runs `to` again.
+    RolledBack {
+        from: u64,
+        to: u64,
+        reason: String,
+        /// Slots the failed generation had replaced before it failed.
+        replaced: u32,
+        /// Slots replaced back (READY-gated) by the rollback.
+        restored: u32,
+        total: u32,
+        took: Duration,
+        complete: bool,
+        after_restart: bool,
     },
     Scaled {
         from: u32,
@@ -287,18 +354,6 @@ pub enum Notice {
         fast: bool,
         workers: u32,
     },
-}
-
-/// A rolling restart in progress.
-#[derive(Debug, Clone)]
-struct Rollout {
-    generation: u64,
-    pending: VecDeque<SlotId>,
-    total: u32,
-    done: u32,
-    started: Instant,
-    /// The replacement being started, and when.
-    current: Option<(InstanceId, Instant)>,
 }
 
 /// What the operator may ask to change the pool size to.
@@ -320,6 +375,11 @@ pub struct Supervisor {
     /// completes.
     generation: u64,
     rollout: Option<Rollout>,
+    /// The generation a finished restart brought, watched for crashes
+    /// during `rollback_window`.
+    watch: Option<Watch>,
+    /// How the last rollout ended, for status.
+    last_restart: Option<LastRestart>,
     /// `Some(fast)` once stopping.
     stopping: Option<bool>,
     /// Fast stop: SIGKILL what is left at this time.
@@ -352,6 +412,8 @@ impl Supervisor {
             next_instance: 1,
             generation,
             rollout: None,
+            watch: None,
+            last_restart: None,
             stopping: None,
             stop_deadline: None,
             all_ready: false,
@@ -421,9 +483,20 @@ impl Supervisor {
         if self.stopping.is_some() {
             return Some(format!("stopping ({} left)", self.instances.len()));
         }
-        self.rollout
-            .as_ref()
-            .map(|r| format!("restart {}/{}", r.done, r.total))
+        self.rollout.as_ref().map(Rollout::describe)
+    }
+
+    /// What the pool is doing, as one word for status and metrics.
+    pub fn phase(&self) -> Phase {
+        if self.stopping.is_some() {
+            return Phase::Stopping;
+        }
+        self.rollout.as_ref().map_or(Phase::Running, Rollout::phase)
+    }
+
+    /// How the last rolling restart (or rollback) ended.
+    pub fn last_restart(&self) -> Option<&LastRestart> {
+        self.last_restart.as_ref()
     }
 
     /// Every generation some slot, instance or the rollout still refers to
@@ -434,7 +507,8 @@ impl Supervisor {
             .values()
             .map(|s| s.generation)
             .chain(self.instances.values().map(|i| i.generation))
-            .chain(self.rollout.iter().map(|r| r.generation))
+            .chain(self.rollout.iter().flat_map(|r| [r.generation, r.previous]))
+            .chain(self.watch.iter().map(|w| w.previous))
             .chain([self.generation])
             .collect();
         gens.sort_unstable();
@@ -463,7 +537,14 @@ impl Supervisor {
             .values()
             .filter(|s| !live.contains(&s.id))
             .filter_map(|s| s.respawn_at);
-        instances.chain(respawns).chain(self.stop_deadline).min()
+        let rollout = self.rollout.as_ref().and_then(Rollout::bake_until);
+        let watch = self.watch.as_ref().map(|w| w.until);
+        instances
+            .chain(respawns)
+            .chain(self.stop_deadline)
+            .chain(rollout)
+            .chain(watch)
+            .min()
     }
 
     // --- events ------------------------------------------------------------
@@ -491,6 +572,7 @@ impl Supervisor {
         }
         inst.state = State::Ready;
         inst.deadline = None;
+        inst.ready_at = Some(now);
         let (slot_id, generation, pid, took) =
             (inst.slot, inst.generation, inst.pid, now - inst.started);
         self.notice(Notice::Ready {
@@ -503,9 +585,8 @@ impl Supervisor {
             slot.respawn_at = None;
         }
 
-        let is_replacement = self.is_replacement(id);
-        if is_replacement {
-            self.replacement_ready(now, id, slot_id, generation);
+        if self.is_replacement(id) {
+            self.step_ready(now);
         }
         self.check_all_ready();
         true
@@ -552,17 +633,31 @@ impl Supervisor {
             return;
         }
 
-        let was_replacement = self.is_replacement(id);
-        if was_replacement {
+        if self.is_replacement(id) {
             let reason = format!(
-                "the replacement for worker {} ({}) ended with {} before it was ready",
+                "the {} for worker {} ({}) ended with {exit} {}",
+                self.rollout
+                    .as_ref()
+                    .map_or("replacement", Rollout::step_role),
                 inst.slot,
                 pid_text(inst.pid),
-                exit
+                since_ready(&inst, now)
             );
-            self.abort(reason);
+            self.rollout_failed(now, reason);
         } else if !expected {
-            self.crashed(now, &inst, exit);
+            self.crashed(now, &inst, exit.clone());
+            if self.fails_rollout(&inst) {
+                let reason = format!(
+                    "worker {} ({}) of generation {} ended with {exit} {}",
+                    inst.slot,
+                    pid_text(inst.pid),
+                    inst.generation,
+                    since_ready(&inst, now)
+                );
+                self.rollout_failed(now, reason);
+            } else {
+                self.watch_crash(now, &inst, &exit);
+            }
         }
         self.respawn_due(now);
         self.check_all_ready();
@@ -595,14 +690,16 @@ impl Supervisor {
             match inst.state {
                 State::Starting => {
                     let (slot, pid) = (inst.slot, inst.pid);
-                    let is_replacement = self.is_replacement(id);
-                    if is_replacement {
+                    if self.is_replacement(id) {
                         let reason = format!(
-                            "the replacement for worker {slot} ({}) did not report READY within {}",
+                            "the {} for worker {slot} ({}) did not report READY within {}",
+                            self.rollout
+                                .as_ref()
+                                .map_or("replacement", Rollout::step_role),
                             pid_text(pid),
                             human(self.timing.ready_timeout)
                         );
-                        self.abort(reason);
+                        self.rollout_failed(now, reason);
                     } else {
                         self.kill(id, KillReason::ReadyTimeout);
                     }
@@ -623,39 +720,11 @@ impl Supervisor {
                 self.kill(id, KillReason::FastStop);
             }
         }
+        self.tick_rollout(now);
         self.respawn_due(now);
     }
 
     // --- commands ----------------------------------------------------------
-
-    /// Begins a rolling restart to `generation` (which must be new).
-    ///
-    /// # Errors
-    /// Refused, with the reason, while stopping or while a restart runs.
-    pub fn restart(&mut self, now: Instant, generation: u64) -> Result<(), String> {
-        if self.stopping.is_some() {
-            return Err("clusterd is stopping".into());
-        }
-        if let Some(r) = &self.rollout {
-            return Err(format!(
-                "a rolling restart is already in progress ({}/{} replaced)",
-                r.done, r.total
-            ));
-        }
-        let pending: VecDeque<SlotId> = self.slots.keys().copied().collect();
-        let total = pending.len() as u32;
-        self.rollout = Some(Rollout {
-            generation,
-            pending,
-            total,
-            done: 0,
-            started: now,
-            current: None,
-        });
-        self.notice(Notice::RestartBegun { generation, total });
-        self.advance(now);
-        Ok(())
-    }
 
     /// Changes the number of workers. Scaling down drains the highest ids.
     ///
@@ -667,10 +736,7 @@ impl Supervisor {
             return Err("clusterd is stopping".into());
         }
         if let Some(r) = &self.rollout {
-            return Err(format!(
-                "a rolling restart is in progress ({}/{} replaced); scale when it has finished",
-                r.done, r.total
-            ));
+            return Err(format!("{}; scale when it has finished", r.busy()));
         }
         let from = self.desired();
         let to = match to {
@@ -727,8 +793,9 @@ impl Supervisor {
             _ => {}
         }
         self.stopping = Some(fast);
+        self.watch = None;
         if self.rollout.is_some() {
-            self.abort("clusterd is stopping".into());
+            self.rollout_failed(now, "clusterd is stopping".into());
         }
         for slot in self.slots.values_mut() {
             slot.respawn_at = None;
@@ -761,14 +828,6 @@ impl Supervisor {
 
     // --- internals ---------------------------------------------------------
 
-    /// Whether `id` is the replacement the rolling restart is starting.
-    fn is_replacement(&self, id: InstanceId) -> bool {
-        self.rollout
-            .as_ref()
-            .and_then(|r| r.current)
-            .is_some_and(|(cur, _)| cur == id)
-    }
-
     fn notice(&mut self, notice: Notice) {
         self.actions.push(Action::Notice(notice));
     }
@@ -785,6 +844,7 @@ impl Supervisor {
                 pid: None,
                 state: State::Starting,
                 started: now,
+                ready_at: None,
                 deadline: Some(now + self.timing.ready_timeout),
                 auto_ready: self.timing.ready_after.map(|d| now + d),
                 killed: None,
@@ -881,91 +941,6 @@ impl Supervisor {
         }
     }
 
-    /// The rolling restart's replacement reported READY: the slot now runs
-    /// the new generation; drain what it replaces and go on to the next.
-    fn replacement_ready(
-        &mut self,
-        now: Instant,
-        id: InstanceId,
-        slot_id: SlotId,
-        generation: u64,
-    ) {
-        let old: Vec<InstanceId> = self
-            .instances
-            .values()
-            .filter(|i| i.slot == slot_id && i.id != id && i.live())
-            .map(|i| i.id)
-            .collect();
-        let old_pid = old.iter().find_map(|o| self.instances[o].pid);
-        for o in old {
-            self.drain(now, o);
-        }
-        if let Some(slot) = self.slots.get_mut(&slot_id) {
-            slot.generation = generation;
-            slot.streak = 0;
-        }
-        let new_pid = self.instances[&id].pid;
-        let rollout = self
-            .rollout
-            .as_mut()
-            .expect("a replacement belongs to a rollout");
-        let started = rollout.current.take().map_or(now, |(_, t)| t);
-        rollout.done += 1;
-        let (done, total) = (rollout.done, rollout.total);
-        self.notice(Notice::RestartProgress {
-            slot: slot_id,
-            done,
-            total,
-            old_pid,
-            new_pid,
-            took: now - started,
-        });
-        self.advance(now);
-    }
-
-    /// Starts the next replacement, or finishes the restart.
-    fn advance(&mut self, now: Instant) {
-        let Some(rollout) = self.rollout.as_mut() else {
-            return;
-        };
-        if rollout.current.is_some() {
-            return;
-        }
-        let generation = rollout.generation;
-        while let Some(slot) = rollout.pending.pop_front() {
-            if self.slots.contains_key(&slot) {
-                let id = self.spawn(now, slot, generation);
-                let rollout = self.rollout.as_mut().expect("checked above");
-                rollout.current = Some((id, now));
-                return;
-            }
-        }
-        let rollout = self.rollout.take().expect("checked above");
-        self.generation = rollout.generation;
-        self.notice(Notice::RestartDone {
-            generation: rollout.generation,
-            replaced: rollout.done,
-            took: now - rollout.started,
-        });
-    }
-
-    /// Ends the rolling restart without finishing it. The replacement being
-    /// started, if any, is removed; everything else keeps running.
-    fn abort(&mut self, reason: String) {
-        let Some(rollout) = self.rollout.take() else {
-            return;
-        };
-        if let Some((id, _)) = rollout.current {
-            self.kill(id, KillReason::Aborted);
-        }
-        self.notice(Notice::RestartAborted {
-            generation: rollout.generation,
-            reason,
-            replaced: rollout.done,
-            total: rollout.total,
-        });
-    }
-
     fn check_all_ready(&mut self) {
         let all =
             self.stopping.is_none() && self.ready() >= self.desired() && self.rollout.is_none();
@@ -977,6 +952,19 @@ impl Supervisor {
         }
         self.all_ready = all;
     }
+}
+
+/// `1.2s after READY`, or `before it was ready`.
+fn since_ready(inst: &Instance, now: Instant) -> String {
+    match inst.ready_at {
+        Some(t) => format!("{} after READY", seconds(now.saturating_duration_since(t))),
+        None => "before it was ready".into(),
+    }
+}
+
+/// `0.3s`, `12.0s`: a short span for a sentence.
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
 }
 
 fn pid_text(pid: Option<u32>) -> String {
