@@ -5,6 +5,7 @@
 //! its target. A step that fails is recorded in the section ([`Section::fail`]) and the
 //! section goes on with what it can; nothing a section does can stop the suite.
 
+pub mod bad_deploy;
 pub mod balance;
 pub mod crash;
 pub mod footprint;
@@ -27,7 +28,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 7] = [
+pub const SECTIONS: [(&str, &str); 8] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -35,6 +36,7 @@ pub const SECTIONS: [(&str, &str); 7] = [
     ("footprint", "5. Footprint"),
     ("scale", "6. Scale: 64 workers"),
     ("soak", "7. Soak: a thousand rolling restarts"),
+    ("bad-deploy", "8. Bad deploy: bake and rollback"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
@@ -72,6 +74,8 @@ pub struct Params {
     pub scale_workers: u32,
     /// Soak: rolling restarts in a row.
     pub soak_restarts: usize,
+    /// Bad deploy: healthy restarts timed with and without the bake.
+    pub bake_runs: usize,
 }
 
 impl Params {
@@ -93,6 +97,7 @@ impl Params {
                 static_build: false,
                 scale_workers: 64,
                 soak_restarts: 40,
+                bake_runs: 1,
             }
         } else {
             Params {
@@ -111,6 +116,7 @@ impl Params {
                 static_build: true,
                 scale_workers: 64,
                 soak_restarts: 1000,
+                bake_runs: 3,
             }
         }
     }
@@ -150,10 +156,16 @@ impl Ctx {
     }
 
     /// Starts clusterd with shop workers on an ephemeral port: `workers` is a number or
-    /// `auto`, `extra` more config lines.
+    /// `auto`, `extra` more config lines. Without a `bake` line in `extra`, `bake = 0`: a
+    /// healthy restart's bake is only waiting, and section 8 measures what it costs.
     pub fn shop_daemon(&self, tag: &str, workers: &str, extra: &str) -> Result<Daemon, String> {
+        let bake = if extra.contains("bake") {
+            ""
+        } else {
+            "bake = 0\n"
+        };
         let config = format!(
-            "exec = {}\nworkers = {workers}\nlisten = 127.0.0.1:0\n{extra}\n",
+            "exec = {}\nworkers = {workers}\nlisten = 127.0.0.1:0\n{bake}{extra}\n",
             self.shop().display()
         );
         Daemon::start(&self.clusterd(), &self.clusterctl(), tag, &config)

@@ -235,6 +235,8 @@ pub struct Daemon {
     proc: Proc,
     log: RefCell<LogReader>,
     pub control: PathBuf,
+    /// Its config file (a test may rewrite it before a restart).
+    pub config: PathBuf,
     clusterctl: PathBuf,
     /// When it was spawned, by the monotonic and by the wall clock.
     pub spawned: Instant,
@@ -278,6 +280,7 @@ impl Daemon {
             proc,
             log: RefCell::new(LogReader::new(&log_path)),
             control,
+            config: config_path,
             clusterctl: clusterctl.to_path_buf(),
             spawned,
             spawned_wall,
@@ -287,6 +290,24 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Rewrites the config's `exec` line, for the next rolling restart.
+    pub fn set_exec(&self, exec: &str) -> Result<(), String> {
+        let text = std::fs::read_to_string(&self.config)
+            .map_err(|e| format!("cannot read {}: {e}", self.config.display()))?;
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("exec =") {
+                    format!("exec = {exec}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, text.join("\n") + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", self.config.display()))
     }
 
     /// The event lines logged so far.
