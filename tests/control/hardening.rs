@@ -3,10 +3,11 @@
 //! control socket served by another user.
 
 use super::*;
-use clusterd::proto::{self, FRAME_HEADER, MAX_RESPONSE, Response};
+use clusterd::proto::{self, FRAME_HEADER, MAX_RESPONSE, Response, RestartOutcome};
 use std::collections::VecDeque;
 use std::io::{self, Read as _};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt as _;
 
 fn connect(cluster: &Cluster) -> UnixStream {
     let stream = UnixStream::connect(&cluster.control).expect("connect to the control socket");
@@ -118,4 +119,79 @@ fn control_busy_is_logged_once_per_burst() {
     drop(idle);
     // The operator is still served.
     status(&cluster);
+}
+
+/// A fake control server run as uid 65534: it answers every connection with
+/// `reply`, whatever was asked. Returns the child (kill it when done).
+fn fake_server_as_nobody(dir: &Path, reply: &Response) -> (std::process::Child, PathBuf) {
+    let folder = dir.join("nobody");
+    std::fs::create_dir(&folder).unwrap();
+    std::os::unix::fs::chown(&folder, Some(65534), Some(65534)).unwrap();
+    let path = folder.join("fake.sock");
+    let script = "import socket, sys\n\
+                  s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+                  s.bind(sys.argv[1])\n\
+                  s.listen(8)\n\
+                  reply = bytes.fromhex(sys.argv[2])\n\
+                  while True:\n    \
+                      c, _ = s.accept()\n    \
+                      c.settimeout(5)\n    \
+                      try:\n        \
+                          c.recv(65536)\n        \
+                          c.sendall(reply)\n    \
+                      except Exception:\n        \
+                          pass\n    \
+                      c.close()\n";
+    let hex: String = proto::frame(reply)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .arg(hex)
+        .uid(65534)
+        .gid(65534)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("run python3 as uid 65534");
+    wait_for("the fake server's socket", || path.exists().then_some(()));
+    (child, path)
+}
+
+#[test]
+fn clusterctl_refuses_a_server_of_another_user() {
+    if !rustix::process::geteuid().is_root() || !Path::new("/usr/bin/python3").exists() {
+        eprintln!("note: skipped: needs root and /usr/bin/python3 to run a server as uid 65534");
+        return;
+    }
+    let dir = TempDir::new("ctl-peer");
+    for (command, reply, lie) in [
+        (
+            "restart",
+            Response::Restarted(RestartOutcome::Done {
+                generation: 2,
+                replaced: 1,
+                elapsed_ms: 5,
+            }),
+            "restart done",
+        ),
+        ("stop", Response::Stopping, "stopping"),
+    ] {
+        let sub = TempDir::new("ctl-peer-sub");
+        let (mut server, path) = fake_server_as_nobody(sub.path(), &reply);
+        let out = ctl_raw(&[OsStr::new("-s"), path.as_os_str(), OsStr::new(command)]);
+        let _ = server.kill();
+        let _ = server.wait();
+        let out = out.exit(3);
+        assert!(!out.stdout.contains(lie), "believed the fake server: {out}");
+        let message = out.error_message();
+        assert!(
+            message.contains(&*path.to_string_lossy()) && message.contains("uid 65534"),
+            "{out}"
+        );
+    }
+    drop(dir);
 }
