@@ -6,6 +6,7 @@ use super::*;
 use clusterd::proto::{self, FRAME_HEADER, MAX_RESPONSE, Response, RestartOutcome};
 use std::collections::VecDeque;
 use std::io::{self, Read as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
 
@@ -124,9 +125,10 @@ fn control_busy_is_logged_once_per_burst() {
 /// A fake control server run as uid 65534: it answers every connection with
 /// `reply`, whatever was asked. Returns the child (kill it when done).
 fn fake_server_as_nobody(dir: &Path, reply: &Response) -> (std::process::Child, PathBuf) {
-    let folder = dir.join("nobody");
+    // A shared sticky folder, like /tmp: anyone may put a socket there.
+    let folder = dir.join("shared");
     std::fs::create_dir(&folder).unwrap();
-    std::os::unix::fs::chown(&folder, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let path = folder.join("fake.sock");
     let script = "import socket, sys\n\
                   s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
