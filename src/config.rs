@@ -34,7 +34,7 @@ use crate::users;
 pub struct Config {
     /// The config file, as given on the command line (made absolute).
     pub path: PathBuf,
-    /// The config file's stem: names the default control socket.
+    /// The config file's stem: begins the default control socket's name.
     pub name: String,
     /// Program and arguments. A program with a `/` is made absolute against the
     /// config file's folder; a bare name is looked up in `PATH` (by [`load`]).
@@ -154,15 +154,31 @@ impl Config {
 
     /// The control socket path: `control`, else `$CLUSTERD_SOCKET`, else
     /// `/run/clusterd/NAME.sock` for root, else
-    /// `$XDG_RUNTIME_DIR/clusterd/NAME.sock` or `/tmp/clusterd-UID/NAME.sock`.
+    /// `$XDG_RUNTIME_DIR/clusterd/NAME.sock` or `/tmp/clusterd-UID/NAME.sock`,
+    /// NAME being [`Config::socket_name`].
     pub fn control_path(&self) -> PathBuf {
         self.control
             .clone()
-            .unwrap_or_else(|| default_control_path(&self.name).0)
+            .unwrap_or_else(|| default_control_path(&self.socket_name()).0)
+    }
+
+    /// NAME of the default control socket: the config file's stem, `-` and
+    /// 8 hex digits of a hash (FNV-1a, 32 bits) of its canonical path, e.g.
+    /// `shop-1a2b3c4d`. Two configs of one name in two folders so get two
+    /// sockets, and one file reached by two spellings (a link, `..`) one.
+    /// A file that cannot be resolved is hashed as given.
+    pub fn socket_name(&self) -> String {
+        let canonical = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        let mut hash: u32 = 0x811c_9dc5;
+        for &b in std::os::unix::ffi::OsStrExt::as_bytes(canonical.as_os_str()) {
+            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        format!("{}-{hash:08x}", self.name)
     }
 }
 
-/// The default control socket for config stem `name`, and how it was chosen.
+/// The default control socket named `name` (see [`Config::socket_name`]),
+/// and how it was chosen.
 pub fn default_control_path(name: &str) -> (PathBuf, &'static str) {
     if let Some(p) = std::env::var_os("CLUSTERD_SOCKET").filter(|p| !p.is_empty()) {
         return (PathBuf::from(p), "from $CLUSTERD_SOCKET");
@@ -184,6 +200,40 @@ pub fn default_control_path(name: &str) -> (PathBuf, &'static str) {
         PathBuf::from(format!("/tmp/clusterd-{}/{name}.sock", uid.as_raw())),
         "default (no $XDG_RUNTIME_DIR)",
     )
+}
+
+#[cfg(test)]
+mod control_path_tests {
+    use super::*;
+
+    const TEXT: &str = "exec = /bin/true\nlisten = 127.0.0.1:3000\n";
+
+    #[test]
+    fn configs_of_one_name_in_two_folders_get_two_sockets() {
+        let dir =
+            std::env::temp_dir().join(format!("clusterd-control-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["a", "b"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join("shop.conf"), TEXT).unwrap();
+        }
+        std::os::unix::fs::symlink(dir.join("a"), dir.join("c")).unwrap();
+        let load = |p: &str| parse_str(TEXT, &dir.join(p)).unwrap();
+        let (a, b) = (load("a/shop.conf"), load("b/shop.conf"));
+        if std::env::var_os("CLUSTERD_SOCKET").is_none() {
+            assert_ne!(a.control_path(), b.control_path());
+            let file = a.control_path();
+            let file = file.file_name().unwrap().to_str().unwrap();
+            assert!(
+                file.starts_with("shop-") && file.ends_with(".sock") && file.len() == 18,
+                "readable: {file}"
+            );
+            // One file by two spellings has one socket.
+            assert_eq!(load("c/shop.conf").control_path(), a.control_path());
+            assert_eq!(load("b/../a/shop.conf").control_path(), a.control_path());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// `bake` when the config does not set it: long enough to catch a program
@@ -1076,7 +1126,7 @@ mod tests {
                 rollback: true,
             }
         );
-        assert_eq!(c.control_path(), default_control_path("shop").0);
+        assert_eq!(c.control_path(), default_control_path(&c.socket_name()).0);
         assert!(c.worker_count() >= 1);
     }
 

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 mod commands;
+mod hardening;
 mod hostile;
 mod restart;
 mod rollback;

@@ -51,6 +51,14 @@ impl Conn {
         Ok(Conn { stream })
     }
 
+    /// The uid of the process that serves the socket (`SO_PEERCRED`, as
+    /// the kernel recorded it when it listened).
+    pub fn peer_uid(&self) -> io::Result<u32> {
+        Ok(rustix::net::sockopt::socket_peercred(&self.stream)?
+            .uid
+            .as_raw())
+    }
+
     /// How long one read may wait (`None`: forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(timeout)

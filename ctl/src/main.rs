@@ -11,10 +11,15 @@
 //!   rolled back (any [`Response::Error`]), or its reply made no sense.
 //! - 2: usage or config error (nothing was sent).
 //! - 3: clusterd not reachable: no socket, nobody listening, no answer in
-//!   time, or the connection dropped before the final reply.
+//!   time, or the connection dropped before the final reply; or what
+//!   answered is not the clusterd asked for: a server of another user (not
+//!   this user or root, by `SO_PEERCRED`), or, with `-c`, a clusterd running
+//!   another config file (nothing but `Status` is sent to it).
 //!
-//! Errors are printed once, as `clusterctl: MESSAGE` on stderr; with `--json`
-//! an `{"type":"error","data":{"message":…}}` line is also printed on stdout.
+//! Errors are printed once, as `clusterctl: MESSAGE` on stderr (with
+//! control characters escaped, see [`render::clean`]); with `--json` an
+//! `{"type":"error","data":{"message":…}}` line is also printed on stdout,
+//! with the exact text.
 
 mod args;
 mod client;
@@ -26,7 +31,7 @@ use clusterd::proto::{self, Request, Response, RestartOutcome};
 use serde_json::json;
 use std::ffi::OsString;
 use std::io::{self, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -74,30 +79,39 @@ fn main() -> ExitCode {
 /// Prints a failure and returns its exit code.
 fn report(failure: Failure, json: bool) -> ExitCode {
     let mut stderr = io::stderr().lock();
+    // Messages may quote clusterd, and so a worker: escaped for the
+    // terminal (line by line: config errors are one per line).
+    let clean = |m: &str| {
+        m.split('\n')
+            .map(|line| render::clean(line).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let (code, message) = match failure {
         Failure::Quiet => return ExitCode::SUCCESS,
         Failure::Usage(m) => {
             let _ = writeln!(
                 stderr,
-                "clusterctl: {m}\n{}\nTry 'clusterctl --help' for more information.",
+                "clusterctl: {}\n{}\nTry 'clusterctl --help' for more information.",
+                clean(&m),
                 args::USAGE
             );
             (2, Some(m))
         }
         Failure::Config(m) => {
-            let _ = writeln!(stderr, "{m}");
+            let _ = writeln!(stderr, "{}", clean(&m));
             (2, Some(m))
         }
         Failure::Failed(m) => {
-            let _ = writeln!(stderr, "clusterctl: {m}");
+            let _ = writeln!(stderr, "clusterctl: {}", clean(&m));
             (1, Some(m))
         }
         Failure::Aborted(m) => {
-            let _ = writeln!(stderr, "clusterctl: {m}");
+            let _ = writeln!(stderr, "clusterctl: {}", clean(&m));
             (1, None)
         }
         Failure::Unreachable(m) => {
-            let _ = writeln!(stderr, "clusterctl: {m}");
+            let _ = writeln!(stderr, "clusterctl: {}", clean(&m));
             (3, Some(m))
         }
     };
@@ -122,7 +136,7 @@ fn print(line: &str) -> Result<(), Failure> {
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
-    let (path, origin) = choose_socket(args)?;
+    let target = choose_socket(args)?;
     let request = match args.command {
         Command::Status => Request::Status,
         Command::Restart(None) => Request::Restart,
@@ -130,58 +144,157 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Scale(scale) => Request::Scale(scale),
         Command::Stop => Request::Stop,
     };
-    let mut conn = Conn::connect(&path, CONNECT_TIMEOUT).map_err(|e| {
-        Failure::Unreachable(format!(
-            "cannot reach clusterd at {} ({origin}): {}{}",
-            path.display(),
-            os_error(&e),
-            hint(&e)
-        ))
-    })?;
+    // With -c, the daemon must be the one running that file: ask first, so
+    // that nothing but Status reaches the daemon of another config.
+    if target.config.is_some() && !matches!(args.command, Command::Status) {
+        let mut who = open(&target, &Request::Status, Some(REPLY_TIMEOUT), args.json)?;
+        match who.next("its status")? {
+            Response::Status(status) => target.check_config(&status.config)?,
+            other => return Err(unexpected(&other)),
+        }
+    }
     let timeout = match args.command {
         Command::Restart(_) => None,
         _ => Some(REPLY_TIMEOUT),
     };
-    conn.set_read_timeout(timeout)
-        .map_err(|e| Failure::Unreachable(format!("cannot use the connection to clusterd: {e}")))?;
-    // If sending fails, clusterd may still have answered (e.g. refused us
-    // before reading): read first, report the send error if nothing came.
-    let sent = conn.send(&request);
-    let mut session = Session {
-        conn,
-        path,
-        sent,
-        json: args.json,
-    };
+    let mut session = open(&target, &request, timeout, args.json)?;
     match args.command {
-        Command::Status => session.status(),
+        Command::Status => session.status(&target),
         Command::Restart(_) => session.restart(),
         Command::Scale(_) => session.scale(),
         Command::Stop => session.stop(),
     }
 }
 
+/// Connects to the target's socket, checks who serves it, and sends
+/// `request`.
+fn open(
+    target: &Target,
+    request: &Request,
+    timeout: Option<Duration>,
+    json: bool,
+) -> Result<Session, Failure> {
+    let path = &target.path;
+    let conn = Conn::connect(path, CONNECT_TIMEOUT).map_err(|e| {
+        Failure::Unreachable(format!(
+            "cannot reach clusterd at {} ({}): {}{}",
+            path.display(),
+            target.origin,
+            os_error(&e),
+            hint(&e)
+        ))
+    })?;
+    // Whoever could put a socket at this path (a folder another user made
+    // or can repoint) could answer "restart done" to anything: only a
+    // server of this user or root is believed.
+    let me = rustix::process::geteuid().as_raw();
+    match conn.peer_uid() {
+        Ok(uid) if uid == me || uid == 0 => {}
+        // Root may control other users' clusterds: one whose socket is in a
+        // folder private to its user (not a link, theirs, not writable by
+        // others) is that user's own.
+        Ok(uid) if me == 0 && private_to(path, uid) => {}
+        Ok(uid) => {
+            return Err(Failure::Unreachable(format!(
+                "refusing to talk to {}: it is served by uid {uid}, not by this user (uid {me}) or root, \
+                 so it is not this user's clusterd (check who owns its folder)",
+                path.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Failure::Unreachable(format!(
+                "cannot check who serves {}: {}",
+                path.display(),
+                os_error(&e)
+            )));
+        }
+    }
+    conn.set_read_timeout(timeout)
+        .map_err(|e| Failure::Unreachable(format!("cannot use the connection to clusterd: {e}")))?;
+    let mut conn = conn;
+    // If sending fails, clusterd may still have answered (e.g. refused us
+    // before reading): read first, report the send error if nothing came.
+    let sent = conn.send(request);
+    Ok(Session {
+        conn,
+        path: path.clone(),
+        sent,
+        json,
+    })
+}
+
+/// Whether the folder of the socket at `path` (itself, not what a link
+/// points to) is a directory of `uid` that nobody else may write to.
+fn private_to(path: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0)
+}
+
+/// The socket to talk to.
+struct Target {
+    path: PathBuf,
+    /// Where the path came from, for messages.
+    origin: String,
+    /// With `-c`: the config file as given, and resolved (canonical).
+    config: Option<(PathBuf, PathBuf)>,
+}
+
+impl Target {
+    /// With `-c`, fails (exit 3) unless `theirs`, the config the daemon
+    /// reports, is the same file as ours.
+    fn check_config(&self, theirs: &str) -> Result<(), Failure> {
+        let Some((given, ours)) = &self.config else {
+            return Ok(());
+        };
+        let theirs_path = Path::new(theirs);
+        let same =
+            theirs_path == ours || std::fs::canonicalize(theirs_path).is_ok_and(|t| t == *ours);
+        if same {
+            return Ok(());
+        }
+        Err(Failure::Unreachable(format!(
+            "the clusterd at {} runs {theirs}, not {}: both configs use this control socket. \
+             Give each its own control setting, or use -s {} to talk to that clusterd",
+            self.path.display(),
+            given.display(),
+            self.path.display()
+        )))
+    }
+}
+
 /// The control socket: `-s`, else the config's (`-c`), else
 /// `$CLUSTERD_SOCKET`; with a description of where it came from.
-fn choose_socket(args: &Args) -> Result<(PathBuf, String), Failure> {
+fn choose_socket(args: &Args) -> Result<Target, Failure> {
+    let target = |path: PathBuf, origin: &str| Target {
+        path,
+        origin: origin.into(),
+        config: None,
+    };
     if let Some(path) = &args.socket {
-        return Ok((path.clone(), "given with -s".into()));
+        return Ok(target(path.clone(), "given with -s"));
     }
     if let Some(file) = &args.config {
         let config = clusterd::config::read(file).map_err(|e| Failure::Config(e.to_string()))?;
         let why = match &config.control {
             Some(_) => "its control setting".to_string(),
-            None => clusterd::config::default_control_path(&config.name)
+            None => clusterd::config::default_control_path(&config.socket_name())
                 .1
                 .to_string(),
         };
-        return Ok((
-            config.control_path(),
-            format!("chosen from -c {}: {why}", file.display()),
-        ));
+        let canonical = std::fs::canonicalize(&config.path).unwrap_or(config.path.clone());
+        return Ok(Target {
+            path: config.control_path(),
+            origin: format!("chosen from -c {}: {why}", file.display()),
+            config: Some((config.path, canonical)),
+        });
     }
     match std::env::var_os("CLUSTERD_SOCKET").filter(|p| !p.is_empty()) {
-        Some(path) => Ok((path.into(), "from $CLUSTERD_SOCKET".into())),
+        Some(path) => Ok(target(path.into(), "from $CLUSTERD_SOCKET")),
         None => Err(Failure::Usage(
             "no control socket given: use -s SOCKET or -c CONFIG (or set CLUSTERD_SOCKET)".into(),
         )),
@@ -222,11 +335,14 @@ struct Session {
 }
 
 impl Session {
-    fn status(&mut self) -> Result<(), Failure> {
+    fn status(&mut self, target: &Target) -> Result<(), Failure> {
         match self.next("a status")? {
             Response::Status(status) => {
+                target.check_config(&status.config)?;
                 if self.json {
-                    print(&render::status_json(&status).to_string())
+                    print(&render::json_line(
+                        &render::status_json(&status).to_string(),
+                    ))
                 } else {
                     print(render::status(&status).trim_end())
                 }

@@ -13,11 +13,50 @@
 //!   per event ([`event`]): `progress`, `baking`, `done`, `aborted`,
 //!   `rolled_back` (restart),
 //!   `scaled`, `stopping`, and `error` (`{"message": …}`) for any failure.
+//!
+//! # Text from elsewhere
+//!
+//! Workers choose some of what clusterd reports (an sd_notify `STATUS=` is
+//! a worker's note) and may run as another user. Human output passes every
+//! such string through [`clean`], so it cannot carry terminal escapes (a new
+//! window title, a cleared screen, an overwritten line). JSON keeps the exact
+//! text (serde escapes control characters).
 
 use clusterd::proto::{Baking, Progress, RestartOutcome, Status, WorkerStatus};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+
+/// `text` with what could drive a terminal escaped as `\u{..}`, as clusterd's
+/// log does: control characters (C0, DEL, C1 such as the one-byte CSI
+/// U+009B), line and paragraph separators, and the bidirectional overrides
+/// and isolates that reorder what is shown.
+pub fn clean(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// What [`clean`] escapes.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// [`clean`], owned.
+fn cleaned(text: &str) -> String {
+    clean(text).into_owned()
+}
 
 /// A duration for uptimes: the two largest units, e.g. `3h12m`, `2d4h`,
 /// `12m5s`, `42s` (zero units are left out: `3h`, not `3h0m`).
@@ -140,7 +179,10 @@ pub fn rolled_back(outcome: &RestartOutcome) -> String {
 
 /// `restart aborted after 2/8: <reason>` (printed after `clusterctl: `).
 pub fn restart_aborted(reason: &str, replaced: u32, total: u32) -> String {
-    format!("restart aborted after {replaced}/{total}: {reason}")
+    format!(
+        "restart aborted after {replaced}/{total}: {}",
+        clean(reason)
+    )
 }
 
 /// `scaled 4 -> 6`
@@ -165,23 +207,23 @@ pub fn status(s: &Status) -> String {
     } else {
         s.listeners
             .iter()
-            .map(|l| format!("{}={}", l.name, l.address))
+            .map(|l| format!("{}={}", clean(&l.name), clean(&l.address)))
             .collect::<Vec<_>>()
             .join(", ")
     };
     let summary = [
-        ("version", s.version.clone()),
+        ("version", cleaned(&s.version)),
         ("pid", s.pid.to_string()),
         ("uptime", uptime(s.uptime_ms)),
-        ("config", s.config.clone()),
-        ("protocol", s.protocol.clone()),
+        ("config", cleaned(&s.config)),
+        ("protocol", cleaned(&s.protocol)),
         ("listeners", listeners),
         ("workers", workers_summary(s)),
         ("generation", s.generation.to_string()),
         ("phase", s.phase.clone()),
         (
             "operation",
-            s.operation.clone().unwrap_or_else(|| "-".into()),
+            s.operation.as_deref().map_or_else(|| "-".into(), cleaned),
         ),
         ("restart", last_restart(s)),
     ];
@@ -224,7 +266,7 @@ fn workers_summary(s: &Status) -> String {
     if !others.is_empty() {
         let parts: Vec<String> = others
             .iter()
-            .map(|(state, n)| format!("{n} {state}"))
+            .map(|(state, n)| format!("{n} {}", clean(state)))
             .collect();
         let _ = write!(text, " ({})", parts.join(", "));
     }
@@ -263,17 +305,17 @@ fn worker_table(workers: &[WorkerStatus]) -> String {
                 w.id.to_string(),
                 opt(w.pid),
                 w.generation.to_string(),
-                w.state.clone(),
+                cleaned(&w.state),
                 // A slot waiting in backoff has no process, so no uptime.
                 w.pid.map_or_else(|| "-".into(), |_| uptime(w.uptime_ms)),
                 w.restarts.to_string(),
-                w.last_exit.clone().unwrap_or_else(|| "-".into()),
+                w.last_exit.as_deref().map_or_else(|| "-".into(), cleaned),
                 w.rss_bytes.map_or_else(|| "-".into(), size),
                 opt(w.requests),
                 opt(w.active),
             ];
             if with_note {
-                row.push(w.note.clone().unwrap_or_else(|| "-".into()));
+                row.push(w.note.as_deref().map_or_else(|| "-".into(), cleaned));
             }
             row
         })
@@ -335,7 +377,29 @@ fn plural<'a>(n: u32, one: &'a str, many: &'a str) -> &'a str {
 /// One JSON Lines event, `{"type":KIND,"data":DATA}`, with `type` first
 /// whatever the JSON map's key order.
 pub fn event(kind: &str, data: &Value) -> String {
-    format!(r#"{{"type":{},"data":{data}}}"#, Value::from(kind))
+    json_line(&format!(
+        r#"{{"type":{},"data":{data}}}"#,
+        Value::from(kind)
+    ))
+}
+
+/// Serialized JSON with the characters serde leaves raw but [`clean`]
+/// escapes (C1 controls, separators, bidi overrides) written as `\uXXXX`:
+/// the same JSON value, harmless on a terminal. They can only occur inside
+/// strings, where the escape means the same character.
+pub fn json_line(json: &str) -> String {
+    if !json.chars().any(needs_escape) {
+        return json.to_string();
+    }
+    let mut out = String::with_capacity(json.len() + 12);
+    for c in json.chars() {
+        if needs_escape(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `status --json`.
@@ -437,6 +501,18 @@ pub fn aborted_json(reason: &str, replaced: u32, total: u32) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_escapes_what_drives_a_terminal() {
+        assert!(matches!(
+            clean("serving 3 carts, 50 % – ok"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            clean("\u{1b}]0;t\u{7}\u{1b}[2J\r\n\t\u{9b}1m\u{202e}x\u{7f}"),
+            "\\u{1b}]0;t\\u{7}\\u{1b}[2J\\u{d}\\u{a}\\u{9}\\u{9b}1m\\u{202e}x\\u{7f}"
+        );
+    }
     use clusterd::proto::ListenerInfo;
 
     fn worker(id: u32) -> WorkerStatus {

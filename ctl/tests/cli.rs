@@ -870,9 +870,24 @@ fn unknown_commands_and_options_exit_2() {
 
 #[test]
 fn the_config_names_the_socket() {
-    let daemon = healthy("config");
     let dir = Dir::new("config");
     let conf = dir.join("shop.conf");
+    // The daemon runs this very file (named by a path with a detour, which
+    // still counts as the same file).
+    let runs = format!(
+        "{}/../{}/shop.conf",
+        dir.0.display(),
+        dir.0.file_name().unwrap().to_str().unwrap()
+    );
+    let daemon = FakeDaemon::start("config", move |request| match request {
+        Request::Status => {
+            let mut s = status();
+            s.config = runs.clone();
+            vec![Step::Send(Response::Status(Box::new(s)))]
+        }
+        Request::Stop => vec![Step::Send(Response::Stopping)],
+        _ => vec![],
+    });
     std::fs::write(
         &conf,
         format!(
@@ -883,7 +898,8 @@ fn the_config_names_the_socket() {
     .unwrap();
     let run = clusterctl(&["-c", conf.to_str().unwrap(), "stop"], &[]);
     run.expect(0);
-    assert_eq!(daemon.requests(), [Request::Stop]);
+    // It asked who the daemon is first.
+    assert_eq!(daemon.requests(), [Request::Status, Request::Stop]);
     // -s wins over -c.
     let run = clusterctl(
         &[
@@ -896,7 +912,7 @@ fn the_config_names_the_socket() {
         &[],
     );
     run.expect(3);
-    assert_eq!(daemon.requests(), [Request::Stop]);
+    assert_eq!(daemon.requests(), [Request::Status, Request::Stop]);
 }
 
 #[test]
@@ -912,15 +928,25 @@ fn the_config_default_socket_is_named_with_its_origin() {
     );
     run.expect(3);
     let conf = conf.display();
+    // NAME is the stem and a hash of the file's path: shop-1a2b3c4d.
     let (as_root, as_user) = (
-        format!("at /run/clusterd/{name}.sock (chosen from -c {conf}: default for root): "),
-        format!(
-            "at {}/clusterd/{name}.sock (chosen from -c {conf}: from $XDG_RUNTIME_DIR): ",
-            xdg.display()
-        ),
+        format!("at /run/clusterd/{name}-"),
+        format!("at {}/clusterd/{name}-", xdg.display()),
     );
+    let rest = run
+        .stderr
+        .split_once(&as_root)
+        .or_else(|| run.stderr.split_once(&as_user))
+        .unwrap_or_else(|| panic!("{run:#?}"))
+        .1;
+    let (hash, rest) = rest.split_at(8);
+    assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()), "{run:#?}");
     assert!(
-        run.stderr.contains(&as_root) || run.stderr.contains(&as_user),
+        rest.starts_with(&format!(
+            ".sock (chosen from -c {conf}: default for root): "
+        )) || rest.starts_with(&format!(
+            ".sock (chosen from -c {conf}: from $XDG_RUNTIME_DIR): "
+        )),
         "{run:#?}"
     );
     assert!(run.stderr.ends_with("(is clusterd running?)\n"), "{run:#?}");
@@ -948,4 +974,113 @@ fn a_bad_config_is_a_config_error() {
     run.expect(2);
     assert!(run.stderr.contains("missing.conf"), "{run:#?}");
     assert_eq!(run.json_lines()[0]["type"], "error");
+}
+
+// ---------------------------------------------------------------------------
+// Hostile text from workers and daemons
+
+/// Text a worker chose (sd_notify `STATUS=`), with terminal escapes in it.
+const EVIL: &str = "\u{1b}]0;title\u{7}\u{1b}[2J\rok\u{9b}31m\u{202e}";
+
+#[track_caller]
+fn assert_inert(text: &str) {
+    for c in text.chars() {
+        assert!(
+            c == '\n' || !(c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c)),
+            "{c:?} printed raw in {text:?}"
+        );
+    }
+}
+
+#[test]
+fn worker_text_cannot_drive_the_terminal() {
+    let daemon = FakeDaemon::start("escapes", |request| {
+        let mut s = status();
+        s.workers[0].note = Some(EVIL.into());
+        s.workers[1].last_exit = Some(EVIL.into());
+        s.workers[1].state = EVIL.into();
+        s.listeners[0].name = EVIL.into();
+        s.config = EVIL.into();
+        s.operation = Some(EVIL.into());
+        match request {
+            Request::Status => vec![Step::Send(Response::Status(Box::new(s)))],
+            Request::Restart => vec![Step::Send(Response::Restarted(RestartOutcome::Aborted {
+                reason: EVIL.into(),
+                replaced: 0,
+                total: 2,
+            }))],
+            _ => vec![Step::Send(Response::Error(EVIL.into()))],
+        }
+    });
+    let run = clusterctl(&["-s", daemon.path(), "status"], &[]);
+    run.expect(0);
+    assert_inert(&run.stdout);
+    assert!(run.stdout.contains("\\u{1b}]0;title\\u{7}"), "{run:#?}");
+    for args in [&["restart"][..], &["stop"], &["scale", "3"]] {
+        let mut all = vec!["-s", daemon.path()];
+        all.extend_from_slice(args);
+        let run = clusterctl(&all, &[]);
+        run.expect(1);
+        assert_inert(&run.stdout);
+        assert_inert(&run.stderr);
+        assert!(run.stderr.contains("\\u{1b}[2J"), "{run:#?}");
+    }
+    // JSON keeps the exact text (serde escapes it).
+    let run = clusterctl(&["-s", daemon.path(), "status", "--json"], &[]);
+    run.expect(0);
+    assert_inert(&run.stdout);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["workers"][0]["note"], EVIL);
+    assert_eq!(v["config"], EVIL);
+    let run = clusterctl(&["-s", daemon.path(), "stop", "--json"], &[]);
+    run.expect(1);
+    assert_eq!(run.json_lines()[0]["data"]["message"], EVIL);
+}
+
+// ---------------------------------------------------------------------------
+// -c CONFIG reaching the daemon of another config
+
+#[test]
+fn a_daemon_running_another_config_is_refused() {
+    // Two apps whose configs are both called shop.conf, here given the same
+    // socket: the daemon runs the other one.
+    let daemon = healthy("other-config");
+    let dir = Dir::new("other-config");
+    let conf = dir.join("shop.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "exec = /bin/true\nlisten = 127.0.0.1:3000\ncontrol = {}\n",
+            daemon.path()
+        ),
+    )
+    .unwrap();
+    let conf_text = conf.to_str().unwrap();
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["stop"],
+        &["restart"],
+        &["scale", "3"],
+    ] {
+        let mut all = vec!["-c", conf_text];
+        all.extend_from_slice(args);
+        let run = clusterctl(&all, &[]);
+        run.expect(3);
+        assert!(
+            run.stderr.contains(conf_text) && run.stderr.contains("/etc/clusterd/shop.conf"),
+            "both configs are named: {run:#?}"
+        );
+        if args.contains(&"--json") {
+            assert_eq!(run.json_lines().len(), 1, "{run:#?}");
+            assert_eq!(run.json_lines()[0]["type"], "error");
+        } else {
+            assert_eq!(run.stdout, "", "{run:#?}");
+        }
+    }
+    assert!(
+        daemon.requests().iter().all(|r| *r == Request::Status),
+        "only asked who it is: {:?}",
+        daemon.requests()
+    );
 }

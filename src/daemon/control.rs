@@ -26,17 +26,32 @@
 //!   response frame must be written within [`WRITE_TIMEOUT`] or the client is
 //!   dropped, so a client that stops reading cannot pin memory.
 //! - At most [`MAX_CLIENTS`] clients at once. When a new client arrives and
-//!   all slots are taken, the oldest client that has not yet sent its request
-//!   is dropped to make room (so a pile of idle or stuck connections cannot
-//!   lock the operator out); if every slot holds a request being served, the
-//!   new client gets a "busy" error and is closed. Either is logged once per
-//!   burst.
+//!   all slots are taken, clients whose request has already arrived are read
+//!   first (a burst of `clusterctl` runs is served, not dropped); then the
+//!   oldest client that has sent nothing is dropped to make room, else the
+//!   oldest one whose request is still incomplete or unread (so a pile of
+//!   idle or stuck connections cannot lock the operator out). Each dropped
+//!   client is told which it was. If every slot holds a request being served
+//!   and none frees within [`BUSY_WAIT`], the new client gets a "busy" error
+//!   and is closed. A burst is logged once: `control.busy` when it starts,
+//!   `control.busy_end` with its counts after [`BUSY_QUIET`] without a
+//!   client dropped or refused.
+//! - [`ControlSocket::serve_while`] serves until the main loop's future ends,
+//!   then writes the replies the main loop left queued (a `Stop` answered
+//!   just before clusterd exits reaches its client) for at most
+//!   [`FLUSH_TIMEOUT`]; clients still waiting are told clusterd is shutting
+//!   down.
+//! - The folder is opened without following a symbolic link and must be
+//!   private ([`ControlSocket::bind`]); the bind is serialized with a lock
+//!   file only the owner can open, not with a lock on the folder (anyone who
+//!   can read the folder could hold that one).
 //! - `accept` failing (`EMFILE`, `ENFILE`, ...) is logged once and retried
 //!   every [`ACCEPT_BACKOFF`], so it cannot spin the CPU.
 //! - Writes use `send(MSG_NOSIGNAL)`: a client that went away is an error,
 //!   never a `SIGPIPE`.
 
 use crate::proto::{self, FRAME_HEADER, MAX_REQUEST, MAX_RESPONSE, Request, Response};
+use rustix::fs::{Mode, OFlags};
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use rustix::process::Uid;
 use smol::channel::{Receiver, Sender};
@@ -48,6 +63,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read as _, Write as _};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{
     DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _,
 };
@@ -73,9 +89,23 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// the path to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long [`ControlSocket::bind`] waits for another process's lock on the
-/// socket's folder (held while it checks and binds its own socket).
+/// How long [`ControlSocket::bind`] waits for another clusterd's lock (held
+/// while it checks and binds its own socket).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// When every slot holds a request being served, how long a new client
+/// waits for one to free before it is told clusterd is busy.
+pub const BUSY_WAIT: Duration = Duration::from_secs(1);
+
+/// A burst of clients over the limit ends after this long without a client
+/// dropped or refused.
+pub const BUSY_QUIET: Duration = Duration::from_secs(10);
+
+/// After the main loop ends, how long queued replies may take to be written.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What is appended to the socket's file name to name its lock file.
+const LOCK_SUFFIX: &str = ".lock";
 
 /// Longest path a `sockaddr_un` holds (108 bytes with the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -116,8 +146,9 @@ impl ControlSocket {
     /// Creates the control socket at `path`.
     ///
     /// - The folder is created with mode 0700 if it does not exist. An
-    ///   existing one must be a directory owned by this user or root and not
-    ///   writable by others unless sticky (like `/tmp`); its mode is left
+    ///   existing one must be a directory (not a symbolic link to one: its
+    ///   owner could point it elsewhere later) owned by this user or root and
+    ///   not writable by others unless sticky (like `/tmp`); its mode is left
     ///   alone. Otherwise someone else could replace the socket.
     /// - A socket file nobody listens on (connecting is refused) is a stale
     ///   leftover and is replaced. If a clusterd answers on it, binding fails
@@ -125,8 +156,10 @@ impl ControlSocket {
     ///   Any other file at `path` is never removed.
     /// - The socket is made mode 0600.
     ///
-    /// While checking and binding, the folder is `flock`ed so that two
+    /// While checking and binding, `PATH.lock` (created mode 0600, never
+    /// through a symbolic link, and left in place) is `flock`ed so that two
     /// clusterds starting at once cannot both decide the socket is stale.
+    /// Only its owner can open it, so nobody else can hold that lock.
     ///
     /// # Errors
     ///
@@ -147,12 +180,35 @@ impl ControlSocket {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        ensure_dir(dir)?;
-        let _lock = lock_dir(dir)?;
+        let Some(file_name) = path.file_name() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("control socket path {shown} does not name a file"),
+            ));
+        };
+        let dir_fd = ensure_dir(dir)?;
+        let _lock = lock(&dir_fd, dir, file_name)?;
         remove_if_stale(path)?;
         let listener = UnixListener::bind(path).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot bind control socket {shown}: {e}"))
         })?;
+        // The socket must be in the folder that was checked (the path was
+        // not redirected meanwhile).
+        let here = rustix::fs::statat(&dir_fd, file_name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+        let there = fs::symlink_metadata(path);
+        match (here, there) {
+            (Ok(a), Ok(b)) if (a.st_dev, a.st_ino) == (b.dev(), b.ino()) => {}
+            _ => {
+                let _ = rustix::fs::unlinkat(&dir_fd, file_name, rustix::fs::AtFlags::empty());
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "control socket folder {} changed while the socket was being bound",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         let meta = fs::symlink_metadata(path)
             .and_then(|m| {
                 fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
@@ -194,21 +250,84 @@ impl ControlSocket {
     /// executor); dropping it disconnects every client. If `requests` is
     /// closed, clients are told clusterd is shutting down.
     pub async fn serve(&self, requests: Sender<ControlRequest>) {
-        let clients = LocalExecutor::new();
-        clients.run(self.accept_loop(&clients, requests)).await
+        self.serve_while(requests, std::future::pending::<()>())
+            .await
     }
 
-    async fn accept_loop(&self, clients: &LocalExecutor<'_>, requests: Sender<ControlRequest>) {
+    /// Serves clients (as [`ControlSocket::serve`]) while `main` runs and
+    /// returns its output. Once `main` has ended, no client is accepted; the
+    /// replies already queued are written (for at most [`FLUSH_TIMEOUT`]), so
+    /// that a request answered just before `main` returned (a `Stop` when no
+    /// worker has to drain) is answered on the wire too, and every other
+    /// client is told clusterd is shutting down.
+    pub async fn serve_while<T>(
+        &self,
+        requests: Sender<ControlRequest>,
+        main: impl std::future::Future<Output = T>,
+    ) -> T {
+        let clients = LocalExecutor::new();
+        // Closed when `main` is done: clients stop waiting for replies.
+        let (closing_tx, closing) = smol::channel::bounded::<()>(1);
+        // Each client task holds a sender: closed once all of them are done.
+        let (alive_tx, alive) = smol::channel::bounded::<()>(1);
+        let out = clients
+            .run(main.or(async {
+                self.accept_loop(&clients, requests, closing, alive_tx)
+                    .await;
+                std::future::pending().await
+            }))
+            .await;
+        drop(closing_tx);
+        clients
+            .run(
+                async {
+                    let _ = alive.recv().await;
+                }
+                .or(async {
+                    Timer::after(FLUSH_TIMEOUT).await;
+                }),
+            )
+            .await;
+        out
+    }
+
+    async fn accept_loop(
+        &self,
+        clients: &LocalExecutor<'_>,
+        requests: Sender<ControlRequest>,
+        closing: Receiver<()>,
+        alive: Sender<()>,
+    ) {
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-        // Clients that have not sent their request yet, oldest first. Dropping
-        // a client's sender tells it to go away.
-        let waiting: Rc<RefCell<BTreeMap<u64, Sender<()>>>> = Rc::default();
+        // Clients that have not sent their request yet, oldest first.
+        let waiting: Rc<RefCell<BTreeMap<u64, Waiter>>> = Rc::default();
         let mut next_id = 0u64;
         let mut accept_failing = false;
-        // Over the client limit: (evicted, refused) in the current burst.
-        let mut burst: Option<(u64, u64)> = None;
+        let mut burst: Option<Burst> = None;
         loop {
-            let stream = match self.listener.accept().await {
+            let accepted = match burst.as_ref().map(|b| b.last + BUSY_QUIET) {
+                Some(quiet) => {
+                    async { Some(self.listener.accept().await) }
+                        .or(async {
+                            Timer::at(quiet).await;
+                            None
+                        })
+                        .await
+                }
+                None => Some(self.listener.accept().await),
+            };
+            let Some(accepted) = accepted else {
+                if let Some(b) = burst.take() {
+                    log!(
+                        info,
+                        "control.busy_end",
+                        evicted = b.evicted,
+                        refused = b.refused
+                    );
+                }
+                continue;
+            };
+            let stream = match accepted {
                 Ok((stream, _)) => {
                     if accept_failing {
                         accept_failing = false;
@@ -242,47 +361,28 @@ impl ControlSocket {
             };
 
             let slot = match slots.try_acquire_arc() {
-                Some(slot) => {
-                    if let Some((evicted, refused)) = burst.take() {
-                        log!(
-                            info,
-                            "control.busy_end",
-                            evicted = evicted,
-                            refused = refused
-                        );
-                    }
-                    slot
-                }
+                Some(slot) => slot,
                 None => {
-                    let (evicted, refused) = burst.get_or_insert_with(|| {
+                    let b = burst.get_or_insert_with(|| {
                         log!(
                             warn,
                             "control.busy",
                             limit = MAX_CLIENTS,
                             action = "dropping the oldest clients that have not sent a request, refusing new ones if none"
                         );
-                        (0, 0)
-                    });
-                    let oldest = waiting.borrow_mut().pop_first();
-                    // The evicted client's task ends (and frees its slot) the
-                    // next time it runs: it polls its eviction signal first.
-                    let freed = match oldest {
-                        Some((_, evict)) => {
-                            drop(evict);
-                            *evicted += 1;
-                            async { Some(slots.acquire_arc().await) }
-                                .or(async {
-                                    Timer::after(Duration::from_secs(1)).await;
-                                    None
-                                })
-                                .await
+                        Burst {
+                            evicted: 0,
+                            refused: 0,
+                            last: Instant::now(),
                         }
-                        None => None,
-                    };
-                    match freed {
+                    });
+                    let (slot, evicted) = make_room(&slots, &waiting).await;
+                    b.last = Instant::now();
+                    b.evicted += evicted;
+                    match slot {
                         Some(slot) => slot,
                         None => {
-                            *refused += 1;
+                            b.refused += 1;
                             try_send_error(
                                 &stream,
                                 format!(
@@ -298,21 +398,126 @@ impl ControlSocket {
             let id = next_id;
             next_id += 1;
             let (evict, evicted) = smol::channel::bounded::<()>(1);
-            waiting.borrow_mut().insert(id, evict);
+            let stream = Rc::new(stream);
+            let got = Rc::new(Cell::new(0));
+            waiting.borrow_mut().insert(
+                id,
+                Waiter {
+                    _evict: evict,
+                    stream: stream.clone(),
+                    got: got.clone(),
+                },
+            );
             let client = Client {
                 stream,
+                got,
                 owner: self.owner,
                 _slot: slot,
                 waiting: Waiting {
                     id,
                     list: waiting.clone(),
                 },
+                closing: closing.clone(),
+                _alive: alive.clone(),
             };
             clients
                 .spawn(client.run(requests.clone(), evicted))
                 .detach();
         }
     }
+}
+
+/// Clients over the limit, since the burst began.
+struct Burst {
+    evicted: u64,
+    refused: u64,
+    /// When a client was last dropped or refused.
+    last: Instant,
+}
+
+/// How many times [`make_room`] lets the clients run, so that those whose
+/// request has arrived read it, before it drops one that has sent something.
+const READ_ROUNDS: usize = 3;
+
+/// Frees a slot for a new client when all are taken; returns it (`None`:
+/// the new client is to be refused) and how many clients were dropped.
+///
+/// In order: clients whose request is waiting unread get to read it; the
+/// oldest client that has sent nothing is dropped; else the oldest whose
+/// request is incomplete or unread; else a slot is awaited for
+/// [`BUSY_WAIT`] (every slot holds a request being served).
+async fn make_room(
+    slots: &Arc<Semaphore>,
+    waiting: &RefCell<BTreeMap<u64, Waiter>>,
+) -> (Option<SemaphoreGuardArc>, u64) {
+    let mut victim = None;
+    for round in 0..=READ_ROUNDS {
+        if let Some(slot) = slots.try_acquire_arc() {
+            return (Some(slot), 0);
+        }
+        victim = {
+            let list = waiting.borrow();
+            let idle = list.iter().find(|(_, w)| !w.has_sent()).map(|(&id, _)| id);
+            match idle {
+                Some(id) => Some(id),
+                None if round == READ_ROUNDS => list.keys().next().copied(),
+                None => None,
+            }
+        };
+        if victim.is_some() || round == READ_ROUNDS {
+            break;
+        }
+        smol::future::yield_now().await;
+    }
+    let wait_for_slot = async {
+        async { Some(slots.acquire_arc().await) }
+            .or(async {
+                Timer::after(BUSY_WAIT).await;
+                None
+            })
+            .await
+    };
+    match victim.and_then(|id| waiting.borrow_mut().remove(&id)) {
+        Some(waiter) => {
+            // Its task ends (and frees its slot) the next time it runs: it
+            // polls its eviction signal first.
+            drop(waiter);
+            (wait_for_slot.await, 1)
+        }
+        None => (wait_for_slot.await, 0),
+    }
+}
+
+/// A client that has not sent its request yet, as the accept loop sees it.
+struct Waiter {
+    /// Dropping it tells the client to go away.
+    _evict: Sender<()>,
+    stream: Rc<Async<UnixStream>>,
+    /// Bytes of the request its task has read.
+    got: Rc<Cell<usize>>,
+}
+
+impl Waiter {
+    fn has_sent(&self) -> bool {
+        has_sent(&self.stream, &self.got)
+    }
+}
+
+/// Whether a client has sent any of its request: read by its task already,
+/// or waiting in the socket.
+fn has_sent(stream: &Async<UnixStream>, got: &Cell<usize>) -> bool {
+    if got.get() > 0 {
+        return true;
+    }
+    let mut byte = [0u8; 1];
+    matches!(
+        rustix::net::recv(
+            stream.get_ref(),
+            &mut byte,
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT
+        ),
+        Ok((n, _)) if n > 0
+    )
 }
 
 impl Drop for ControlSocket {
@@ -341,19 +546,25 @@ impl Drop for ControlSocket {
 
 /// One connected client; its fields are released when its task ends.
 struct Client {
-    stream: Async<UnixStream>,
+    stream: Rc<Async<UnixStream>>,
+    /// Bytes of the request read so far.
+    got: Rc<Cell<usize>>,
     owner: Uid,
     /// One of the [`MAX_CLIENTS`] permits.
     _slot: SemaphoreGuardArc,
     /// Membership in the list of clients that may be evicted.
     waiting: Waiting,
+    /// Closed when the main loop has ended.
+    closing: Receiver<()>,
+    /// Held while the client is served (see [`ControlSocket::serve_while`]).
+    _alive: Sender<()>,
 }
 
 /// Removes a client from the eviction list when it has sent its request (or
 /// ends).
 struct Waiting {
     id: u64,
-    list: Rc<RefCell<BTreeMap<u64, Sender<()>>>>,
+    list: Rc<RefCell<BTreeMap<u64, Waiter>>>,
 }
 
 impl Drop for Waiting {
@@ -431,15 +642,25 @@ impl Client {
             let _ = evicted.recv().await;
             None
         };
-        let Some(request) = eviction.or(self.read_checked(cred.uid, pid)).await else {
-            // Evicted (rather than refused or failed): our sender was dropped.
+        let closing = async {
+            let _ = self.closing.recv().await;
+            None
+        };
+        let read = eviction.or(closing).or(self.read_checked(cred.uid, pid));
+        let Some(request) = read.await else {
+            // Evicted or shut down (rather than refused or failed).
             if evicted.is_closed() {
+                let why = if has_sent(&self.stream, &self.got) {
+                    "clusterd had not read all of this one's request yet; try again"
+                } else {
+                    "this one had not sent a request"
+                };
                 try_send_error(
                     &self.stream,
-                    format!(
-                        "dropped: {MAX_CLIENTS} control clients were connected and this one had not sent a request"
-                    ),
+                    format!("dropped: {MAX_CLIENTS} control clients were connected and {why}"),
                 );
+            } else if self.closing.is_closed() {
+                try_send_error(&self.stream, "clusterd is shutting down".into());
             }
             return;
         };
@@ -467,7 +688,18 @@ impl Client {
             .await;
             return;
         }
-        while let Ok(response) = replies.recv().await {
+        let mut answered = false;
+        loop {
+            // Once the main loop has ended, nothing more will be queued:
+            // what is queued is written, then the connection is closed.
+            let next = async { replies.recv().await.ok() }.or(async {
+                let _ = self.closing.recv().await;
+                replies.try_recv().ok()
+            });
+            let Some(response) = next.await else {
+                break;
+            };
+            answered = true;
             let mut frame = proto::frame(&response);
             if frame.len() - FRAME_HEADER > MAX_RESPONSE {
                 let len = frame.len() - FRAME_HEADER;
@@ -497,6 +729,10 @@ impl Client {
                 return;
             }
         }
+        if !answered && self.closing.is_closed() {
+            let frame = proto::frame(&Response::Error("clusterd is shutting down".into()));
+            let _ = write_frame(&self.stream, &frame).await;
+        }
     }
 
     /// Checks the peer and reads its request. `None`: the client was refused
@@ -519,12 +755,12 @@ impl Client {
             let _ = write_frame(&self.stream, &proto::frame(&Response::Error(msg))).await;
             return None;
         }
-        let got = Cell::new(0);
+        let got = &*self.got;
         let timeout = async {
             Timer::after(READ_TIMEOUT).await;
             Err(BadRequest::TimedOut { got: got.get() })
         };
-        match read_request(&self.stream, &got).or(timeout).await {
+        match read_request(&self.stream, got).or(timeout).await {
             Ok(request) => Some(request),
             Err(bad) => {
                 let reason = bad.reason();
@@ -630,11 +866,19 @@ fn try_send_error(stream: &Async<UnixStream>, message: String) {
 }
 
 /// Makes sure the socket's folder exists (creating it 0700) and is a private
-/// directory: owned by this user or root, and not writable by others (unless
-/// sticky, like `/tmp`), so nobody else can replace the socket in it.
-fn ensure_dir(dir: &Path) -> io::Result<()> {
+/// directory: not a symbolic link, owned by this user or root, and not
+/// writable by others (unless sticky, like `/tmp`), so nobody else can
+/// replace the socket in it. Returns the folder, opened without following a
+/// link, for the checks and the lock that follow.
+fn ensure_dir(dir: &Path) -> io::Result<OwnedFd> {
     let shown = dir.display();
-    let meta = match fs::metadata(dir) {
+    let access = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot access control socket folder {shown}: {e}"),
+        )
+    };
+    match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -646,33 +890,57 @@ fn ensure_dir(dir: &Path) -> io::Result<()> {
                         format!("cannot create control socket folder {shown}: {e}"),
                     )
                 })?;
-            fs::metadata(dir)
         }
-        other => other,
+        Err(e) => return Err(access(e)),
+        Ok(_) => {}
     }
-    .map_err(|e| {
+    let not_followed = || {
+        let target = fs::read_link(dir)
+            .map(|t| format!(" (to {})", t.display()))
+            .unwrap_or_default();
         io::Error::new(
-            e.kind(),
-            format!("cannot access control socket folder {shown}: {e}"),
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "control socket folder {shown} is a symbolic link{target}; it is not followed, \
+                 as whoever owns it could point it elsewhere later: name the real folder \
+                 (`control =` in the config or $CLUSTERD_SOCKET)"
+            ),
         )
-    })?;
-    if !meta.is_dir() {
-        return Err(io::Error::new(
+    };
+    let not_a_dir = || {
+        io::Error::new(
             io::ErrorKind::NotADirectory,
             format!("control socket folder {shown} is not a directory"),
-        ));
-    }
+        )
+    };
+    let fd = match rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+            return Err(match fs::symlink_metadata(dir) {
+                Ok(m) if m.file_type().is_symlink() => not_followed(),
+                _ => not_a_dir(),
+            });
+        }
+        Err(e) => return Err(access(e.into())),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| access(e.into()))?;
     let euid = rustix::process::geteuid().as_raw();
-    if meta.uid() != euid && meta.uid() != 0 {
+    if st.st_uid != euid && st.st_uid != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "control socket folder {shown} belongs to uid {}, not to this user (uid {euid}) or root",
-                meta.uid()
+                "control socket folder {shown} belongs to uid {}, not to this user (uid {euid}) or root; \
+                 another user may have made it to take over the control socket: remove it (as root), \
+                 or name a private folder (`control =` in the config, $CLUSTERD_SOCKET or $XDG_RUNTIME_DIR)",
+                st.st_uid
             ),
         ));
     }
-    let mode = meta.mode() & 0o7777;
+    let mode = st.st_mode & 0o7777;
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -681,22 +949,54 @@ fn ensure_dir(dir: &Path) -> io::Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok(fd)
 }
 
-/// Takes an exclusive `flock` on the folder, released when the returned file
-/// is dropped. Another clusterd holds it for at most [`PROBE_TIMEOUT`] and a
-/// bit, so waiting longer than [`LOCK_TIMEOUT`] is an error. Best effort
-/// otherwise: a folder that cannot be opened or locked is not locked.
-fn lock_dir(dir: &Path) -> io::Result<Option<fs::File>> {
+/// Takes an exclusive `flock` on `NAME.lock` in the folder (created mode
+/// 0600, never through a link), released when the returned file is
+/// dropped. Another clusterd holds it for at most [`PROBE_TIMEOUT`] and a
+/// bit, so waiting longer than [`LOCK_TIMEOUT`] is an error. Only its owner
+/// (and root) can open the file, so no other user can hold the lock; a
+/// lock file of another user is refused.
+fn lock(dir_fd: &OwnedFd, dir: &Path, socket: &std::ffi::OsStr) -> io::Result<fs::File> {
     use rustix::fs::FlockOperation::NonBlockingLockExclusive;
-    let Ok(file) = fs::File::open(dir) else {
-        return Ok(None);
-    };
+    let mut name = socket.to_os_string();
+    name.push(LOCK_SUFFIX);
+    let path = dir.join(&name);
+    let shown = path.display();
+    let fd = rustix::fs::openat(
+        dir_fd,
+        &*name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| {
+        let e = io::Error::from(e);
+        io::Error::new(
+            e.kind(),
+            format!("cannot open the control socket's lock file {shown}: {e}"),
+        )
+    })?;
+    let st = rustix::fs::fstat(&fd)?;
+    let euid = rustix::process::geteuid().as_raw();
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+        || st.st_uid != euid
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the control socket's lock file {shown} is not a file of this user (uid {euid}); remove it"
+            ),
+        ));
+    }
+    if st.st_mode & 0o077 != 0 {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600))?;
+    }
+    let file = fs::File::from(fd);
     let deadline = Instant::now() + LOCK_TIMEOUT;
     loop {
         match rustix::fs::flock(&file, NonBlockingLockExclusive) {
-            Ok(()) => return Ok(Some(file)),
+            Ok(()) => return Ok(file),
             Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -704,13 +1004,17 @@ fn lock_dir(dir: &Path) -> io::Result<Option<fs::File>> {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,
                     format!(
-                        "cannot lock control socket folder {}: another process has held its lock for {} s",
-                        dir.display(),
+                        "cannot lock {shown}: another clusterd has held its lock for {} s",
                         LOCK_TIMEOUT.as_secs()
                     ),
                 ));
             }
-            Err(_) => return Ok(None),
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("cannot lock {shown}: {e}"),
+                ));
+            }
         }
     }
 }
@@ -1450,6 +1754,151 @@ mod tests {
         fs::write(&path, "not ours").unwrap();
         drop(socket);
         assert_eq!(fs::read_to_string(&path).unwrap(), "not ours");
+    }
+
+    #[test]
+    fn a_reader_of_the_folder_cannot_block_the_bind() {
+        let dir = temp_dir("lock");
+        let folder = dir.join("ctl");
+        fs::create_dir(&folder).unwrap();
+        fs::set_permissions(&folder, fs::Permissions::from_mode(0o755)).unwrap();
+        // Anyone who may open the folder (read-only is enough) may flock it,
+        // and hold the lock for as long as they like.
+        let reader = fs::File::open(&folder).unwrap();
+        rustix::fs::flock(&reader, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let path = folder.join("s.sock");
+        let start = Instant::now();
+        let socket = ControlSocket::bind(&path).unwrap();
+        assert!(
+            start.elapsed() < LOCK_TIMEOUT,
+            "bind waited {:?} for the reader's lock",
+            start.elapsed()
+        );
+        // What is locked instead: a file only the owner can open.
+        let lock = fs::symlink_metadata(folder.join("s.sock.lock")).unwrap();
+        assert!(lock.file_type().is_file());
+        assert_eq!(lock.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(lock.uid(), rustix::process::geteuid().as_raw());
+        drop(socket);
+        drop(reader);
+    }
+
+    #[test]
+    fn a_lock_path_that_is_a_symlink_is_not_followed() {
+        let dir = temp_dir("lock-link");
+        let target = dir.join("target");
+        fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("s.sock.lock")).unwrap();
+        let err = ControlSocket::bind(&dir.join("s.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s.sock.lock"), "{err}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+    }
+
+    #[test]
+    fn a_symlinked_folder_is_refused() {
+        let dir = temp_dir("symlink");
+        // Like `/tmp/clusterd-UID -> /tmp`: a link to a sticky folder owned
+        // by root passes every check made on what it points to.
+        let sticky = dir.join("sticky");
+        fs::create_dir(&sticky).unwrap();
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&sticky, &link).unwrap();
+        let err = ControlSocket::bind(&link.join("s.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{} is a symbolic link", link.display())),
+            "{err}"
+        );
+        assert!(!sticky.join("s.sock").exists(), "bound through the link");
+        // A private folder reached by a link is refused all the same.
+        let private = dir.join("private");
+        fs::create_dir(&private).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+        let link = dir.join("link2");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        assert!(ControlSocket::bind(&link.join("s.sock")).is_err());
+    }
+
+    #[test]
+    fn another_users_folder_is_refused_naming_the_fix() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("note: skipped (needs root to give a folder to uid 65534)");
+            return;
+        }
+        let dir = temp_dir("squatted");
+        let theirs = dir.join("clusterd-1000");
+        fs::create_dir(&theirs).unwrap();
+        fs::set_permissions(&theirs, fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = ControlSocket::bind(&theirs.join("s.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&*theirs.to_string_lossy()), "{err}");
+        assert!(err.contains("belongs to uid 65534"), "{err}");
+        assert!(
+            err.contains("CLUSTERD_SOCKET") && err.contains("control ="),
+            "the fix is named: {err}"
+        );
+    }
+
+    #[test]
+    fn clients_whose_requests_wait_unread_are_not_told_they_sent_none() {
+        let dir = temp_dir("burst");
+        let socket = ControlSocket::bind(&dir.join("s.sock")).unwrap();
+        let path = socket.path().to_path_buf();
+        // 100 clients send a request before clusterd accepts any of them, so
+        // it accepts them in one burst, more than it has slots for.
+        let clients: Vec<UnixStream> = (0..100)
+            .map(|_| {
+                let s = connect(&path);
+                (&s).write_all(&proto::frame(&Request::Status)).unwrap();
+                s
+            })
+            .collect();
+        let server = Server::with(socket, Main::Normal);
+        let mut served = 0;
+        for mut client in clients {
+            match &read_all(&mut client)[..] {
+                [Response::Status(_)] => served += 1,
+                [Response::Error(m)] => {
+                    assert!(!m.contains("had not sent a request"), "{m}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(served >= MAX_CLIENTS, "only {served} of 100 were served");
+        drop(server);
+    }
+
+    #[test]
+    fn replies_are_written_before_the_main_loop_ends() {
+        // The main loop answers Stop and returns at once (as clusterd does
+        // when no worker has to drain): the answer must still go out.
+        let dir = temp_dir("flush");
+        let socket = ControlSocket::bind(&dir.join("s.sock")).unwrap();
+        let path = socket.path().to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let (tx, rx) = smol::channel::unbounded::<ControlRequest>();
+            let main = async move {
+                while let Ok(ControlRequest { request, reply }) = rx.recv().await {
+                    if let Request::Stop = request {
+                        reply.try_send(Response::Stopping).unwrap();
+                        return 0;
+                    }
+                }
+                1
+            };
+            smol::block_on(socket.serve_while(tx, main))
+        });
+        let mut idle = connect(&path);
+        assert_eq!(ask(&path, &Request::Stop), [Response::Stopping]);
+        assert_eq!(thread.join().unwrap(), 0);
+        // A client whose request was never read is told why it is dropped.
+        assert_error(&read_all(&mut idle), &["shutting down"]);
     }
 
     #[test]

@@ -205,12 +205,10 @@ pub fn run(config: Config) -> i32 {
             }
         })
         .detach();
-        // Dropped with this future when the loop ends: the socket file goes.
-        let serve = async {
-            control.serve(ctl_tx).await;
-            std::future::pending::<i32>().await
-        };
-        smol::future::or(daemon.run(rx), serve).await
+        // Serves until the loop ends, then writes the replies it queued (the
+        // answer to a Stop when nothing had to drain); the socket file goes
+        // when `control` is dropped.
+        control.serve_while(ctl_tx, daemon.run(rx)).await
     }))
 }
 

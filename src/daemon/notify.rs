@@ -6,6 +6,12 @@
 //! pid to each datagram; clusterd uses that pid to attribute a message to a
 //! worker, and ignores messages from any other process. Datagrams larger
 //! than [`MAX_DATAGRAM`] and ones that are not `KEY=VALUE` lines are ignored.
+//!
+//! Abstract names have no owner or permissions: any local user may bind any
+//! free name. The name is therefore `clusterd/` and 128 random bits, drawn
+//! again if it is taken, so nobody can take it before clusterd starts (a
+//! predictable name such as one with the pid could be squatted, failing every
+//! start).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -36,7 +42,9 @@ pub struct Notification {
 }
 
 impl NotifySocket {
-    /// Binds `@clusterd/PID/notify`.
+    /// Binds `@clusterd/` and 32 random hex digits; a name that is taken
+    /// (by chance or by someone who guessed it) is drawn again, up to
+    /// [`BIND_ATTEMPTS`] times.
     pub fn bind() -> io::Result<NotifySocket> {
         let fd = rustix::net::socket_with(
             AddressFamily::UNIX,
@@ -44,11 +52,16 @@ impl NotifySocket {
             SocketFlags::CLOEXEC,
             None,
         )?;
-        let name = format!(
-            "clusterd/{}/notify",
-            rustix::process::getpid().as_raw_nonzero()
-        );
-        rustix::net::bind(&fd, &SocketAddrUnix::new_abstract_name(name.as_bytes())?)?;
+        let mut attempt = 0;
+        let name = loop {
+            attempt += 1;
+            let name = format!("clusterd/{}", random_hex()?);
+            match rustix::net::bind(&fd, &SocketAddrUnix::new_abstract_name(name.as_bytes())?) {
+                Ok(()) => break name,
+                Err(rustix::io::Errno::ADDRINUSE) if attempt < BIND_ATTEMPTS => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
         sockopt::set_socket_passcred(&fd, true)?;
         Ok(NotifySocket {
             sock: Async::new(fd)?,
@@ -85,6 +98,31 @@ impl NotifySocket {
             smol::future::yield_now().await;
         }
     }
+}
+
+/// How many random names [`NotifySocket::bind`] tries.
+const BIND_ATTEMPTS: u32 = 8;
+
+/// 128 bits from the kernel's random pool (`getrandom(2)`, no file needed:
+/// clusterd may run in an empty root), as 32 hex digits.
+fn random_hex() -> io::Result<String> {
+    let mut bytes = [0u8; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let rest = &mut bytes[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable
+        // buffer; getrandom writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The service manager's `NOTIFY_SOCKET` (clusterd run by systemd with
@@ -243,6 +281,34 @@ mod tests {
             vec![("STOPPING".into(), "1".into())],
             "oversized and garbage ones were skipped"
         );
+    }
+
+    #[test]
+    fn a_squatted_name_does_not_stop_the_bind() {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        // Abstract names have no permissions: anyone may take the name a
+        // clusterd with a given pid would choose, before it starts.
+        let predictable = format!("clusterd/{}/notify", std::process::id());
+        let squatter = UnixDatagram::bind_addr(
+            &SocketAddr::from_abstract_name(predictable.as_bytes()).unwrap(),
+        );
+        let first = NotifySocket::bind().expect("bind despite the squatter");
+        let second = NotifySocket::bind().expect("a second socket");
+        assert_ne!(first.name, second.name, "each socket has its own name");
+        if squatter.is_ok() {
+            assert_ne!(first.name, format!("@{predictable}"));
+        }
+        // The name is not guessable: 128 random bits.
+        assert!(
+            first.name.len() >= "@clusterd/".len() + 32,
+            "{}",
+            first.name
+        );
+        let (client, addr) = client_of(&first);
+        client.send_to_addr(b"READY=1", &addr).unwrap();
+        let n = smol::block_on(first.recv()).unwrap();
+        assert_eq!(n.pid, std::process::id(), "the sender is still known");
     }
 
     #[test]
