@@ -200,9 +200,13 @@ struct Shared {
 impl Shared {
     /// Starts the shutdown (first reason wins) and closes untaken listeners.
     fn begin_shutdown(&self, reason: ShutdownReason) -> bool {
+        // Held across the trigger: a task woken by it that calls
+        // `take_listener` waits for the listeners to be closed.
+        let mut fds = lock(&self.fds);
         let first = self.shutdown.trigger(reason);
         if first {
-            lock(&self.fds).iter_mut().for_each(|fd| *fd = None);
+            fds.iter_mut().for_each(|fd| *fd = None);
+            drop(fds);
             if let Some(board) = self.stats.cells.board.get() {
                 board.withdraw();
             }
@@ -578,11 +582,15 @@ mod tests {
 
     #[test]
     fn untaken_listeners_close_on_shutdown() {
-        let (mut worker, clusterd) = connected();
-        drop(clusterd);
-        within(worker.shutdown());
-        let err = worker.take_listener("http").unwrap_err();
-        assert!(err.to_string().contains("shutting down"), "{err}");
+        // Repeated: the background thread starts the shutdown while this
+        // thread wakes, and the listeners must be gone by the time it looks.
+        for _ in 0..200 {
+            let (mut worker, clusterd) = connected();
+            drop(clusterd);
+            within(worker.shutdown());
+            let err = worker.take_listener("http").unwrap_err();
+            assert!(err.to_string().contains("shutting down"), "{err}");
+        }
     }
 
     #[test]
