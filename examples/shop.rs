@@ -29,6 +29,13 @@
 //! ([`InFlight::crowded`]), and those clients reconnect to the workers
 //! holding fewer.
 //!
+//! Idle and slow clients: a new connection must send its first byte within
+//! 5 s and the rest of its request head within 10 s (slowloris), a
+//! keep-alive connection its next request within 30 s, and a worker at its
+//! in-flight limit closes its oldest silent (else longest idle) connection to
+//! admit a new one (`IdlePolicy`, `Accepted::next_request`), so a few
+//! hundred sockets that send nothing cannot lock real clients out.
+//!
 //! Draining (on clusterd's DRAIN, clusterd going away, SIGTERM or Ctrl-C):
 //! the listener is closed at once, so new connections go to other workers;
 //! requests in flight finish, and their responses carry `Connection: close`;
@@ -54,7 +61,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use async_h1::server::{ConnectionStatus, Server};
-use clusterd::worker::{Accepted, Acceptor, Idle, InFlight, Shutdown, Stats, Stream, Worker};
+use clusterd::worker::{
+    Accepted, Acceptor, Idle, IdlePolicy, InFlight, Shutdown, Stats, Stream, Worker,
+};
 use http_types::{Method, Request, Response, StatusCode, mime};
 use smol::future::FutureExt as _;
 use smol::io::AsyncReadExt as _;
@@ -74,10 +83,22 @@ macro_rules! say {
 /// Where to listen when not run by clusterd.
 const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 
-/// How long a keep-alive connection may wait for its next request: an idle
-/// connection holds one of the worker's in-flight slots, so it is not kept
-/// forever.
-const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(30);
+/// How idle connections are bounded (they hold in-flight slots like busy
+/// ones): a new connection has `first_byte` to begin its first request, a
+/// keep-alive one `keep_alive` between two requests, and a worker at its
+/// in-flight limit closes its oldest silent (else longest idle) connection
+/// to admit a new one. So a few hundred sockets that never send a byte
+/// cannot lock real clients out. These are the library's defaults, spelt
+/// out.
+const IDLE: IdlePolicy = IdlePolicy {
+    first_byte: IdlePolicy::DEFAULT_FIRST_BYTE,
+    keep_alive: IdlePolicy::DEFAULT_KEEP_ALIVE,
+    evict_at_limit: true,
+};
+
+/// How long a request head may take to arrive once its first byte has
+/// (a client trickling its head, slowloris). async-h1's own bound is 60 s.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The simulated payment call of `POST /checkout`.
 const CHECKOUT_IO: Duration = Duration::from_millis(50);
@@ -140,7 +161,7 @@ fn listen_address(mut args: impl Iterator<Item = String>) -> Result<Option<Strin
 
 fn run(listen: &str) -> io::Result<()> {
     let mut worker = Worker::connect(&[("http", listen)])?;
-    let in_flight = in_flight_from_env()?;
+    let in_flight = in_flight_from_env()?.with_idle_policy(IDLE);
     let stats = worker.stats();
     let scoreboard = std::env::var("SHOP_SCOREBOARD").map_or(true, |v| v != "off");
     if scoreboard {
@@ -224,43 +245,52 @@ struct App {
 /// Serves one connection's requests until it closes, errs, idles out or the
 /// drain begins. The in-flight slot (`guard`) is released however it ends,
 /// including when the client disconnects mid-request.
-async fn serve(conn: Accepted, app: Rc<App>) {
-    let Accepted { stream, guard, .. } = conn;
+async fn serve(mut conn: Accepted, app: Rc<App>) {
+    let stream = conn.stream.clone();
+    // Set by the endpoint: the request head has arrived.
+    let head_read = Rc::new(Cell::new(false));
     let endpoint = {
-        let (app, stream) = (app.clone(), stream.clone());
+        let (app, stream, head_read) = (app.clone(), stream.clone(), head_read.clone());
         move |req: Request| {
+            head_read.set(true);
             let (app, stream) = (app.clone(), stream.clone());
             async move { Ok(app.respond(req, &stream).await) }
         }
     };
     let mut server = Server::new(stream.clone(), endpoint);
     loop {
-        // Between requests the connection is idle; see `next_request` for
-        // why a drain closes it only after a short grace.
-        if app.idle(&stream).await != Idle::Request {
+        // Before the first request and between two the connection is idle:
+        // bounded by IDLE, closed at once to make room when the worker is
+        // at its limit, and, on a drain, after a short grace (see
+        // `Stream::next_request` for why).
+        if conn.next_request(Some(&app.shutdown)).await != Idle::Request {
             break;
         }
         // The request in flight: not raced against the drain, it finishes
-        // (async-h1 bounds the wait for its head to 60 s, clusterd the
-        // whole drain to drain_timeout).
-        match server.accept_one().await {
+        // (its head within HEAD_TIMEOUT, clusterd bounds the whole drain to
+        // drain_timeout).
+        head_read.set(false);
+        let head_timeout = async {
+            Timer::after(HEAD_TIMEOUT).await;
+            if head_read.get() {
+                // Being answered: only the drain deadline applies.
+                std::future::pending::<()>().await;
+            }
+            Ok(ConnectionStatus::Close)
+        };
+        match server.accept_one().or(head_timeout).await {
             Ok(ConnectionStatus::KeepAlive) => {}
             // Closed by the client, by `Connection: close`, a malformed
-            // request, or a client that went away mid-request.
+            // request, a head that took too long, or a client that went
+            // away mid-request.
             Ok(ConnectionStatus::Close) | Err(_) => break,
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    drop(guard);
+    drop(conn); // gives the in-flight slot back
 }
 
 impl App {
-    async fn idle(&self, stream: &Stream) -> Idle {
-        stream
-            .next_request(Some(&self.shutdown), KEEP_ALIVE_IDLE)
-            .await
-    }
-
     async fn respond(&self, mut req: Request, stream: &Stream) -> Response {
         let path = req.url().path().to_owned();
         let mut res = match (req.method(), path.as_str()) {

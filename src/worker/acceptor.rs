@@ -160,6 +160,7 @@ fn is_exhaustion(e: &io::Error) -> bool {
         .iter()
         .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;

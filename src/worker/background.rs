@@ -221,6 +221,7 @@ pub(super) fn is_disconnect(e: &io::Error) -> bool {
             | io::ErrorKind::NotConnected
     )
 }
+
 #[cfg(test)]
 mod tests {
     use super::super::InFlight;

@@ -189,6 +189,7 @@ fn bind_unix(path: &str) -> io::Result<std::os::unix::net::UnixListener> {
         other => other,
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::super::Worker;

@@ -5,10 +5,12 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use event_listener::Event;
 
+use super::idle::{IdlePolicy, IdleSet};
+use super::lock;
 use crate::scoreboard::Board;
 
 /// How often [`InFlight::crowded`] looks at the scoreboard: once every this
@@ -19,9 +21,9 @@ pub const CROWDED_EVERY: u32 = 32;
 
 /// Counts a worker's connections (or requests) in flight, up to a limit.
 ///
-/// [`Listener::accept_limited`](super::Listener::accept_limited) and [`Acceptor`](super::Acceptor) accept only while the count
-/// is below the limit, so a loaded worker leaves new connections to idle
-/// ones. Each accepted connection holds a [`Guard`] that gives its slot back
+/// [`Listener::accept_limited`](super::Listener::accept_limited) and
+/// [`Acceptor`](super::Acceptor) accept only while the count is below the
+/// limit, so a loaded worker leaves new connections to idle ones. Each accepted connection holds a [`Guard`] that gives its slot back
 /// when dropped. Cloning shares the count.
 ///
 /// The limit counts every open connection, idle keep-alive ones included, so
@@ -33,7 +35,16 @@ pub const CROWDED_EVERY: u32 = 32;
 /// [`InFlight::unlimited`] to count without limiting.
 ///
 /// The limit is soft: each acceptor sharing the counter may overshoot it by
-/// one connection it was already accepting when the limit was reached.
+/// one connection it was already accepting when the limit was reached, and
+/// by one it admitted by closing an idle connection that had not closed yet.
+///
+/// Idle connections hold slots too, so the counter also carries the
+/// [`IdlePolicy`] that bounds them: a first-byte deadline for new
+/// connections, the keep-alive idle time, and whether a worker at its limit
+/// closes an idle connection to admit a new one (see
+/// [`Accepted::next_request`](super::Accepted::next_request)). Without it a
+/// few hundred sockets that never send a byte would fill every worker's
+/// limit and lock everyone else out.
 #[derive(Clone)]
 pub struct InFlight {
     pub(super) inner: Arc<InFlightInner>,
@@ -55,6 +66,10 @@ pub(super) struct InFlightInner {
     /// Calls of [`InFlight::crowded`], to look at the board every
     /// [`CROWDED_EVERY`].
     crowded_calls: AtomicU32,
+    /// How long connections may idle, and whether to evict one at the limit.
+    policy: Mutex<IdlePolicy>,
+    /// The connections waiting for a request now, in eviction order.
+    pub(super) idle_set: IdleSet,
 }
 
 impl InFlight {
@@ -81,8 +96,58 @@ impl InFlight {
                 board: OnceLock::new(),
                 shed: AtomicUsize::new(0),
                 crowded_calls: AtomicU32::new(0),
+                policy: Mutex::new(IdlePolicy::default()),
+                idle_set: IdleSet::default(),
             }),
         }
+    }
+
+    /// Sets the [`IdlePolicy`] (for every clone), as
+    /// [`InFlight::set_idle_policy`], and returns the counter.
+    #[must_use]
+    pub fn with_idle_policy(self, policy: IdlePolicy) -> InFlight {
+        self.set_idle_policy(policy);
+        self
+    }
+
+    /// Sets the [`IdlePolicy`] for every clone of this counter; waits that
+    /// have begun keep the deadline they started with.
+    pub fn set_idle_policy(&self, policy: IdlePolicy) {
+        *lock(&self.inner.policy) = policy;
+    }
+
+    /// The [`IdlePolicy`]: [`IdlePolicy::default`] unless set.
+    pub fn idle_policy(&self) -> IdlePolicy {
+        *lock(&self.inner.policy)
+    }
+
+    /// Whether a connection at the limit may be admitted by evicting an
+    /// idle one: there is a limit, the policy says so, and one is idle.
+    pub(super) fn can_evict(&self) -> bool {
+        self.limit().is_some() && self.idle_policy().evict_at_limit && self.inner.idle_set.any()
+    }
+
+    /// Closes the idle connection that goes first (see [`IdlePolicy`]);
+    /// whether there was one.
+    pub(super) fn evict_idle(&self) -> bool {
+        self.inner.idle_set.evict_first()
+    }
+
+    /// Wakes an accept loop waiting at the limit for an idle connection to
+    /// evict.
+    pub(super) fn idle_connection_appeared(&self) {
+        if !self.has_capacity() {
+            self.inner.capacity.notify(usize::MAX);
+        }
+    }
+
+    /// Waits until the count is below the limit or, when the policy evicts,
+    /// some connection is idle.
+    pub(super) async fn wait_capacity_or_evictable(&self) {
+        until(&self.inner.capacity, || {
+            self.has_capacity() || self.can_evict()
+        })
+        .await;
     }
 
     /// The limit, or `None` for no limit.
@@ -108,6 +173,7 @@ impl InFlight {
         }
         Guard {
             in_flight: self.clone(),
+            begun: false,
         }
     }
 
@@ -120,7 +186,8 @@ impl InFlight {
     /// scale`; otherwise they stay where they are for as long as they keep
     /// their connections.
     ///
-    /// Asks for at most the excess [`scoreboard::Board::excess`](crate::scoreboard::Board::excess) found (the
+    /// Asks for at most the excess
+    /// [`Board::excess`](crate::scoreboard::Board::excess) found (the
     /// connections beyond a fair share and a tolerance of one in 32), and
     /// looks at the board once every [`CROWDED_EVERY`] calls, so calling it
     /// for every response is cheap. Always `false` unless the count is
@@ -172,6 +239,7 @@ impl fmt::Debug for InFlight {
         f.debug_struct("InFlight")
             .field("active", &self.active())
             .field("limit", &self.limit())
+            .field("idle_policy", &self.idle_policy())
             .finish()
     }
 }
@@ -180,6 +248,16 @@ impl fmt::Debug for InFlight {
 #[must_use = "the slot is given back as soon as the guard is dropped"]
 pub struct Guard {
     in_flight: InFlight,
+    /// A request has begun on this connection, so its waits are keep-alive
+    /// waits ([`Accepted::next_request`](super::Accepted::next_request)).
+    pub(super) begun: bool,
+}
+
+impl Guard {
+    /// The counter this guard counts in.
+    pub(super) fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
 }
 
 impl Drop for Guard {
@@ -208,7 +286,7 @@ impl fmt::Debug for Guard {
 
 /// Waits until `holds()`, woken by `event`. The listener is registered
 /// before the second check, so a notification between the two is not lost.
-async fn until(event: &Event, holds: impl Fn() -> bool) {
+pub(super) async fn until(event: &Event, holds: impl Fn() -> bool) {
     loop {
         if holds() {
             return;
@@ -220,6 +298,7 @@ async fn until(event: &Event, holds: impl Fn() -> bool) {
         listener.await;
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
-use smol::future;
+use smol::future::{self, FutureExt as _};
 use smol::{Async, Timer};
 
 use super::inflight::{Guard, InFlight};
@@ -110,6 +110,15 @@ impl Listener {
     /// Waits until `in_flight` is below its limit, then accepts one
     /// connection, counted by the returned guard.
     ///
+    /// At the limit, when the counter's [`IdlePolicy`](super::IdlePolicy) evicts
+    /// ([`IdlePolicy::evict_at_limit`](super::IdlePolicy::evict_at_limit), the
+    /// default) and a connection is
+    /// waiting in the accept queue, the idle connection that goes first
+    /// (the oldest that has not sent a byte, else the one idle longest) is
+    /// closed to admit it: the new connection is accepted at once, before
+    /// the evicted one has closed. Under clusterd a sibling with room gets
+    /// [`scoreboard::DEFER_MAX`] to take the connection first.
+    ///
     /// When `in_flight` is tracked under clusterd ([`Stats::track`](super::Stats::track)) and this
     /// worker already holds its fair share ([`Board::over_share`]), a pending
     /// connection is left to a sibling that holds fewer for up to
@@ -119,7 +128,7 @@ impl Listener {
     ///
     /// As [`Listener::accept`].
     pub async fn accept_limited(&self, in_flight: &InFlight) -> io::Result<Accepted> {
-        in_flight.wait_capacity().await;
+        self.make_room(in_flight).await?;
         let (stream, peer) = match in_flight.inner.board.get() {
             Some(board) => {
                 board.join(in_flight.active());
@@ -132,6 +141,49 @@ impl Listener {
             peer,
             guard: in_flight.enter(),
         })
+    }
+
+    /// Returns once `in_flight` is below its limit, or once an idle
+    /// connection was evicted to admit a connection waiting in the queue.
+    async fn make_room(&self, in_flight: &InFlight) -> io::Result<()> {
+        loop {
+            if in_flight.has_capacity() {
+                return Ok(());
+            }
+            if !in_flight.can_evict() {
+                in_flight.wait_capacity_or_evictable().await;
+                continue;
+            }
+            // Something could be evicted: only for a connection that waits.
+            let pending = async { self.readable().await.map(|()| true) }
+                .or(async {
+                    in_flight.wait_capacity().await;
+                    Ok(false)
+                })
+                .await?;
+            if !pending {
+                continue;
+            }
+            // A sibling below its limit takes it without closing anything.
+            if in_flight.inner.board.get().is_some() {
+                let deferred = Instant::now();
+                while deferred.elapsed() < scoreboard::DEFER_MAX
+                    && self.is_readable_now()
+                    && !in_flight.has_capacity()
+                {
+                    Timer::after(scoreboard::DEFER_TICK).await;
+                }
+            }
+            if in_flight.has_capacity() {
+                return Ok(());
+            }
+            if self.is_readable_now() && in_flight.evict_idle() {
+                return Ok(());
+            }
+            // Taken by a sibling, or nothing idle any more: look again,
+            // after the other tasks had a turn.
+            future::yield_now().await;
+        }
     }
 
     /// Accepts the next connection unless a sibling that holds fewer takes

@@ -42,18 +42,30 @@
 //! pending connections while the worker holds less than its fair share
 //! ([`Board::over_share`]: what every accepting worker holds plus the accept
 //! queue, divided among them); past it they leave the next one to a sibling
-//! that holds fewer, for [`scoreboard::DEFER_MAX`](crate::scoreboard::DEFER_MAX), before taking it. They
-//! also accept only while the count is below its limit (as nginx stops
-//! accepting when a worker's connections run low). [`Acceptor::accept`]
+//! that holds fewer, for
+//! [`scoreboard::DEFER_MAX`](crate::scoreboard::DEFER_MAX), before taking
+//! it. They also accept only while the count is below its limit (as nginx
+//! stops accepting when a worker's connections run low). [`Acceptor::accept`]
 //! takes the connections already pending back to back, yielding to the
 //! worker's other tasks after every [`ACCEPT_BATCH`], so a new connection
 //! does not wait for a round of a CPU-busy worker's tasks per connection
 //! queued ahead of it. [`InFlight::crowded`] tells a worker holding more than
 //! its share when to end a keep-alive connection, so that clients move onto
-//! a replacement or new workers. Each accepted
-//! connection carries a [`Guard`] that releases its slot when dropped,
-//! however the connection ends, so a client that disconnects mid-request can
-//! never leave a drain waiting.
+//! a replacement or new workers. Each accepted connection carries a
+//! [`Guard`] that releases its slot when dropped, however the connection
+//! ends, so a client that disconnects mid-request can never leave a drain
+//! waiting.
+//!
+//! # Idle connections
+//!
+//! The limit counts idle connections too. [`Accepted::next_request`], the
+//! wait before each request, bounds them with the counter's [`IdlePolicy`]:
+//! a first-byte deadline for a new connection (5 s by default), the
+//! keep-alive idle time between requests (30 s), and, at the limit with a
+//! connection waiting in the accept queue, the eviction of the oldest
+//! connection that has not sent a byte (else the one idle longest) to admit
+//! it. A few hundred sockets that never send a byte therefore cannot lock
+//! real clients out.
 //!
 //! # Examples
 //!
@@ -61,7 +73,7 @@
 //! connections finish.
 //!
 //! ```no_run
-//! use clusterd::worker::{Acceptor, InFlight, Worker};
+//! use clusterd::worker::{Acceptor, Idle, InFlight, Worker};
 //! use smol::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! fn main() -> std::io::Result<()> {
@@ -81,12 +93,16 @@
 //!         // is closed at that moment.
 //!         while let Some(conn) = acceptor.accept().await? {
 //!             smol::spawn(async move {
-//!                 let mut stream = conn.stream;
-//!                 let mut buf = [0u8; 1024];
-//!                 if let Ok(n) = stream.read(&mut buf).await {
-//!                     let _ = stream.write_all(&buf[..n]).await;
+//!                 let mut conn = conn;
+//!                 // Bounded by the IdlePolicy; closed at once to make room
+//!                 // when the worker is at its limit.
+//!                 if conn.next_request(None).await == Idle::Request {
+//!                     let mut buf = [0u8; 1024];
+//!                     if let Ok(n) = conn.stream.read(&mut buf).await {
+//!                         let _ = conn.stream.write_all(&buf[..n]).await;
+//!                     }
 //!                 }
-//!                 drop(conn.guard); // also released if the task is dropped
+//!                 drop(conn); // the slot, also released if the task is dropped
 //!             })
 //!             .detach();
 //!         }
@@ -127,6 +143,7 @@ macro_rules! say {
 // - shutdown: Shutdown and ShutdownReason.
 // - stats: Stats, and the link from the tracked InFlight to the scoreboard.
 // - inflight: InFlight and Guard (the limit, the share, `crowded`).
+// - idle: IdlePolicy, Accepted::next_request, evicting idle connections.
 // - listener: Listener, its balanced accept, Accepted.
 // - stream: Stream and the wait between two requests (Idle).
 // - acceptor: Acceptor, the accept loop.
@@ -134,6 +151,7 @@ macro_rules! say {
 mod acceptor;
 mod background;
 mod connect;
+mod idle;
 mod inflight;
 mod listener;
 mod shutdown;
@@ -144,6 +162,7 @@ mod testing;
 
 pub use acceptor::{ACCEPT_BATCH, Acceptor};
 pub use connect::ENV_FD;
+pub use idle::IdlePolicy;
 pub use inflight::{CROWDED_EVERY, Guard, InFlight};
 pub use listener::{Accepted, Listener};
 pub use shutdown::{Shutdown, ShutdownReason};
@@ -521,6 +540,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn with_context(e: io::Error, context: fmt::Arguments<'_>) -> io::Error {
     io::Error::new(e.kind(), format!("{context}: {e}"))
 }
+
 #[cfg(test)]
 mod tests {
     use super::testing::*;

@@ -136,6 +136,7 @@ impl fmt::Debug for Shutdown {
             .finish()
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! [`Stream`]: an accepted connection, and the wait between two requests of
 //! a keep-alive connection ([`Stream::next_request`]).
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use smol::future::FutureExt as _;
+use smol::future::{self, FutureExt as _};
 use smol::io::{AsyncRead, AsyncWrite};
 use smol::{Async, Timer};
 
@@ -26,6 +27,10 @@ pub enum Idle {
     TimedOut,
     /// The drain began and no request arrived within [`DRAIN_IDLE_GRACE`].
     Draining,
+    /// The worker was at its in-flight limit with a new connection waiting,
+    /// and closed this idle one to admit it
+    /// ([`IdlePolicy::evict_at_limit`](super::IdlePolicy::evict_at_limit)).
+    Evicted,
 }
 
 /// How long a keep-alive connection that is idle when the drain begins may
@@ -90,7 +95,23 @@ impl Stream {
     /// the last response within microseconds, so it is served (with
     /// `Connection: close`) instead; a connection that is really idle is
     /// closed once the grace ends.
+    ///
+    /// This wait knows nothing of the worker's in-flight limit: prefer
+    /// [`Accepted::next_request`](super::Accepted::next_request), which also
+    /// gives a new connection a shorter deadline for its first byte and lets
+    /// a worker at its limit close the idle connection to admit a new one.
     pub async fn next_request(&self, shutdown: Option<&Shutdown>, idle_timeout: Duration) -> Idle {
+        self.wait_idle(shutdown, idle_timeout, future::pending())
+            .await
+    }
+
+    /// [`Stream::next_request`], also ended by `evicted`.
+    pub(super) async fn wait_idle(
+        &self,
+        shutdown: Option<&Shutdown>,
+        idle_timeout: Duration,
+        evicted: impl Future<Output = Idle>,
+    ) -> Idle {
         let request = async {
             match self.readable().await {
                 Ok(()) => Idle::Request,
@@ -108,9 +129,9 @@ impl Stream {
                     Timer::after(DRAIN_IDLE_GRACE).await;
                     Idle::Draining
                 };
-                request.or(drain).or(timeout).await
+                request.or(evicted).or(drain).or(timeout).await
             }
-            None => request.or(timeout).await,
+            None => request.or(evicted).or(timeout).await,
         }
     }
 
