@@ -36,6 +36,10 @@
 //! admit a new one (`IdlePolicy`, `Accepted::next_request`), so a few
 //! hundred sockets that send nothing cannot lock real clients out.
 //!
+//! HTTP/1.1 only: a request that says `Connection: close` gets it said back
+//! before the connection closes (RFC 9112 §9.6); an HTTP/1.0 request, which
+//! async-h1 does not parse, gets a `505` with `Connection: close`.
+//!
 //! Draining (on clusterd's DRAIN, clusterd going away, SIGTERM or Ctrl-C):
 //! the listener is closed at once, so new connections go to other workers;
 //! requests in flight finish, and their responses carry `Connection: close`;
@@ -66,7 +70,7 @@ use clusterd::worker::{
 };
 use http_types::{Method, Request, Response, StatusCode, mime};
 use smol::future::FutureExt as _;
-use smol::io::AsyncReadExt as _;
+use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use smol::{LocalExecutor, Timer};
 
 /// Writes one line to stderr in a single `write`, so it never interleaves
@@ -280,6 +284,14 @@ async fn serve(mut conn: Accepted, app: Rc<App>) {
         };
         match server.accept_one().or(head_timeout).await {
             Ok(ConnectionStatus::KeepAlive) => {}
+            // Only raised while parsing the head, before any response.
+            Err(e) if e.to_string().starts_with("Unsupported HTTP version") => {
+                let _ = stream
+                    .clone()
+                    .write_all(http_1_0_refused().as_bytes())
+                    .await;
+                break;
+            }
             // Closed by the client, by `Connection: close`, a malformed
             // request, a head that took too long, or a client that went
             // away mid-request.
@@ -292,6 +304,7 @@ async fn serve(mut conn: Accepted, app: Rc<App>) {
 
 impl App {
     async fn respond(&self, mut req: Request, stream: &Stream) -> Response {
+        let client_closes = asks_to_close(&req);
         let path = req.url().path().to_owned();
         let mut res = match (req.method(), path.as_str()) {
             (Method::Get, "/healthz") => text(StatusCode::Ok, "ok"),
@@ -305,9 +318,11 @@ impl App {
         };
         self.stats.count_request();
         res.insert_header("X-Worker", self.worker_id.as_str());
-        if self.shutdown.is_triggered() || self.in_flight.crowded() {
-            // The last response on this connection: the worker is draining,
-            // or holds more than its share and lets the client move.
+        if client_closes || self.shutdown.is_triggered() || self.in_flight.crowded() {
+            // The last response on this connection: the client said so (RFC
+            // 9112 §9.6: say it back, or a client may reuse a connection we
+            // close), the worker is draining, or it holds more than its
+            // share and lets the client move.
             res.insert_header("Connection", "close");
         }
         res
@@ -347,6 +362,28 @@ impl App {
             serde_json::json!({ "orderId": order_id, "status": "confirmed" }).to_string(),
         )
     }
+}
+
+/// Whether the request's `Connection` header lists `close`.
+fn asks_to_close(req: &Request) -> bool {
+    req.header("Connection").is_some_and(|values| {
+        values
+            .iter()
+            .flat_map(|v| v.as_str().split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("close"))
+    })
+}
+
+/// The answer to an HTTP/1.0 request, which async-h1 refuses to parse: a
+/// `505` that says the connection closes, rather than closing it without a
+/// word.
+fn http_1_0_refused() -> String {
+    let body = r#"{"error":"HTTP/1.1 is required here"}"#;
+    format!(
+        "HTTP/1.1 505 HTTP Version Not Supported\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// `GET /products/:id`: a deterministic catalogue of products 1..=10000.

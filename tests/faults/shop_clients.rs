@@ -1,9 +1,13 @@
-//! The example shop against hostile HTTP clients (issue 12): clients that
-//! take connections and send nothing (item 4) must not keep real requests
-//! from being served. A worker's in-flight limit counts idle connections,
-//! so without a first-byte deadline and eviction at the limit, 512 silent
-//! sockets locked a 2-worker shop out for the 30 s keep-alive idle time,
-//! again and again for a client that reopens them.
+//! The example shop against hostile and strict HTTP clients (issue 12):
+//!
+//! - clients that take connections and send nothing (item 4): real requests
+//!   must keep being served. A worker's in-flight limit counts idle
+//!   connections, so without a first-byte deadline and eviction at the
+//!   limit, 512 silent sockets locked a 2-worker shop out for the 30 s
+//!   keep-alive idle time, again and again for a client that reopens them;
+//! - clients that say `Connection: close` (item 19): the response must say
+//!   it back (RFC 9112 §9.6), or a client such as wrk reuses the connection
+//!   the shop then closes.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -137,4 +141,56 @@ fn six_hundred_silent_connections_do_not_lock_real_clients_out_of_the_shop() {
         "20 probes answered; the shop closed {} silent connections",
         silent.closed.load(Ordering::Relaxed)
     );
+}
+
+/// Sends `req` on a new connection; the response, and whether the shop then
+/// closed the connection (end of file rather than more bytes or a timeout).
+fn one_exchange(addr: SocketAddr, req: &[u8]) -> (RawResponse, bool) {
+    let mut s = connect(addr);
+    s.write_all(req).unwrap();
+    let response = read_response(&mut s).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let closed = matches!(s.read(&mut [0u8; 1]), Ok(0));
+    (response, closed)
+}
+
+#[test]
+fn connection_close_is_said_back_and_http_1_0_is_refused_with_it() {
+    let cluster = Cluster::shop("conn-close", 1, "");
+    cluster.wait_ready(1);
+    let addr = cluster.addr();
+
+    let (res, closed) = one_exchange(addr, &request("GET", "/products/7", b"", true));
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("connection"), Some("close"), "{res:?}");
+    assert!(closed, "the connection is closed after it");
+
+    // A token list and a POST with a body: the same.
+    let mut post = request("POST", "/checkout", CART, false);
+    let at = post.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    post.splice(
+        at + 2..at + 2,
+        b"Connection: keep-alive, Close\r\n".iter().copied(),
+    );
+    let (res, closed) = one_exchange(addr, &post);
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    assert_eq!(res.header("connection"), Some("close"), "{res:?}");
+    assert!(closed);
+
+    // Without it, the connection stays open and the response says nothing.
+    let mut s = connect(addr);
+    for _ in 0..2 {
+        s.write_all(&request("GET", "/healthz", b"", false))
+            .unwrap();
+        let res = read_response(&mut s).unwrap();
+        assert_eq!((res.status, res.header("connection")), (200, None));
+    }
+
+    // HTTP/1.0 (async-h1 parses only 1.1): a 505 that says it closes,
+    // rather than a connection closed without a word.
+    let (res, closed) = one_exchange(addr, b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n");
+    assert_eq!(res.status, 505);
+    assert_eq!(res.header("connection"), Some("close"), "{res:?}");
+    assert_eq!(res.body, br#"{"error":"HTTP/1.1 is required here"}"#);
+    assert!(closed);
 }
