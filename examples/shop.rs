@@ -29,6 +29,17 @@
 //! ([`InFlight::crowded`]), and those clients reconnect to the workers
 //! holding fewer.
 //!
+//! Idle and slow clients: a new connection must send its first byte within
+//! 5 s and the rest of its request head within 10 s (slowloris), a
+//! keep-alive connection its next request within 30 s, and a worker at its
+//! in-flight limit closes its oldest silent (else longest idle) connection to
+//! admit a new one (`IdlePolicy`, `Accepted::next_request`), so a few
+//! hundred sockets that send nothing cannot lock real clients out.
+//!
+//! HTTP/1.1 only: a request that says `Connection: close` gets it said back
+//! before the connection closes (RFC 9112 §9.6); an HTTP/1.0 request, which
+//! async-h1 does not parse, gets a `505` with `Connection: close`.
+//!
 //! Draining (on clusterd's DRAIN, clusterd going away, SIGTERM or Ctrl-C):
 //! the listener is closed at once, so new connections go to other workers;
 //! requests in flight finish, and their responses carry `Connection: close`;
@@ -54,10 +65,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use async_h1::server::{ConnectionStatus, Server};
-use clusterd::worker::{Accepted, Acceptor, Idle, InFlight, Shutdown, Stats, Stream, Worker};
+use clusterd::worker::{
+    Accepted, Acceptor, Idle, IdlePolicy, InFlight, Shutdown, Stats, Stream, Worker,
+};
 use http_types::{Method, Request, Response, StatusCode, mime};
 use smol::future::FutureExt as _;
-use smol::io::AsyncReadExt as _;
+use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use smol::{LocalExecutor, Timer};
 
 /// Writes one line to stderr in a single `write`, so it never interleaves
@@ -74,10 +87,22 @@ macro_rules! say {
 /// Where to listen when not run by clusterd.
 const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 
-/// How long a keep-alive connection may wait for its next request: an idle
-/// connection holds one of the worker's in-flight slots, so it is not kept
-/// forever.
-const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(30);
+/// How idle connections are bounded (they hold in-flight slots like busy
+/// ones): a new connection has `first_byte` to begin its first request, a
+/// keep-alive one `keep_alive` between two requests, and a worker at its
+/// in-flight limit closes its oldest silent (else longest idle) connection
+/// to admit a new one. So a few hundred sockets that never send a byte
+/// cannot lock real clients out. These are the library's defaults, spelt
+/// out.
+const IDLE: IdlePolicy = IdlePolicy {
+    first_byte: IdlePolicy::DEFAULT_FIRST_BYTE,
+    keep_alive: IdlePolicy::DEFAULT_KEEP_ALIVE,
+    evict_at_limit: true,
+};
+
+/// How long a request head may take to arrive once its first byte has
+/// (a client trickling its head, slowloris). async-h1's own bound is 60 s.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The simulated payment call of `POST /checkout`.
 const CHECKOUT_IO: Duration = Duration::from_millis(50);
@@ -140,7 +165,7 @@ fn listen_address(mut args: impl Iterator<Item = String>) -> Result<Option<Strin
 
 fn run(listen: &str) -> io::Result<()> {
     let mut worker = Worker::connect(&[("http", listen)])?;
-    let in_flight = in_flight_from_env()?;
+    let in_flight = in_flight_from_env()?.with_idle_policy(IDLE);
     let stats = worker.stats();
     let scoreboard = std::env::var("SHOP_SCOREBOARD").map_or(true, |v| v != "off");
     if scoreboard {
@@ -224,44 +249,62 @@ struct App {
 /// Serves one connection's requests until it closes, errs, idles out or the
 /// drain begins. The in-flight slot (`guard`) is released however it ends,
 /// including when the client disconnects mid-request.
-async fn serve(conn: Accepted, app: Rc<App>) {
-    let Accepted { stream, guard, .. } = conn;
+async fn serve(mut conn: Accepted, app: Rc<App>) {
+    let stream = conn.stream.clone();
+    // Set by the endpoint: the request head has arrived.
+    let head_read = Rc::new(Cell::new(false));
     let endpoint = {
-        let (app, stream) = (app.clone(), stream.clone());
+        let (app, stream, head_read) = (app.clone(), stream.clone(), head_read.clone());
         move |req: Request| {
+            head_read.set(true);
             let (app, stream) = (app.clone(), stream.clone());
             async move { Ok(app.respond(req, &stream).await) }
         }
     };
     let mut server = Server::new(stream.clone(), endpoint);
     loop {
-        // Between requests the connection is idle; see `next_request` for
-        // why a drain closes it only after a short grace.
-        if app.idle(&stream).await != Idle::Request {
+        // Before the first request and between two the connection is idle:
+        // bounded by IDLE, closed at once to make room when the worker is
+        // at its limit, and, on a drain, after a short grace (see
+        // `Stream::next_request` for why).
+        if conn.next_request(Some(&app.shutdown)).await != Idle::Request {
             break;
         }
         // The request in flight: not raced against the drain, it finishes
-        // (async-h1 bounds the wait for its head to 60 s, clusterd the
-        // whole drain to drain_timeout).
-        match server.accept_one().await {
+        // (its head within HEAD_TIMEOUT, clusterd bounds the whole drain to
+        // drain_timeout).
+        head_read.set(false);
+        let head_timeout = async {
+            Timer::after(HEAD_TIMEOUT).await;
+            if head_read.get() {
+                // Being answered: only the drain deadline applies.
+                std::future::pending::<()>().await;
+            }
+            Ok(ConnectionStatus::Close)
+        };
+        match server.accept_one().or(head_timeout).await {
             Ok(ConnectionStatus::KeepAlive) => {}
+            // Only raised while parsing the head, before any response.
+            Err(e) if e.to_string().starts_with("Unsupported HTTP version") => {
+                let _ = stream
+                    .clone()
+                    .write_all(http_1_0_refused().as_bytes())
+                    .await;
+                break;
+            }
             // Closed by the client, by `Connection: close`, a malformed
-            // request, or a client that went away mid-request.
+            // request, a head that took too long, or a client that went
+            // away mid-request.
             Ok(ConnectionStatus::Close) | Err(_) => break,
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    drop(guard);
+    drop(conn); // gives the in-flight slot back
 }
 
 impl App {
-    async fn idle(&self, stream: &Stream) -> Idle {
-        stream
-            .next_request(Some(&self.shutdown), KEEP_ALIVE_IDLE)
-            .await
-    }
-
     async fn respond(&self, mut req: Request, stream: &Stream) -> Response {
+        let client_closes = asks_to_close(&req);
         let path = req.url().path().to_owned();
         let mut res = match (req.method(), path.as_str()) {
             (Method::Get, "/healthz") => text(StatusCode::Ok, "ok"),
@@ -275,9 +318,11 @@ impl App {
         };
         self.stats.count_request();
         res.insert_header("X-Worker", self.worker_id.as_str());
-        if self.shutdown.is_triggered() || self.in_flight.crowded() {
-            // The last response on this connection: the worker is draining,
-            // or holds more than its share and lets the client move.
+        if client_closes || self.shutdown.is_triggered() || self.in_flight.crowded() {
+            // The last response on this connection: the client said so (RFC
+            // 9112 §9.6: say it back, or a client may reuse a connection we
+            // close), the worker is draining, or it holds more than its
+            // share and lets the client move.
             res.insert_header("Connection", "close");
         }
         res
@@ -317,6 +362,28 @@ impl App {
             serde_json::json!({ "orderId": order_id, "status": "confirmed" }).to_string(),
         )
     }
+}
+
+/// Whether the request's `Connection` header lists `close`.
+fn asks_to_close(req: &Request) -> bool {
+    req.header("Connection").is_some_and(|values| {
+        values
+            .iter()
+            .flat_map(|v| v.as_str().split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("close"))
+    })
+}
+
+/// The answer to an HTTP/1.0 request, which async-h1 refuses to parse: a
+/// `505` that says the connection closes, rather than closing it without a
+/// word.
+fn http_1_0_refused() -> String {
+    let body = r#"{"error":"HTTP/1.1 is required here"}"#;
+    format!(
+        "HTTP/1.1 505 HTTP Version Not Supported\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// `GET /products/:id`: a deterministic catalogue of products 1..=10000.

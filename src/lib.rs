@@ -17,7 +17,10 @@
 //!   workers, reaps children, reads signals, worker messages and control
 //!   clients, feeds them to the state machine and carries out its actions.
 //! - [`worker`]: the library a Rust worker embeds: listeners by name, `ready()`,
-//!   the drain signal, `drained()`, and a load-balancing accept loop.
+//!   the drain signal, `drained()`, and a load-balancing accept loop; one
+//!   module per concept under `src/worker/` (the [`worker::Worker`] in
+//!   `mod.rs`, `connect`, `background`, `shutdown`, `stats`, `inflight`,
+//!   `listener`, `stream`, `acceptor`).
 
 pub mod config;
 pub mod fdpass;

@@ -1164,3 +1164,6 @@ fn kinds(pid: u32) -> Vec<(i32, String)> {
         .map(|(n, t)| (n, fd_kind(&t)))
         .collect()
 }
+
+/// The example shop against hostile and strict HTTP clients.
+mod shop_clients;

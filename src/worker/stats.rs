@@ -1,0 +1,91 @@
+//! [`Stats`]: the load figures a worker reports to clusterd (requests
+//! served, active connections), and the link between the tracked
+//! [`InFlight`] count and the scoreboard.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::inflight::InFlight;
+use super::lock;
+use crate::scoreboard::Board;
+
+/// A cloneable handle for the load figures reported to clusterd.
+///
+/// Record as often as you like (each call is an atomic operation); the
+/// background thread sends the latest values at most once a second.
+#[derive(Clone, Default)]
+pub struct Stats {
+    pub(super) cells: Arc<StatsCells>,
+}
+
+#[derive(Default)]
+pub(super) struct StatsCells {
+    requests: AtomicU64,
+    active: AtomicU32,
+    /// When set, `active` is read from here instead.
+    tracked: Mutex<Option<InFlight>>,
+    /// The scoreboard, when clusterd passed one.
+    pub(super) board: OnceLock<Board>,
+}
+
+impl Stats {
+    /// Counts one served request.
+    pub fn count_request(&self) {
+        self.add_requests(1);
+    }
+
+    /// Counts `n` served requests.
+    pub fn add_requests(&self, n: u64) {
+        self.cells.requests.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Sets the number of active connections (ignored while an [`InFlight`]
+    /// is tracked).
+    pub fn set_active(&self, active: u32) {
+        self.cells.active.store(active, Ordering::Relaxed);
+    }
+
+    /// Reports `in_flight.active()` as the active count from now on: to
+    /// clusterd (`status`, `/metrics`) and, under clusterd, to the sibling
+    /// workers, whose accept loops then leave new connections to whichever
+    /// worker holds fewest (see [balanced accepting](super#balanced-accepting)).
+    /// Track the counter your [`Acceptor`](super::Acceptor)s use.
+    pub fn track(&self, in_flight: &InFlight) {
+        *lock(&self.cells.tracked) = Some(in_flight.clone());
+        if let Some(board) = self.cells.board.get() {
+            let _ = in_flight.inner.board.set(*board);
+        }
+    }
+
+    /// Publishes the tracked count on the scoreboard, if both exist.
+    pub(super) fn join_board(&self) {
+        if let (Some(board), Some(in_flight)) =
+            (self.cells.board.get(), &*lock(&self.cells.tracked))
+        {
+            board.join(in_flight.active());
+        }
+    }
+
+    /// Requests counted so far.
+    pub fn requests(&self) -> u64 {
+        self.cells.requests.load(Ordering::Relaxed)
+    }
+
+    /// The active count that would be reported now.
+    pub fn active(&self) -> u32 {
+        match &*lock(&self.cells.tracked) {
+            Some(in_flight) => u32::try_from(in_flight.active()).unwrap_or(u32::MAX),
+            None => self.cells.active.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl fmt::Debug for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stats")
+            .field("requests", &self.requests())
+            .field("active", &self.active())
+            .finish()
+    }
+}
