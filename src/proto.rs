@@ -30,10 +30,6 @@ pub const IPC_VERSION: u16 = 2;
 /// 3: restart of one worker, bake and rollback outcomes, phase in status.
 pub const CONTROL_VERSION: u16 = 3;
 
-/// The old name of [`IPC_VERSION`]; removed once nothing uses it.
-#[doc(hidden)]
-pub const VERSION: u16 = IPC_VERSION;
-
 /// A message of one of the two protocols; its type names its version.
 pub trait Message: Serialize + DeserializeOwned {
     const VERSION: u16;

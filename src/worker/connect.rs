@@ -202,14 +202,15 @@ mod tests {
         let (ours, theirs) = pair();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut record = hello_record(&listener);
-        const { assert!(proto::VERSION < 251, "one-byte varint") };
+        const { assert!(proto::IPC_VERSION < 251, "one-byte varint") };
         record[0] = 99;
         fdpass::send_with_fds(&ours, &record, &[listener.as_fd()]).unwrap();
         let err = Worker::from_fd(theirs).unwrap_err();
         let text = err.to_string();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(
-            text.contains("version 99") && text.contains(&format!("version {}", proto::VERSION)),
+            text.contains("version 99")
+                && text.contains(&format!("version {}", proto::IPC_VERSION)),
             "{text}"
         );
     }
