@@ -150,8 +150,8 @@ pub fn baking(b: &Baking) -> String {
     )
 }
 
-/// `restart rolled back to generation 3 (2 workers restored): <reason>`
-/// (printed after `clusterctl: `).
+/// `restart rolled back: generation 5 failed; 2 workers went back to
+/// generation 4: <reason>` (printed after `clusterctl: `).
 pub fn rolled_back(outcome: &RestartOutcome) -> String {
     let RestartOutcome::RolledBack {
         reason,
@@ -164,15 +164,20 @@ pub fn rolled_back(outcome: &RestartOutcome) -> String {
     else {
         return String::new();
     };
+    let restored = match restored {
+        0 => String::new(),
+        n => format!(
+            "; {n} {} went back to generation {generation}",
+            plural(*n, "worker", "workers")
+        ),
+    };
     if *complete {
         format!(
-            "restart rolled back: generation {failed_generation} failed and the workers run generation {generation} again ({restored} {} replaced back): {reason}",
-            plural(*restored, "worker", "workers")
+            "restart rolled back: generation {failed_generation} failed{restored}; every worker runs generation {generation}: {reason}"
         )
     } else {
         format!(
-            "restart failed and could not be rolled back to generation {generation} completely ({restored} {} replaced back): {reason}",
-            plural(*restored, "worker", "workers")
+            "restart failed and its rollback did not finish: generation {failed_generation} failed{restored}, and some workers still run it: {reason}"
         )
     }
 }

@@ -618,7 +618,7 @@ fn a_rolled_back_restart_exits_1_naming_the_generations() {
     assert_eq!(
         run.stderr,
         format!(
-            "clusterctl: restart rolled back: generation 5 failed and the workers run generation 4 again (1 worker replaced back): {reason}\n"
+            "clusterctl: restart rolled back: generation 5 failed; 1 worker went back to generation 4; every worker runs generation 4: {reason}\n"
         )
     );
     let run = clusterctl(&["-s", daemon.path(), "restart", "--json"], &[]);
