@@ -317,6 +317,11 @@ impl App {
             _ => error(StatusCode::NotFound, "not found"),
         };
         self.stats.count_request();
+        if res.status().is_server_error() {
+            // A canary that fails far more than the old workers fails its
+            // rolling restart.
+            self.stats.count_failure();
+        }
         res.insert_header("X-Worker", self.worker_id.as_str());
         if client_closes || self.shutdown.is_triggered() || self.in_flight.crowded() {
             // The last response on this connection: the client said so (RFC

@@ -38,6 +38,8 @@
 //!   arrives, before answering it.
 //! - `--fail-when PATH`: exits with status 3 as soon as PATH exists (looked
 //!   at every 50 ms from its start): a generation that starts failing later.
+//! - `--fail-requests`: answers every request `500 Internal Server Error`
+//!   and counts it as failed in its stats.
 //!
 //! The responder answers every request on a keep-alive connection with
 //! `200 OK`, headers `X-Worker: ID`, `X-Pid: PID`, `X-Generation: GEN` and the
@@ -71,7 +73,7 @@ macro_rules! say {
     }};
 }
 
-const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH]";
+const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH] [--fail-requests]";
 
 /// Requests received so far, for `--crash-on-request`.
 static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -99,6 +101,7 @@ struct Opts {
     ready_delay: Option<Duration>,
     crash_on_request: Option<u64>,
     fail_when: Option<std::path::PathBuf>,
+    fail_requests: bool,
 }
 
 fn parse_opts(args: &[String]) -> Result<(Mode, Opts), String> {
@@ -110,6 +113,10 @@ fn parse_opts(args: &[String]) -> Result<(Mode, Opts), String> {
     let mut opts = Opts::default();
     let mut rest = args[split..].iter();
     while let Some(name) = rest.next() {
+        if name == "--fail-requests" {
+            opts.fail_requests = true;
+            continue;
+        }
         let value = rest.next().ok_or_else(|| format!("{name} needs a value"))?;
         let number = || {
             value
@@ -205,6 +212,7 @@ fn run(mode: Mode, opts: Opts) -> io::Result<()> {
         body: format!("worker {id}"),
         stats,
         crash_on_request: opts.crash_on_request,
+        fail_requests: opts.fail_requests,
         // `ignore-drain` serves as if the drain never came.
         shutdown: (mode != Mode::IgnoreDrain).then(|| shutdown.clone()),
     });
@@ -365,6 +373,8 @@ struct Info {
     stats: Stats,
     /// `--crash-on-request N`.
     crash_on_request: Option<u64>,
+    /// `--fail-requests`.
+    fail_requests: bool,
     /// `None` in `ignore-drain`.
     shutdown: Option<Shutdown>,
 }
@@ -407,8 +417,14 @@ async fn serve(conn: Accepted, info: Rc<Info>) {
             Timer::after(delay).await;
         }
         let close = head.close || info.shutdown.as_ref().is_some_and(Shutdown::is_triggered);
+        let status = if info.fail_requests {
+            info.stats.count_failure();
+            "500 Internal Server Error"
+        } else {
+            "200 OK"
+        };
         let response = format!(
-            "HTTP/1.1 200 OK\r\n{}Content-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
+            "HTTP/1.1 {status}\r\n{}Content-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
             info.headers,
             info.body.len(),
             if close { "Connection: close\r\n" } else { "" },

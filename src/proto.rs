@@ -106,6 +106,16 @@ pub enum FromWorker {
     Drained,
     /// Optional load report (at most about once a second).
     Stats { requests: u64, active: u32 },
+    /// [`FromWorker::Stats`] with the number of requests that failed
+    /// (answered with a server error), sent instead of it once the worker
+    /// has counted a failure: a baking replacement that fails far more than
+    /// the workers it replaces fails the restart. Appended, so a worker
+    /// that never counts a failure speaks to any clusterd of this version.
+    StatsWithFailures {
+        requests: u64,
+        active: u32,
+        failed: u64,
+    },
 }
 
 // ---------------------------------------------------------------------------
@@ -392,6 +402,11 @@ mod tests {
             FromWorker::Stats {
                 requests: 9,
                 active: 2,
+            },
+            FromWorker::StatsWithFailures {
+                requests: 9,
+                active: 2,
+                failed: 1,
             },
         ] {
             assert_eq!(

@@ -962,6 +962,13 @@ fn from_worker() -> impl Strategy<Value = FromWorker> {
         Just(FromWorker::Ready),
         Just(FromWorker::Drained),
         (int64(), int32()).prop_map(|(requests, active)| FromWorker::Stats { requests, active }),
+        (int64(), int32(), int64()).prop_map(|(requests, active, failed)| {
+            FromWorker::StatsWithFailures {
+                requests,
+                active,
+                failed,
+            }
+        }),
     ]
 }
 

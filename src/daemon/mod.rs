@@ -566,10 +566,13 @@ impl Daemon {
                 }
             }
             WorkerEvent::Message(FromWorker::Stats { requests, active }) => {
-                if let Some(p) = self.procs.get_mut(&id) {
-                    p.stats = Some((requests, active));
-                }
+                self.stats(id, requests, active, 0);
             }
+            WorkerEvent::Message(FromWorker::StatsWithFailures {
+                requests,
+                active,
+                failed,
+            }) => self.stats(id, requests, active, failed),
             WorkerEvent::Bad(why) => {
                 log!(warn, "worker.protocol", id = slot, pid = pid, error = why)
             }
@@ -580,6 +583,14 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    fn stats(&mut self, id: InstanceId, requests: u64, active: u32, failed: u64) {
+        if let Some(p) = self.procs.get_mut(&id) {
+            p.stats = Some((requests, active));
+        }
+        let outcomes = crate::lifecycle::Outcomes { requests, failed };
+        self.sup.outcomes_reported(id, outcomes);
     }
 
     /// Carries out the state machine's actions until it has no more.

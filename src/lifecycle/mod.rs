@@ -199,6 +199,26 @@ pub struct Instance {
     pub killed: Option<KillReason>,
     /// The worker reported DRAINED.
     pub drained: bool,
+    /// Requests served and failed, as the worker last reported them.
+    pub outcomes: Outcomes,
+}
+
+/// What a worker reports of the requests it answered (native workers that
+/// count failures: `Stats::count_failure` in `clusterd::worker`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    pub requests: u64,
+    pub failed: u64,
+}
+
+impl Outcomes {
+    /// What happened between `earlier` and `self` (counters only grow).
+    fn since(self, earlier: Outcomes) -> Outcomes {
+        Outcomes {
+            requests: self.requests.saturating_sub(earlier.requests),
+            failed: self.failed.saturating_sub(earlier.failed),
+        }
+    }
 }
 
 impl Instance {
@@ -592,6 +612,14 @@ impl Supervisor {
         true
     }
 
+    /// The worker reported how many requests it served and how many of them
+    /// failed (a baking replacement is judged on them).
+    pub fn outcomes_reported(&mut self, id: InstanceId, outcomes: Outcomes) {
+        if let Some(inst) = self.instances.get_mut(&id) {
+            inst.outcomes = outcomes;
+        }
+    }
+
     /// The worker reported DRAINED. Returns false when it had not been asked
     /// to drain (the report is ignored).
     pub fn drained_reported(&mut self, id: InstanceId) -> bool {
@@ -849,6 +877,7 @@ impl Supervisor {
                 auto_ready: self.timing.ready_after.map(|d| now + d),
                 killed: None,
                 drained: false,
+                outcomes: Outcomes::default(),
             },
         );
         self.actions.push(Action::Spawn {

@@ -22,11 +22,20 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::{InstanceId, KillReason, Notice, SlotId, State, Supervisor, human, pid_text};
+use super::{InstanceId, KillReason, Notice, Outcomes, SlotId, State, Supervisor, human, pid_text};
 
 /// Crashes of a just-restarted generation's workers, within
 /// `rollback_window`, that roll it back.
 pub const ROLLBACK_CRASHES: u32 = 2;
+
+/// A baking replacement fails when, over its bake, it answered at least
+/// this many requests...
+pub const BAKE_MIN_REQUESTS: u64 = 20;
+/// ...and at least this share of them failed...
+pub const BAKE_MAX_FAILED: f64 = 0.10;
+/// ...and this many times the share of the workers it replaces (over the
+/// same time).
+pub const BAKE_FAILED_FACTOR: f64 = 10.0;
 
 /// What the pool is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +159,9 @@ pub(super) struct Step {
     /// Set at READY when this step bakes: the instance it replaces keeps
     /// serving until then.
     pub bake_until: Option<Instant>,
+    /// At the start of the bake, what every live instance had reported:
+    /// the baseline its failures are judged against.
+    pub baseline: Vec<(InstanceId, Outcomes)>,
 }
 
 /// A finished restart's generation, on probation.
@@ -351,6 +363,7 @@ impl Supervisor {
                 spawned: now,
                 ready_at: None,
                 bake_until: None,
+                baseline: Vec::new(),
             });
             return;
         }
@@ -431,6 +444,12 @@ impl Supervisor {
         }
         let step = rollout.step.as_mut().expect("a replacement has a step");
         step.ready_at = Some(now);
+        step.baseline = self
+            .instances
+            .values()
+            .filter(|i| i.live())
+            .map(|i| (i.id, i.outcomes))
+            .collect();
         match role.filter(|_| bake > Duration::ZERO) {
             Some(role) => {
                 step.bake_until = Some(now + bake);
@@ -448,7 +467,8 @@ impl Supervisor {
         }
     }
 
-    /// Bakes that are over let the rollout go on.
+    /// Bakes that are over let the rollout go on, unless the baked
+    /// replacement failed too many of its requests.
     pub(super) fn tick_rollout(&mut self, now: Instant) {
         if self
             .rollout
@@ -456,11 +476,60 @@ impl Supervisor {
             .and_then(Rollout::bake_until)
             .is_some_and(|t| t <= now)
         {
-            self.take_slot(now);
+            match self.bake_failures() {
+                Some(reason) => self.rollout_failed(now, reason),
+                None => self.take_slot(now),
+            }
         }
         if self.watch.as_ref().is_some_and(|w| w.until <= now) {
             self.watch = None;
         }
+    }
+
+    /// Why the baked replacement failed its bake on errors, if it did: it
+    /// answered at least [`BAKE_MIN_REQUESTS`], at least
+    /// [`BAKE_MAX_FAILED`] of them failed, and that share is
+    /// [`BAKE_FAILED_FACTOR`] times the one of the workers of the previous
+    /// generation over the same time. Workers that report no failures are
+    /// never judged so.
+    fn bake_failures(&self) -> Option<String> {
+        let rollout = self.rollout.as_ref()?;
+        let step = rollout.step.as_ref()?;
+        let base = |id: InstanceId| {
+            step.baseline
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map_or(Outcomes::default(), |(_, o)| *o)
+        };
+        let canary = self.instances.get(&step.instance)?;
+        let new = canary.outcomes.since(base(canary.id));
+        let old = self
+            .instances
+            .values()
+            .filter(|i| i.id != canary.id && i.live())
+            .filter(|i| rollout.kind.worker().is_some() || i.generation != rollout.generation)
+            .map(|i| i.outcomes.since(base(i.id)))
+            .fold(Outcomes::default(), |a, o| Outcomes {
+                requests: a.requests + o.requests,
+                failed: a.failed + o.failed,
+            });
+        let share = |o: Outcomes| o.failed as f64 / o.requests.max(1) as f64;
+        let (new_share, old_share) = (share(new), share(old));
+        let failed = new.requests >= BAKE_MIN_REQUESTS
+            && new_share >= BAKE_MAX_FAILED
+            && new_share >= BAKE_FAILED_FACTOR * old_share;
+        failed.then(|| {
+            format!(
+                "the {} for worker {} ({}) failed {} of its {} requests during its bake ({:.0}%; the workers it replaces {:.1}%)",
+                rollout.step_role(),
+                step.slot,
+                pid_text(canary.pid),
+                new.failed,
+                new.requests,
+                new_share * 100.0,
+                old_share * 100.0
+            )
+        })
     }
 
     /// The replacement has proved itself: drain what it replaces, give the

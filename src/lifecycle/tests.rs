@@ -1167,3 +1167,48 @@ fn stopping_ends_a_rollback() {
     assert_eq!(s.sup.phase(), Phase::Stopping);
     assert!(s.sup.operation().unwrap().starts_with("stopping"));
 }
+
+#[test]
+fn a_canary_failing_far_more_requests_than_the_old_workers_fails_its_bake() {
+    let outcomes = |requests, failed| Outcomes { requests, failed };
+    // The old workers fail 1 in 1000; the canary 30 of its 40.
+    let mut s = baked(2);
+    let olds: Vec<InstanceId> = (1..=2).map(|slot| s.ready_in_slot(slot)).collect();
+    for &id in &olds {
+        s.sup.outcomes_reported(id, outcomes(5000, 5));
+    }
+    s.sup.restart(s.now, 2).unwrap();
+    let canary = ready_replacement(&mut s, 501);
+    s.sup.take_actions();
+    for &id in &olds {
+        s.sup.outcomes_reported(id, outcomes(6000, 6));
+    }
+    s.sup.outcomes_reported(canary, outcomes(40, 30));
+    s.advance(5 * S);
+    let actions = s.sup.take_actions();
+    let (from, to, reason, slots) = rollback_begun(&actions).expect("a rollback");
+    assert_eq!((from, to, slots), (2, 1, 0));
+    assert_eq!(
+        reason,
+        "the canary for worker 1 (pid 501) failed 30 of its 40 requests during its bake (75%; the workers it replaces 0.1%)"
+    );
+    assert_eq!(drains(&actions), vec![canary], "drained, not killed");
+    assert_eq!(s.sup.ready(), 2);
+
+    // As bad as the old workers, or too few requests to judge: it passes.
+    for (old, new) in [((6000, 600), (40, 5)), ((6000, 6), (19, 19))] {
+        let mut s = baked(2);
+        let olds: Vec<InstanceId> = (1..=2).map(|slot| s.ready_in_slot(slot)).collect();
+        s.sup.restart(s.now, 2).unwrap();
+        let canary = ready_replacement(&mut s, 501);
+        s.sup.take_actions();
+        for &id in &olds {
+            s.sup.outcomes_reported(id, outcomes(old.0, old.1));
+        }
+        s.sup.outcomes_reported(canary, outcomes(new.0, new.1));
+        s.advance(5 * S);
+        let actions = s.sup.take_actions();
+        assert!(rollback_begun(&actions).is_none(), "{old:?} {new:?}");
+        assert_eq!(spawns(&actions), vec![(2, 2)], "the restart goes on");
+    }
+}

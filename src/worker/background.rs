@@ -162,13 +162,21 @@ async fn report_stats(ipc: &Async<OwnedFd>, shared: &Shared) {
         if !shared.ready_sent.load(Ordering::Acquire) {
             continue;
         }
-        let now = (shared.stats.requests(), shared.stats.active());
+        let now = (
+            shared.stats.requests(),
+            shared.stats.active(),
+            shared.stats.failed(),
+        );
         if last == Some(now) {
             continue;
         }
-        let record = proto::encode(&FromWorker::Stats {
-            requests: now.0,
-            active: now.1,
+        let record = proto::encode(&match now {
+            (requests, active, 0) => FromWorker::Stats { requests, active },
+            (requests, active, failed) => FromWorker::StatsWithFailures {
+                requests,
+                active,
+                failed,
+            },
         });
         if fdpass::send_with_fds(ipc, &record, &[]).is_ok() {
             last = Some(now);

@@ -22,6 +22,7 @@ pub struct Stats {
 #[derive(Default)]
 pub(super) struct StatsCells {
     requests: AtomicU64,
+    failed: AtomicU64,
     active: AtomicU32,
     /// When set, `active` is read from here instead.
     tracked: Mutex<Option<InFlight>>,
@@ -38,6 +39,20 @@ impl Stats {
     /// Counts `n` served requests.
     pub fn add_requests(&self, n: u64) {
         self.cells.requests.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one request that failed: answered with a server error (a 5xx),
+    /// or not answered because of one. Count it with
+    /// [`count_request`](Self::count_request) too. A rolling restart's
+    /// canary that fails far more of its requests than the workers it
+    /// replaces fails the restart (see `bake` in clusterd.conf(5)).
+    pub fn count_failure(&self) {
+        self.cells.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed requests counted so far.
+    pub fn failed(&self) -> u64 {
+        self.cells.failed.load(Ordering::Relaxed)
     }
 
     /// Sets the number of active connections (ignored while an [`InFlight`]
@@ -86,6 +101,7 @@ impl fmt::Debug for Stats {
         f.debug_struct("Stats")
             .field("requests", &self.requests())
             .field("active", &self.active())
+            .field("failed", &self.failed())
             .finish()
     }
 }

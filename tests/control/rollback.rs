@@ -395,3 +395,41 @@ fn a_ready_queued_while_clusterd_was_stopped_counts() {
         cluster.log_text()
     );
 }
+
+#[test]
+fn a_canary_answering_errors_is_rolled_back_and_the_errors_stop() {
+    let cluster = Cluster::start(
+        "rb-errors",
+        &format!(
+            "exec = {}\nworkers = 2\nlisten = 127.0.0.1:0\nbake = 2s\n",
+            testworker("ok")
+        ),
+    );
+    cluster.wait_ready(1);
+    // New connections, so the canary gets its share while it bakes.
+    let load = load(cluster.addr(), 4, false, Method::Get);
+    set_exec(&cluster, &testworker("ok --fail-requests"));
+    let out = ctl(&cluster, &["restart"]).exit(1);
+    let message = out.error_message();
+    assert!(
+        message.starts_with("restart rolled back: generation 2 failed")
+            && message.contains("the canary for worker 1")
+            && message.contains("requests during its bake")
+            && message.contains("the workers it replaces 0.0%"),
+        "{out}"
+    );
+    wait_status(&cluster, "back on generation 1", |s| settled(s, 2, 1));
+    // The canary's errors were all there were; none come after.
+    let failed = load.snapshot().failed();
+    assert!(failed > 0, "the canary served errors: {}", load.snapshot());
+    let target = load.ok_so_far() + 500;
+    assert!(load.wait_for_ok(target, DEADLINE), "{}", load.snapshot());
+    let report = load.stop();
+    println!("{report}");
+    assert_eq!(
+        report.failed(),
+        report.non_2xx_total(),
+        "only HTTP errors, no broken connection"
+    );
+    assert_eq!(report.failed(), failed, "no error after the rollback");
+}
