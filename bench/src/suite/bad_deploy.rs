@@ -192,8 +192,16 @@ fn bad_restart(ctx: &Ctx, workers: u32, bake: Option<Duration>) -> Result<BadRun
     let out = daemon.ctl(&["--json", "restart"], Duration::from_secs(120))?;
     let result = if out.stdout.contains("\"type\":\"rolled_back\"") {
         "rolled back (exit 1)".to_string()
+    } else if out.stdout.contains("\"type\":\"done\"") {
+        // Without a bake the restart is done before the bad workers die;
+        // the automatic rollback (`rollback = auto`) then brings the
+        // previous generation back.
+        match daemon.wait_event("restart.rolled_back", Duration::from_secs(60), |_| true) {
+            Ok(_) => "done (exit 0), then rolled back by `rollback = auto`".to_string(),
+            Err(e) => format!("done (exit 0), and not rolled back: {e}"),
+        }
     } else {
-        format!("{} ({})", out.stdout.trim(), out.status)
+        format!("{}: {}", out.status, out.stderr.trim())
     };
     let status = daemon.wait_settled(workers as usize, Duration::from_secs(60));
     let back = status
