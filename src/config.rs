@@ -74,6 +74,24 @@ pub struct Config {
     pub ready_after: Option<Duration>,
     /// `metrics`: where to serve `/metrics` and `/healthz`.
     pub metrics: Option<SocketAddr>,
+    /// `empty_pool`: what new connections get once no worker has been ready
+    /// for `ready_timeout`.
+    pub empty_pool: EmptyPool,
+}
+
+/// `empty_pool`: what clusterd does with new connections once the pool has
+/// had no ready worker for `ready_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmptyPool {
+    /// Leave them queued in the kernel until a worker is ready (the default:
+    /// nothing is lost, and a short outage is invisible but for latency).
+    #[default]
+    Wait,
+    /// clusterd accepts them and answers `503 Service Unavailable` with
+    /// `Retry-After` (HTTP listeners only).
+    Http503,
+    /// clusterd accepts them and resets them at once (any protocol).
+    Reset,
 }
 
 /// A `listen` line.
@@ -199,6 +217,7 @@ pub const KEYS: &[&str] = &[
     "chdir",
     "ready_after",
     "metrics",
+    "empty_pool",
 ];
 
 /// Keys that may be given more than once.
@@ -324,6 +343,7 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             chdir: dir.to_path_buf(),
             ready_after: None,
             metrics: None,
+            empty_pool: EmptyPool::Wait,
         },
         errors: Vec::new(),
         first: HashMap::new(),
@@ -477,6 +497,19 @@ impl Parser<'_> {
             "env" => self.env(value, line)?,
             "chdir" => c.chdir = absolute(self.dir, value),
             "metrics" => c.metrics = Some(parse_socket_addr(value)?),
+            "empty_pool" => {
+                c.empty_pool = match value {
+                    "wait" => EmptyPool::Wait,
+                    "503" => EmptyPool::Http503,
+                    "reset" => EmptyPool::Reset,
+                    _ => {
+                        return Err(format!(
+                            "expected \"wait\", \"503\" or \"reset\", found {}",
+                            show(value)
+                        ));
+                    }
+                }
+            }
             // Not reached: every key in KEYS has an arm (see the tests).
             _ => return Err("not supported".into()),
         }
@@ -1043,6 +1076,7 @@ mod tests {
                 chdir: "/srv/shop".into(),
                 ready_after: None,
                 metrics: None,
+                empty_pool: EmptyPool::Wait,
             }
         );
         assert_eq!(c.control_path(), default_control_path("shop").0);
@@ -1070,6 +1104,7 @@ env = EMPTY=
 chdir = app
 ready_after = 2s
 metrics = localhost:9100
+empty_pool = 503
 ";
 
     #[test]
@@ -1107,6 +1142,7 @@ metrics = localhost:9100
         assert_eq!(c.chdir, PathBuf::from("/srv/shop/app"));
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.empty_pool, EmptyPool::Http503);
     }
 
     #[test]
@@ -1429,6 +1465,14 @@ metrics = localhost:9100
         assert_eq!(
             err("protocol = sytemd"),
             r#"protocol: expected "clusterd" or "systemd", found "sytemd""#
+        );
+
+        assert_eq!(with("empty_pool = wait").empty_pool, EmptyPool::Wait);
+        assert_eq!(with("empty_pool = 503").empty_pool, EmptyPool::Http503);
+        assert_eq!(with("empty_pool = reset").empty_pool, EmptyPool::Reset);
+        assert_eq!(
+            err("empty_pool = refuse"),
+            r#"empty_pool: expected "wait", "503" or "reset", found "refuse""#
         );
 
         assert_eq!(with("chdir = /var/www").chdir, PathBuf::from("/var/www"));

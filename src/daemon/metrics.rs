@@ -496,6 +496,21 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         "clusterd_metrics_connections_evicted_total {}",
         evicted()
     );
+    family(
+        &mut out,
+        "clusterd_empty_pool_connections_total",
+        "counter",
+        "Connections clusterd answered itself (empty_pool) while no worker was ready, by action.",
+    );
+    let (answered, reset) = super::fallback::counts();
+    let _ = writeln!(
+        out,
+        "clusterd_empty_pool_connections_total{{action=\"503\"}} {answered}"
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_empty_pool_connections_total{{action=\"reset\"}} {reset}"
+    );
     let processes: Vec<_> = status
         .workers
         .iter()
