@@ -45,9 +45,20 @@ impl Conn {
                 Conn::Tcp(s)
             }
             Target::Unix(path) => {
-                let s = UnixStream::connect(path)?;
-                s.set_nonblocking(true)?;
-                Conn::Unix(s)
+                // Non-blocking: a unix connect blocks while the backlog is full.
+                let connect = async { smol::Async::<UnixStream>::connect(path).await.map(Some) };
+                let timeout = async {
+                    smol::Timer::after(Duration::from_millis(500)).await;
+                    Ok(None)
+                };
+                match smol::block_on(smol::future::or(connect, timeout))? {
+                    Some(s) => {
+                        let s = s.into_inner()?;
+                        s.set_nonblocking(true)?;
+                        Conn::Unix(s)
+                    }
+                    None => return Err(io::ErrorKind::TimedOut.into()),
+                }
             }
         };
         Ok(conn)

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! It first builds what it measures (`cargo build --release --workspace --bins --examples`),
-//! then runs seven sections on this machine, over 127.0.0.1 only, printing as it goes, and
+//! then runs eight sections on this machine, over 127.0.0.1 only, printing as it goes, and
 //! writes BENCHMARKS.md at the repository root (or `--out PATH`): machine facts, the exact
 //! commands, a table per section, and every target beside its measured figure with ✓ or ✗.
 //!
@@ -25,6 +25,8 @@
 //!    (release and `+crt-static`).
 //! 6. `scale`: 64 workers started, restarted and stopped; clusterd's peak RSS.
 //! 7. `soak`: 1000 rolling restarts under load: failed requests, clusterd's fds and RSS.
+//! 8. `hostile`: `/healthz` and `clusterctl status` latency while 1,000 idle and slowloris
+//!    connections are held on the metrics port, the shop's port and the control socket.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -57,7 +59,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak
+                   soak, hostile
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -153,6 +155,7 @@ fn main() -> ExitCode {
             "balance" => suite::balance::run(&ctx),
             "footprint" => suite::footprint::run(&ctx),
             "scale" => suite::scale::run(&ctx),
+            "hostile" => suite::hostile::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

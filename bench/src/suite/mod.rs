@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod crash;
 pub mod footprint;
+pub mod hostile;
 pub mod log;
 pub mod machine;
 pub mod overhead;
@@ -27,7 +28,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 7] = [
+pub const SECTIONS: [(&str, &str); 8] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -35,6 +36,7 @@ pub const SECTIONS: [(&str, &str); 7] = [
     ("footprint", "5. Footprint"),
     ("scale", "6. Scale: 64 workers"),
     ("soak", "7. Soak: a thousand rolling restarts"),
+    ("hostile", "8. Hostile clients"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
