@@ -80,6 +80,24 @@ pub struct Config {
     /// `rollback = auto`: a generation that crash-loops right after its
     /// restart finished goes back to the one before.
     pub rollback: bool,
+    /// `empty_pool`: what new connections get once no worker has been ready
+    /// for `ready_timeout`.
+    pub empty_pool: EmptyPool,
+}
+
+/// `empty_pool`: what clusterd does with new connections once the pool has
+/// had no ready worker for `ready_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmptyPool {
+    /// Leave them queued in the kernel until a worker is ready (the default:
+    /// nothing is lost, and a short outage is invisible but for latency).
+    #[default]
+    Wait,
+    /// clusterd accepts them and answers `503 Service Unavailable` with
+    /// `Retry-After` (HTTP listeners only).
+    Http503,
+    /// clusterd accepts them and resets them at once (any protocol).
+    Reset,
 }
 
 /// A `listen` line.
@@ -263,6 +281,7 @@ pub const KEYS: &[&str] = &[
     "metrics",
     "bake",
     "rollback",
+    "empty_pool",
 ];
 
 /// Keys that may be given more than once.
@@ -390,6 +409,7 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             metrics: None,
             bake: DEFAULT_BAKE,
             rollback: true,
+            empty_pool: EmptyPool::Wait,
         },
         errors: Vec::new(),
         first: HashMap::new(),
@@ -551,6 +571,19 @@ impl Parser<'_> {
                     _ => {
                         return Err(format!(
                             "expected \"auto\" or \"off\", found {}",
+                            show(value)
+                        ));
+                    }
+                }
+            }
+            "empty_pool" => {
+                c.empty_pool = match value {
+                    "wait" => EmptyPool::Wait,
+                    "503" => EmptyPool::Http503,
+                    "reset" => EmptyPool::Reset,
+                    _ => {
+                        return Err(format!(
+                            "expected \"wait\", \"503\" or \"reset\", found {}",
                             show(value)
                         ));
                     }
@@ -1124,6 +1157,7 @@ mod tests {
                 metrics: None,
                 bake: Duration::from_secs(5),
                 rollback: true,
+                empty_pool: EmptyPool::Wait,
             }
         );
         assert_eq!(c.control_path(), default_control_path(&c.socket_name()).0);
@@ -1153,6 +1187,7 @@ ready_after = 2s
 metrics = localhost:9100
 bake = 1500ms
 rollback = off
+empty_pool = 503
 ";
 
     #[test]
@@ -1190,6 +1225,7 @@ rollback = off
         assert_eq!(c.chdir, PathBuf::from("/srv/shop/app"));
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.empty_pool, EmptyPool::Http503);
         assert_eq!(c.bake, Duration::from_millis(1500));
         assert!(!c.rollback);
     }
@@ -1524,6 +1560,14 @@ rollback = off
         assert_eq!(
             err("protocol = sytemd"),
             r#"protocol: expected "clusterd" or "systemd", found "sytemd""#
+        );
+
+        assert_eq!(with("empty_pool = wait").empty_pool, EmptyPool::Wait);
+        assert_eq!(with("empty_pool = 503").empty_pool, EmptyPool::Http503);
+        assert_eq!(with("empty_pool = reset").empty_pool, EmptyPool::Reset);
+        assert_eq!(
+            err("empty_pool = refuse"),
+            r#"empty_pool: expected "wait", "503" or "reset", found "refuse""#
         );
 
         assert_eq!(with("chdir = /var/www").chdir, PathBuf::from("/var/www"));

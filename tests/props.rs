@@ -760,6 +760,7 @@ fn build(p: Parts) -> Valid {
         metrics: metrics.map(|(_, a)| a),
         bake: config::DEFAULT_BAKE,
         rollback: true,
+        empty_pool: clusterd::config::EmptyPool::Wait,
     };
     Valid {
         path,

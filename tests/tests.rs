@@ -17,6 +17,9 @@ mod core;
 mod docs;
 /// Faults and leaks: bad programs, misbehaving workers, rlimits, HUP storms, 200 restarts.
 mod faults;
+/// Hostile clients: the metrics port under idle and slowloris connections;
+/// `empty_pool`.
+mod hostile;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;

@@ -34,6 +34,7 @@
 //!   `Content-Length`, chunked encoding or EOF; `Connection: close`), and the [`get`] helper.
 //! - `report`: [`Report`], its table ([`Display`](std::fmt::Display)) and JSON.
 //! - `histogram`: [`Histogram`], log buckets accurate to about 1%.
+//! - [`hostile`]: idle and slowloris connections held against a port (tests and `bench`).
 //!
 //! # Connections
 //!
@@ -70,6 +71,7 @@
 //! redirects, no `Expect: 100-continue`.
 
 mod histogram;
+pub mod hostile;
 mod http;
 mod load;
 mod report;

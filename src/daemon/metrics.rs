@@ -2,27 +2,57 @@
 //! `/healthz`.
 //!
 //! A deliberately small HTTP/1.1 responder (no HTTP library in the daemon):
-//! one request per connection, a request head of at most [`MAX_HEAD`] bytes
-//! read within [`READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections at
-//! once (more are closed at once), then `Connection: close`. The numbers come
+//! one request per connection, then `Connection: close`. The numbers come
 //! from the main loop, from the same snapshot `clusterctl status` shows, so
 //! the two never disagree.
+//!
+//! # Hostile clients
+//!
+//! The port is what an orchestrator probes (`/healthz` for readiness and
+//! liveness), so connections that send nothing, or trickle a byte at a
+//! time, must not lock the probes out. The bounds:
+//!
+//! - at most [`MAX_CONNECTIONS`] connections are open at once (fds and
+//!   memory stay bounded: at most [`MAX_HEAD`] bytes buffered for each);
+//! - a request head must be complete within [`READ_TIMEOUT`] of the accept,
+//!   and the answer written within [`WRITE_TIMEOUT`];
+//! - when every slot is taken, a new connection takes the slot of the
+//!   *oldest connection still waiting for its request head* (which is
+//!   closed). A probe sends its request as soon as it is connected, so it is
+//!   the newest and is answered; idle and slowloris connections are the old
+//!   ones and go first. Connections whose request is complete are answered,
+//!   never evicted; only when all of them are being answered is a new
+//!   connection closed at once;
+//! - the accept loop yields after every accept, so the requests of the
+//!   connections it accepted are read before it takes more.
 
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use smol::channel::Sender;
 use smol::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use smol::{Async, LocalExecutor, Timer};
+use smol::{Async, LocalExecutor, Task, Timer};
 
 use crate::proto::Status;
 
 pub const MAX_HEAD: usize = 8 * 1024;
+/// A request head must be complete this long after the accept.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
-pub const MAX_CONNECTIONS: usize = 32;
+/// The answer must be written within this.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_CONNECTIONS: usize = 64;
+/// A burst of evictions ends (and the next one is logged) after this long
+/// without one.
+const BURST_GAP: Duration = Duration::from_secs(10);
+
+/// Connections closed to make room for newer ones, since clusterd started.
+static EVICTED: AtomicU64 = AtomicU64::new(0);
 
 /// What a scrape asks the main loop for.
 #[derive(Debug)]
@@ -64,8 +94,10 @@ pub async fn serve(
     ex: Rc<LocalExecutor<'static>>,
     queries: Sender<Query>,
 ) {
-    let open = Rc::new(std::cell::Cell::new(0usize));
+    let mut conns = Connections::default();
     let mut failing = false;
+    // When the last burst of evictions was logged, and the last eviction.
+    let mut burst: Option<(Instant, u64)> = None;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => {
@@ -82,35 +114,151 @@ pub async fn serve(
                 continue;
             }
         };
-        if open.get() >= MAX_CONNECTIONS {
-            continue; // dropped: closed at once
+        match conns.admit() {
+            Admit::Room => {}
+            Admit::Evicted => {
+                let now = Instant::now();
+                let total = EVICTED.fetch_add(1, Ordering::Relaxed) + 1;
+                match &mut burst {
+                    Some((last, _)) if now.duration_since(*last) < BURST_GAP => *last = now,
+                    _ => {
+                        crate::log!(
+                            warn,
+                            "metrics.busy",
+                            connections = MAX_CONNECTIONS,
+                            evicted_total = total,
+                            reason = "all connections taken: the oldest without a complete request is closed for each new one"
+                        );
+                        burst = Some((now, total));
+                    }
+                }
+            }
+            Admit::Full => {
+                drop(stream); // closed at once: every slot is answering
+                smol::future::yield_now().await;
+                continue;
+            }
         }
-        open.set(open.get() + 1);
-        let (open, queries) = (open.clone(), queries.clone());
-        ex.spawn(async move {
-            let _ = smol::future::or(respond(stream, &queries), async {
-                Timer::after(READ_TIMEOUT).await;
-                Ok(())
-            })
-            .await;
-            open.set(open.get() - 1);
-        })
-        .detach();
+        let answering = Rc::new(Cell::new(false));
+        let task = ex.spawn(connection(stream, queries.clone(), answering.clone()));
+        conns.push(task, answering);
+        // Let the new connection read its request before more are accepted.
+        smol::future::yield_now().await;
     }
 }
 
-async fn respond(mut stream: Async<TcpStream>, queries: &Sender<Query>) -> io::Result<()> {
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Connections {
+    open: VecDeque<(Task<()>, Rc<Cell<bool>>)>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// A slot is free.
+    Room,
+    /// The oldest connection still reading its request was closed.
+    Evicted,
+    /// Every connection is being answered: the new one must be closed.
+    Full,
+}
+
+impl Connections {
+    /// Makes room for one more connection, if it can.
+    fn admit(&mut self) -> Admit {
+        self.open.retain(|(task, _)| !task.is_finished());
+        if self.open.len() < MAX_CONNECTIONS {
+            return Admit::Room;
+        }
+        match self.open.iter().position(|(_, answering)| !answering.get()) {
+            Some(oldest) => {
+                // Dropping the task cancels it, which closes the connection.
+                self.open.remove(oldest);
+                Admit::Evicted
+            }
+            None => Admit::Full,
+        }
+    }
+
+    fn push(&mut self, task: Task<()>, answering: Rc<Cell<bool>>) {
+        self.open.push_back((task, answering));
+    }
+}
+
+/// Connections closed to make room for newer ones since clusterd started.
+pub fn evicted() -> u64 {
+    EVICTED.load(Ordering::Relaxed)
+}
+
+/// `fut`, or `None` if it takes longer than `limit`.
+async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    smol::future::or(async { Some(fut.await) }, async {
+        Timer::after(limit).await;
+        None
+    })
+    .await
+}
+
+/// One connection: its request head within [`READ_TIMEOUT`] (marked as
+/// answering from then on), its answer within [`WRITE_TIMEOUT`].
+async fn connection(
+    mut stream: Async<TcpStream>,
+    queries: Sender<Query>,
+    answering: Rc<Cell<bool>>,
+) {
+    let head = match within(READ_TIMEOUT, read_head(&mut stream)).await {
+        Some(Ok(Some(head))) => head,
+        _ => return, // timed out, closed or failed
+    };
+    answering.set(true);
+    let _ = within(WRITE_TIMEOUT, respond(&mut stream, head, &queries)).await;
+}
+
+/// What was read of a request head.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    Complete(Vec<u8>),
+    TooLarge,
+}
+
+/// Reads until the end of the request head (a blank line), at most
+/// [`MAX_HEAD`] bytes; `None` if the peer closed first.
+async fn read_head(stream: &mut Async<TcpStream>) -> io::Result<Option<Head>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+    loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
+        let scanned = head.len().saturating_sub(3);
         head.extend_from_slice(&buf[..n]);
+        if head_complete(&head, scanned) {
+            return Ok(Some(Head::Complete(head)));
+        }
         if head.len() > MAX_HEAD {
+            return Ok(Some(Head::TooLarge));
+        }
+    }
+}
+
+/// Whether `head` ends its request head at or after byte `from` (what is
+/// before was searched already: a trickled head costs linear time).
+fn head_complete(head: &[u8], from: usize) -> bool {
+    let tail = &head[from.min(head.len())..];
+    tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n")
+}
+
+async fn respond(
+    stream: &mut Async<TcpStream>,
+    head: Head,
+    queries: &Sender<Query>,
+) -> io::Result<()> {
+    let head = match head {
+        Head::Complete(head) => head,
+        Head::TooLarge => {
             return write(
-                &mut stream,
+                stream,
                 431,
                 "text/plain",
                 "request header too large\n",
@@ -118,7 +266,7 @@ async fn respond(mut stream: Async<TcpStream>, queries: &Sender<Query>) -> io::R
             )
             .await;
         }
-    }
+    };
     let (status, content_type, body) = match route(&head) {
         Route::Metrics => {
             let (tx, rx) = smol::channel::bounded(1);
@@ -151,7 +299,7 @@ async fn respond(mut stream: Async<TcpStream>, queries: &Sender<Query>) -> io::R
         Route::BadRequest => (400, "text/plain", "bad request\n".into()),
     };
     let head_only = head.starts_with(b"HEAD ");
-    write(&mut stream, status, content_type, &body, head_only).await
+    write(stream, status, content_type, &body, head_only).await
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -360,6 +508,32 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         "clusterd_rolling_restart_seconds_count {}",
         counters.restarts_done
     );
+    family(
+        &mut out,
+        "clusterd_metrics_connections_evicted_total",
+        "counter",
+        "Connections to this endpoint closed before their request was complete, to make room for newer ones.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_metrics_connections_evicted_total {}",
+        evicted()
+    );
+    family(
+        &mut out,
+        "clusterd_empty_pool_connections_total",
+        "counter",
+        "Connections clusterd answered itself (empty_pool) while no worker was ready, by action.",
+    );
+    let (answered, reset) = super::fallback::counts();
+    let _ = writeln!(
+        out,
+        "clusterd_empty_pool_connections_total{{action=\"503\"}} {answered}"
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_empty_pool_connections_total{{action=\"reset\"}} {reset}"
+    );
     let processes: Vec<_> = status
         .workers
         .iter()
@@ -516,6 +690,53 @@ mod tests {
             health(&s, false),
             (false, "not ready: 0/3 workers ready".into())
         );
+    }
+
+    #[test]
+    fn a_head_is_complete_at_its_blank_line_wherever_the_reads_split_it() {
+        let req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        // Trickled one byte at a time: complete exactly at the last byte.
+        let mut head = Vec::new();
+        for (i, &b) in req.iter().enumerate() {
+            let scanned = head.len().saturating_sub(3);
+            head.push(b);
+            assert_eq!(head_complete(&head, scanned), i == req.len() - 1, "{i}");
+        }
+        assert!(head_complete(b"GET / HTTP/1.0\n\n", 0));
+        assert!(!head_complete(b"GET / HTTP/1.0\r\n", 0));
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_connection_still_reading() {
+        let ex = LocalExecutor::new();
+        let mut conns = Connections::default();
+        let mut flags = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            assert_eq!(conns.admit(), Admit::Room);
+            let flag = Rc::new(Cell::new(false));
+            conns.push(ex.spawn(std::future::pending()), flag.clone());
+            flags.push(flag);
+        }
+        // The two oldest are being answered: the third oldest goes.
+        flags[0].set(true);
+        flags[1].set(true);
+        assert_eq!(conns.admit(), Admit::Evicted);
+        assert_eq!(conns.open.len(), MAX_CONNECTIONS - 1);
+        assert!(conns.open.iter().take(2).all(|(_, a)| a.get()));
+        assert!(Rc::ptr_eq(&conns.open[2].1, &flags[3]));
+        // When every connection is answering, a new one is refused.
+        conns.push(ex.spawn(std::future::pending()), Rc::new(Cell::new(true)));
+        for (_, answering) in &conns.open {
+            answering.set(true);
+        }
+        assert_eq!(conns.admit(), Admit::Full);
+        // A finished connection frees its slot.
+        let done = ex.spawn(async {});
+        while !done.is_finished() {
+            ex.try_tick();
+        }
+        conns.open[5].0 = done;
+        assert_eq!(conns.admit(), Admit::Room);
     }
 
     #[test]

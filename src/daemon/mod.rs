@@ -16,6 +16,7 @@
 #[macro_use]
 pub mod log;
 pub mod control;
+pub mod fallback;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
@@ -242,6 +243,8 @@ struct Daemon {
     /// The connections each worker holds, for balanced accepting; `None`
     /// if it could not be created (workers then accept unbalanced).
     scoreboard: Option<Scoreboard>,
+    /// `empty_pool`: answers clients itself while no worker is ready.
+    fallback: fallback::Fallback,
 }
 
 /// What one generation runs: its config (with the keys that only a new
@@ -338,6 +341,7 @@ impl Daemon {
     ) -> Daemon {
         let sup = Supervisor::new(timing(&config), config.worker_count(), 1);
         let gens = BTreeMap::from([(1, Generation::new(config.clone()))]);
+        let fallback = fallback::Fallback::new(&ex, &config, &listeners);
         Daemon {
             config,
             listeners,
@@ -357,6 +361,7 @@ impl Daemon {
             manager: notify::Manager::from_env(),
             told_ready: false,
             scoreboard: Scoreboard::create(),
+            fallback,
         }
     }
 
@@ -403,6 +408,8 @@ impl Daemon {
             }
             self.sup.tick(Instant::now());
             self.execute();
+            let (ready, stopping) = (self.sup.ready(), self.sup.is_stopping());
+            self.fallback.update(&self.config, ready, stopping);
         }
         let code = self.exit_code.unwrap_or(1);
         log!(info, "exit", code = code);

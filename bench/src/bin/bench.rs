@@ -6,7 +6,7 @@
 //! ```
 //!
 //! It first builds what it measures (`cargo build --release --workspace --bins --examples`),
-//! then runs seven sections on this machine, over 127.0.0.1 only, printing as it goes, and
+//! then runs eight sections on this machine, over 127.0.0.1 only, printing as it goes, and
 //! writes BENCHMARKS.md at the repository root (or `--out PATH`): machine facts, the exact
 //! commands, a table per section, and every target beside its measured figure with ✓ or ✗.
 //!
@@ -27,6 +27,8 @@
 //! 7. `soak`: 1000 rolling restarts under load: failed requests, clusterd's fds and RSS.
 //! 8. `bad-deploy`: a restart onto a program that dies 300 ms after READY, under load, with
 //!    and without the bake; the bake's cost to a healthy restart.
+//! 9. `hostile`: `/healthz` and `clusterctl status` latency while 1,000 idle and slowloris
+//!    connections are held on the metrics port, the shop's port and the control socket.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -59,7 +61,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak, bad-deploy
+                   soak, bad-deploy, hostile
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -156,6 +158,7 @@ fn main() -> ExitCode {
             "footprint" => suite::footprint::run(&ctx),
             "scale" => suite::scale::run(&ctx),
             "bad-deploy" => suite::bad_deploy::run(&ctx),
+            "hostile" => suite::hostile::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

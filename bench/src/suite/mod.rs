@@ -9,6 +9,7 @@ pub mod bad_deploy;
 pub mod balance;
 pub mod crash;
 pub mod footprint;
+pub mod hostile;
 pub mod log;
 pub mod machine;
 pub mod overhead;
@@ -28,7 +29,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 8] = [
+pub const SECTIONS: [(&str, &str); 9] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -37,6 +38,7 @@ pub const SECTIONS: [(&str, &str); 8] = [
     ("scale", "6. Scale: 64 workers"),
     ("soak", "7. Soak: a thousand rolling restarts"),
     ("bad-deploy", "8. Bad deploy: bake and rollback"),
+    ("hostile", "9. Hostile clients"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
