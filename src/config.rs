@@ -113,12 +113,17 @@ pub struct ConfigError {
 }
 
 /// Every problem found in a config file; displays as `FILE:LINE: message` lines.
+///
+/// At most [`MAX_ERRORS`] are kept (those of the first lines): a file of
+/// garbage gives a readable report, not one line per line of garbage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadError {
     /// The config file (absolute).
     pub path: PathBuf,
-    /// The problems, ordered by line.
+    /// The problems, ordered by line (at most [`MAX_ERRORS`]).
     pub errors: Vec<ConfigError>,
+    /// How many more problems were found and left out of `errors`.
+    pub omitted: usize,
 }
 impl std::fmt::Display for LoadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,13 +131,28 @@ impl std::fmt::Display for LoadError {
             if i > 0 {
                 writeln!(f)?;
             }
-            if e.line == 0 {
-                write!(f, "{}: {}", self.path.display(), e.message)?;
-            } else {
-                write!(f, "{}:{}: {}", self.path.display(), e.line, e.message)?;
-            }
+            write!(f, "{}", e.display(&self.path))?;
+        }
+        if self.omitted > 0 {
+            let s = if self.omitted == 1 { "" } else { "s" };
+            write!(
+                f,
+                "\n{}: ... and {} more error{s}",
+                self.path.display(),
+                self.omitted
+            )?;
         }
         Ok(())
+    }
+}
+
+impl ConfigError {
+    /// `FILE:LINE: message`, or `FILE: message` for line 0.
+    pub fn display(&self, path: &Path) -> String {
+        match self.line {
+            0 => format!("{}: {}", path.display(), self.message),
+            n => format!("{}:{n}: {}", path.display(), self.message),
+        }
     }
 }
 
@@ -249,18 +269,15 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// the `exec` program (which must exist and be executable), `chdir` (which
 /// must be a directory) and `user`/`group` names.
 ///
-/// Every problem, of either stage, is in the error.
+/// Every problem, of either stage, is in the error (the first
+/// [`MAX_ERRORS`] of them, see [`LoadError`]). The file is read as
+/// [`read_file`] says: a regular file of at most [`MAX_FILE_BYTES`].
 pub fn load(path: &Path) -> Result<Config, LoadError> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let fail = |errors| LoadError {
+    let bytes = read_file(&path).map_err(|message| LoadError {
         path: path.clone(),
-        errors,
-    };
-    let bytes = std::fs::read(&path).map_err(|e| {
-        fail(vec![ConfigError {
-            line: 0,
-            message: format!("cannot read the config file: {e}"),
-        }])
+        errors: vec![ConfigError { line: 0, message }],
+        omitted: 0,
     })?;
     let mut parser = parse(&String::from_utf8_lossy(&bytes), &path);
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -269,7 +286,7 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         }
     }
     parser.resolve();
-    parser.finish().map_err(fail)
+    parser.finish_load()
 }
 
 /// Reads and parses a config file without resolving anything on the file
@@ -277,14 +294,98 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 /// when the `exec` program is missing after a bad deploy.
 pub fn read(path: &Path) -> Result<Config, LoadError> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let text = std::fs::read_to_string(&path).map_err(|e| LoadError {
+    let bytes = read_file(&path).map_err(|message| LoadError {
+        path: path.clone(),
+        errors: vec![ConfigError { line: 0, message }],
+        omitted: 0,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| LoadError {
         path: path.clone(),
         errors: vec![ConfigError {
             line: 0,
-            message: format!("cannot read the config file: {e}"),
+            message: "cannot read the config file: stream did not contain valid UTF-8".into(),
         }],
+        omitted: 0,
     })?;
-    parse_str(&text, &path).map_err(|errors| LoadError { path, errors })
+    parse(&text, &path).finish_load()
+}
+
+/// The largest config file read: a real one is a few hundred bytes.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// The most errors a [`LoadError`] lists (the rest are counted).
+pub const MAX_ERRORS: usize = 20;
+
+/// The bytes of the config file at `path` (absolute), or what is wrong, as
+/// `cannot read the config file: …`.
+///
+/// It runs in the supervisor's loop (on HUP), so it must not block or
+/// balloon on whatever sits at the path: only a regular file is opened (a
+/// FIFO would block until someone opened its other end; a device never
+/// ends), and one larger than [`MAX_FILE_BYTES`] is refused before it is
+/// read. Symbolic links are followed: deploy tools link the config into
+/// place. The open does not wait either (`O_NONBLOCK`), and the type is
+/// checked again on the open file, so a swap after the first look changes
+/// nothing.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let fail = |e: io::Error| format!("cannot read the config file: {e}");
+    let check = |meta: &std::fs::Metadata| -> Result<(), String> {
+        if !meta.is_file() {
+            return Err(format!(
+                "cannot read the config file: it is {}, not a regular file",
+                file_kind(&meta.file_type())
+            ));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(format!(
+                "cannot read the config file: it is {} bytes, more than the {} KiB a \
+                 config file may have (is this the right file?)",
+                meta.len(),
+                MAX_FILE_BYTES / 1024
+            ));
+        }
+        Ok(())
+    };
+    check(&std::fs::metadata(path).map_err(fail)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    check(&meta)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        // It grew while being read.
+        return Err(format!(
+            "cannot read the config file: it is more than the {} KiB a config file may have",
+            MAX_FILE_BYTES / 1024
+        ));
+    }
+    Ok(bytes)
+}
+
+/// What a file that is not a regular one is, for a message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// Parses config text. `path` is the file's absolute path, used to resolve
@@ -293,7 +394,8 @@ pub fn read(path: &Path) -> Result<Config, LoadError> {
 /// This is pure: it checks everything it can without the file system. What
 /// needs it is left to [`load`]: a bare `exec` program is kept as written (not
 /// looked up in `PATH`), `user`/`group` names are not resolved (they are
-/// `None` here), and a numeric `user` gets gid = uid.
+/// `None` here), and a numeric `user` gets gid = uid. The errors are those of
+/// the earliest lines, at most [`MAX_ERRORS`].
 pub fn parse_str(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     parse(text, path).finish()
 }
@@ -326,6 +428,7 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             metrics: None,
         },
         errors: Vec::new(),
+        omitted: 0,
         first: HashMap::new(),
         listen_lines: Vec::new(),
         env_lines: Vec::new(),
@@ -344,7 +447,11 @@ struct Parser<'a> {
     /// The config file's folder.
     dir: &'a Path,
     config: Config,
+    /// The problems of the earliest lines, at most `2 * MAX_ERRORS` (see
+    /// [`Parser::error`]).
     errors: Vec<ConfigError>,
+    /// Problems found but not kept in `errors`.
+    omitted: usize,
     /// The first line of each key given.
     first: HashMap<&'static str, usize>,
     /// The line of each listener, parallel to `config.listen`.
@@ -371,16 +478,47 @@ enum Id {
 }
 
 impl Parser<'_> {
+    /// Records a problem. Only the [`MAX_ERRORS`] of the earliest lines are
+    /// reported, so memory stays bounded however bad the file: when twice
+    /// as many are held, the later half is dropped and counted.
     fn error(&mut self, line: usize, message: String) {
         self.errors.push(ConfigError { line, message });
+        if self.errors.len() >= 2 * MAX_ERRORS {
+            self.keep_first_errors();
+        }
     }
 
-    fn finish(mut self) -> Result<Config, Vec<ConfigError>> {
+    /// Sorts the errors by line and keeps the first [`MAX_ERRORS`].
+    fn keep_first_errors(&mut self) {
+        self.errors.sort_by_key(|e| e.line);
+        if self.errors.len() > MAX_ERRORS {
+            self.omitted += self.errors.len() - MAX_ERRORS;
+            self.errors.truncate(MAX_ERRORS);
+        }
+    }
+
+    fn finish(self) -> Result<Config, Vec<ConfigError>> {
+        self.finish_counted().map_err(|(errors, _)| errors)
+    }
+
+    /// The config, or its first errors and how many more there were.
+    fn finish_counted(mut self) -> Result<Config, (Vec<ConfigError>, usize)> {
         if self.errors.is_empty() {
             return Ok(self.config);
         }
-        self.errors.sort_by_key(|e| e.line);
-        Err(self.errors)
+        self.keep_first_errors();
+        Err((self.errors, self.omitted))
+    }
+
+    /// [`Parser::finish`] for a file.
+    fn finish_load(self) -> Result<Config, LoadError> {
+        let path = self.config.path.clone();
+        self.finish_counted()
+            .map_err(|(errors, omitted)| LoadError {
+                path,
+                errors,
+                omitted,
+            })
     }
 
     /// Parses one trimmed line.
@@ -1767,6 +1905,7 @@ oops
                     message: "workers: missing value".into(),
                 },
             ],
+            omitted: 0,
         };
         assert_eq!(
             e.to_string(),
@@ -2066,5 +2205,123 @@ oops
             )
         );
         assert_eq!(load(&dir.0).unwrap_err().errors[0].line, 0);
+    }
+
+    #[test]
+    fn load_refuses_what_is_not_a_regular_file_without_blocking() {
+        let dir = TempDir::new();
+        let fifo = dir.0.join("fifo.conf");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        // On another thread: before the fix, opening the FIFO blocked until
+        // a writer came (here: the test, after its deadline).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((load(&path), read(&path)));
+        });
+        let (loaded, read) = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(results) => results,
+            Err(_) => {
+                // Unblock the reader, then fail.
+                let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+                panic!("load blocked on a FIFO");
+            }
+        };
+        for e in [loaded.unwrap_err(), read.unwrap_err()] {
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{}: cannot read the config file: it is a FIFO (named pipe), not a regular file",
+                    fifo.display()
+                )
+            );
+        }
+        let e = load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            e.errors[0].message,
+            "cannot read the config file: it is a character device, not a regular file"
+        );
+        assert_eq!(
+            load(&dir.0).unwrap_err().errors[0].message,
+            "cannot read the config file: it is a directory, not a regular file"
+        );
+        // A symbolic link to a regular file is followed (deploy tools).
+        dir.file("tool", "", 0o755);
+        let real = dir.file("real.conf", "exec = ./tool\nlisten = :0\n", 0o644);
+        let link = dir.0.join("link.conf");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(load(&link).is_ok());
+        // A link to a FIFO is refused like the FIFO.
+        let to_fifo = dir.0.join("to-fifo.conf");
+        std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
+        assert!(
+            load(&to_fifo).unwrap_err().errors[0]
+                .message
+                .contains("a FIFO")
+        );
+    }
+
+    #[test]
+    fn load_refuses_a_file_larger_than_1_mib() {
+        let dir = TempDir::new();
+        let mut text = String::from("exec = ./tool\nlisten = :0\n");
+        text.push_str(&"# padding\n".repeat(110_000));
+        let path = dir.file("big.conf", &text, 0o644);
+        for e in [load(&path).unwrap_err(), read(&path).unwrap_err()] {
+            assert_eq!(e.errors.len(), 1);
+            assert_eq!(
+                e.errors[0].message,
+                format!(
+                    "cannot read the config file: it is {} bytes, more than the 1024 KiB a \
+                     config file may have (is this the right file?)",
+                    text.len()
+                )
+            );
+        }
+        // Exactly 1 MiB is read.
+        let mut text = String::from("exec = /bin/sh\nlisten = :0\n");
+        text.push_str(&"#".repeat(MAX_FILE_BYTES as usize - text.len() - 1));
+        text.push('\n');
+        let path = dir.file("edge.conf", &text, 0o644);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), MAX_FILE_BYTES);
+        assert!(read(&path).is_ok());
+    }
+
+    #[test]
+    fn errors_are_capped_and_counted() {
+        let dir = TempDir::new();
+        dir.file("tool", "", 0o755);
+        let text = format!("exec = ./tool\nlisten = :0\n{}", "oops\n".repeat(200_000));
+        let path = dir.file("bad.conf", &text, 0o644);
+        for e in [load(&path).unwrap_err(), read(&path).unwrap_err()] {
+            assert_eq!(e.errors.len(), MAX_ERRORS);
+            assert_eq!(e.omitted, 200_000 - MAX_ERRORS);
+            let lines: Vec<usize> = e.errors.iter().map(|e| e.line).collect();
+            assert_eq!(lines, (3..3 + MAX_ERRORS).collect::<Vec<_>>());
+            let shown = e.to_string();
+            assert_eq!(shown.lines().count(), MAX_ERRORS + 1);
+            assert_eq!(
+                shown.lines().last().unwrap(),
+                format!("{}: ... and 199980 more errors", path.display())
+            );
+        }
+        // The earliest lines win, whichever stage found them: a
+        // file-system error on line 1 comes before the parse errors.
+        let text = format!("exec = ./nope\nlisten = :0\n{}", "oops\n".repeat(100));
+        let e = dir.load(&text).unwrap_err();
+        assert_eq!(e.errors[0].line, 1);
+        assert_eq!(e.errors.len(), MAX_ERRORS);
+        assert_eq!(e.omitted, 101 - MAX_ERRORS);
+        // parse_str keeps the first ones too.
+        let errors = parse_str(&"x\n".repeat(1000), Path::new(PATH)).unwrap_err();
+        assert_eq!(errors.len(), MAX_ERRORS);
+        assert_eq!(errors[0].line, 0, "missing required keys first");
     }
 }

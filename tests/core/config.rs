@@ -264,3 +264,58 @@ fn check_help_version_and_usage_errors() {
         "no -c says what is missing"
     );
 }
+
+/// What sits at the config path when clusterd re-reads it (HUP or
+/// `clusterctl restart`) cannot block it or swamp the answer: a FIFO (which
+/// blocked the loop until someone opened it), a file of garbage (200,000
+/// errors once made a 10 MB reply that clusterctl refused as too large).
+#[test]
+fn a_reload_of_a_fifo_or_of_garbage_is_refused_at_once() {
+    let cluster = Cluster::shop("reload-fifo", 1, "");
+    cluster.wait_ready(1);
+
+    std::fs::write(&cluster.config, "oops\n".repeat(200_000)).unwrap();
+    let out = cluster.ctl(&["restart"]);
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    let path = cluster.config.display().to_string();
+    assert!(
+        shown.contains(&format!("{path}: missing required key \"exec\"")),
+        "{shown}"
+    );
+    assert!(shown.contains(&format!("{path}:18: expected")), "{shown}");
+    assert!(!shown.contains(&format!("{path}:19: ")), "{shown}");
+    assert!(
+        shown.contains(&format!("{path}: ... and 199982 more errors")),
+        "{shown}"
+    );
+
+    std::fs::remove_file(&cluster.config).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &cluster.config,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    cluster.signal(rustix::process::Signal::HUP);
+    let refused = cluster.wait_event("restart.refused", |l| {
+        l.get("reason").is_some_and(|r| r.contains("FIFO"))
+    });
+    assert!(
+        refused
+            .get("reason")
+            .unwrap()
+            .contains("cannot read the config file: it is a FIFO (named pipe), not a regular file"),
+        "{}",
+        refused.raw
+    );
+    let status = cluster.status_json();
+    assert_eq!(status["ready"], 1, "{status}");
+    assert_eq!(status["generation"], 1, "{status}");
+}
