@@ -74,6 +74,10 @@ pub struct Config {
     pub ready_after: Option<Duration>,
     /// `metrics`: where to serve `/metrics` and `/healthz`.
     pub metrics: Option<SocketAddr>,
+    /// `log_capture`: workers' stdout and stderr go through clusterd, each
+    /// line tagged (`on`, the default), or straight to clusterd's own
+    /// (`off`).
+    pub log_capture: bool,
 }
 
 /// A `listen` line.
@@ -219,6 +223,7 @@ pub const KEYS: &[&str] = &[
     "chdir",
     "ready_after",
     "metrics",
+    "log_capture",
 ];
 
 /// Keys that may be given more than once.
@@ -426,6 +431,7 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             chdir: dir.to_path_buf(),
             ready_after: None,
             metrics: None,
+            log_capture: true,
         },
         errors: Vec::new(),
         omitted: 0,
@@ -615,6 +621,13 @@ impl Parser<'_> {
             "env" => self.env(value, line)?,
             "chdir" => c.chdir = absolute(self.dir, value),
             "metrics" => c.metrics = Some(parse_socket_addr(value)?),
+            "log_capture" => {
+                c.log_capture = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("expected \"on\" or \"off\", found {}", show(value))),
+                }
+            }
             // Not reached: every key in KEYS has an arm (see the tests).
             _ => return Err("not supported".into()),
         }
@@ -1181,6 +1194,7 @@ mod tests {
                 chdir: "/srv/shop".into(),
                 ready_after: None,
                 metrics: None,
+                log_capture: true,
             }
         );
         assert_eq!(c.control_path(), default_control_path("shop").0);
@@ -1208,6 +1222,7 @@ env = EMPTY=
 chdir = app
 ready_after = 2s
 metrics = localhost:9100
+log_capture = off
 ";
 
     #[test]
@@ -1245,6 +1260,12 @@ metrics = localhost:9100
         assert_eq!(c.chdir, PathBuf::from("/srv/shop/app"));
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(!c.log_capture);
+        assert!(with("log_capture = on").log_capture);
+        assert_eq!(
+            err("log_capture = yes"),
+            r#"log_capture: expected "on" or "off", found "yes""#
+        );
     }
 
     #[test]

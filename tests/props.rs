@@ -760,6 +760,7 @@ fn build(p: Parts) -> Valid {
         chdir: p.chdir.map_or_else(|| dir.clone(), |c| c.resolve(&dir)),
         ready_after,
         metrics: metrics.map(|(_, a)| a),
+        log_capture: true,
     };
     Valid {
         path,

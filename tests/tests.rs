@@ -17,6 +17,8 @@ mod core;
 mod docs;
 /// Faults and leaks: bad programs, misbehaving workers, rlimits, HUP storms, 200 restarts.
 mod faults;
+/// Worker log capture: tags, whole lines, last words, a dead log reader.
+mod logs;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;

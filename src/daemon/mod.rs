@@ -17,6 +17,7 @@
 pub mod log;
 pub mod control;
 pub mod listen;
+pub mod logcap;
 pub mod metrics;
 pub mod notify;
 pub mod spawn;
@@ -79,6 +80,8 @@ struct Proc {
     note: Option<String>,
     /// The worker's cell in the scoreboard, vacated when it is reaped.
     cell: Option<u32>,
+    /// Its captured stdout and stderr (`log_capture = on`).
+    output: Option<logcap::Capture>,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -412,6 +415,10 @@ impl Daemon {
                     match self.pids.remove(&pid) {
                         Some(id) => {
                             self.read_last_records(id);
+                            // Its last words before the line of its exit.
+                            if let Some(out) = self.procs.get(&id).and_then(|p| p.output.as_ref()) {
+                                out.drain();
+                            }
                             if let Some(cell) = self.procs.remove(&id).and_then(|p| p.cell) {
                                 if let Some(board) = self.scoreboard.as_mut() {
                                     board.give_back(cell);
@@ -613,9 +620,41 @@ impl Daemon {
             Protocol::Clusterd => self.scoreboard.as_mut().and_then(Scoreboard::take),
             Protocol::Systemd => None,
         };
-        match spawn::spawn(spec, slot, generation, &inherit, Some(&self.notify_name)) {
-            Ok(spawned) => {
+        let spawned = logcap::pipes(self.config.log_capture)
+            .map_err(|e| {
+                let program = spec.program.display();
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot start {program}: cannot create the output pipes: {e}"),
+                )
+            })
+            .and_then(|pipes| {
+                let (ours, theirs) = pipes.unzip();
+                let notify = Some(self.notify_name.as_str());
+                spawn::spawn(spec, slot, generation, &inherit, notify, theirs).map(|s| (s, ours))
+            });
+        match spawned {
+            Ok((spawned, output)) => {
                 let pid = spawned.pid;
+                let tag = logcap::Tag {
+                    id: slot,
+                    pid,
+                    generation,
+                };
+                let output =
+                    output.and_then(|pipes| match logcap::Capture::start(&self.ex, pipes, tag) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            log!(
+                                error,
+                                "worker.output_failed",
+                                id = slot,
+                                pid = pid,
+                                error = e
+                            );
+                            None
+                        }
+                    });
                 self.sup.spawned(instance, pid);
                 self.pids.insert(pid, instance);
                 log!(
@@ -674,6 +713,7 @@ impl Daemon {
                     stats: None,
                     note: None,
                     cell,
+                    output,
                 };
                 self.procs.insert(instance, proc);
             }
