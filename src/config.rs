@@ -158,6 +158,15 @@ impl ConfigError {
             n => format!("{}:{n}: {}", path.display(), self.message),
         }
     }
+
+    /// `FILE:LINE: warning: message`.
+    pub fn warning(&self, path: &Path) -> String {
+        ConfigError {
+            line: self.line,
+            message: format!("warning: {}", self.message),
+        }
+        .display(path)
+    }
 }
 
 impl std::error::Error for LoadError {}
@@ -278,6 +287,36 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// [`MAX_ERRORS`] of them, see [`LoadError`]). The file is read as
 /// [`read_file`] says: a regular file of at most [`MAX_FILE_BYTES`].
 pub fn load(path: &Path) -> Result<Config, LoadError> {
+    load_for(path, Purpose::Run).map(|loaded| loaded.config)
+}
+
+/// Why a config is loaded: what depends on the process that loads it is an
+/// error when it is clusterd about to run the workers, and a warning for
+/// `clusterd --check`, which may well run as another user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `clusterd --check`.
+    Check,
+    /// clusterd starting or reloading.
+    Run,
+}
+
+/// A config and the warnings about it: mistakes that are not errors (the
+/// worker may still work), each naming the fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub config: Config,
+    /// In line order; `FILE:LINE: warning: message` with
+    /// [`ConfigError::warning`].
+    pub warnings: Vec<ConfigError>,
+}
+
+/// [`load`], with the warnings, for `purpose`.
+///
+/// # Errors
+/// As [`load`]; with [`Purpose::Run`], also a `user` or `group` that this
+/// process cannot switch to.
+pub fn load_for(path: &Path, purpose: Purpose) -> Result<Loaded, LoadError> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let bytes = read_file(&path).map_err(|message| LoadError {
         path: path.clone(),
@@ -291,7 +330,12 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         }
     }
     parser.resolve();
-    parser.finish_load()
+    parser.check_switch_ids(purpose, &ProcessIds::current());
+    parser.warn_about_wrappers();
+    let mut warnings = std::mem::take(&mut parser.warnings);
+    warnings.sort_by_key(|w| w.line);
+    let config = parser.finish_load()?;
+    Ok(Loaded { config, warnings })
 }
 
 /// Reads and parses a config file without resolving anything on the file
@@ -435,6 +479,7 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
         },
         errors: Vec::new(),
         omitted: 0,
+        warnings: Vec::new(),
         first: HashMap::new(),
         listen_lines: Vec::new(),
         env_lines: Vec::new(),
@@ -458,6 +503,8 @@ struct Parser<'a> {
     errors: Vec<ConfigError>,
     /// Problems found but not kept in `errors`.
     omitted: usize,
+    /// Mistakes that are not errors (see [`Loaded`]).
+    warnings: Vec<ConfigError>,
     /// The first line of each key given.
     first: HashMap<&'static str, usize>,
     /// The line of each listener, parallel to `config.listen`.
@@ -780,6 +827,67 @@ impl Parser<'_> {
         }
     }
 
+    /// `user` and `group` that clusterd, run by this process, could not
+    /// switch its workers to (not root, without CAP_SETUID/CAP_SETGID):
+    /// every spawn would fail. An error when clusterd is about to run
+    /// them; a warning for `--check`, which may run as another user.
+    fn check_switch_ids(&mut self, purpose: Purpose, me: &ProcessIds) {
+        let uid = self.config.user.map(|(uid, _)| uid);
+        let gid = self.config.group.or(self.config.user.map(|(_, gid)| gid));
+        let problems = [
+            (
+                "user",
+                uid.and_then(|uid| switch_problem(me, IdKind::User, uid)),
+            ),
+            (
+                "group",
+                gid.and_then(|gid| switch_problem(me, IdKind::Group, gid)),
+            ),
+        ];
+        // The group comes from the user line when there is no group line.
+        // (Lines are looked up before either problem is recorded.)
+        let found: Vec<(&str, usize, String)> = problems
+            .into_iter()
+            .filter_map(|(key, problem)| {
+                let key = if key == "group" && !self.first.contains_key("group") {
+                    "user"
+                } else {
+                    key
+                };
+                Some((key, self.valid_line(key)?, problem?))
+            })
+            .collect();
+        for (key, line, problem) in found {
+            match purpose {
+                Purpose::Run => self.error(line, format!("{key}: {problem}")),
+                Purpose::Check => {
+                    let message = format!(
+                        "{key}: {problem} (clusterd --check runs as uid {}; clusterd \
+                         itself refuses to start like this)",
+                        me.euid
+                    );
+                    self.warnings.push(ConfigError { line, message })
+                }
+            }
+        }
+    }
+
+    /// `exec` through a wrapper that runs the server as its child, with
+    /// `protocol = systemd`: the child does not get the listeners
+    /// (`LISTEN_PID` names the wrapper), so it fails to listen and the
+    /// worker crash-loops.
+    fn warn_about_wrappers(&mut self) {
+        if self.config.protocol != Protocol::Systemd {
+            return;
+        }
+        let Some(line) = self.valid_line("exec") else {
+            return;
+        };
+        if let Some(message) = wrapper_warning(&self.config.exec) {
+            self.warnings.push(ConfigError { line, message });
+        }
+    }
+
     /// The absolute path of `exec`'s program, `written` as in the file.
     fn resolve_program(&self, written: &str) -> Result<String, String> {
         let path = if written.contains('/') {
@@ -824,6 +932,93 @@ impl Parser<'_> {
             format!("program {} not found in PATH ({search}){hint}", show(name))
         })
     }
+}
+
+/// Who this process is, for [`switch_problem`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessIds {
+    euid: u32,
+    uid: u32,
+    egid: u32,
+    gid: u32,
+    can_setuid: bool,
+    can_setgid: bool,
+}
+
+impl ProcessIds {
+    fn current() -> ProcessIds {
+        use rustix::thread::CapabilitySet;
+        let caps = rustix::thread::capabilities(None)
+            .map(|c| c.effective)
+            .unwrap_or(CapabilitySet::empty());
+        let euid = rustix::process::geteuid().as_raw();
+        ProcessIds {
+            euid,
+            uid: rustix::process::getuid().as_raw(),
+            egid: rustix::process::getegid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            can_setuid: euid == 0 || caps.contains(CapabilitySet::SETUID),
+            can_setgid: euid == 0 || caps.contains(CapabilitySet::SETGID),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdKind {
+    User,
+    Group,
+}
+
+/// Why `me` cannot start a worker as `id`, if it cannot: setuid/setgid to
+/// another id needs root (or CAP_SETUID/CAP_SETGID).
+fn switch_problem(me: &ProcessIds, kind: IdKind, id: u32) -> Option<String> {
+    let (mine, real, able, what) = match kind {
+        IdKind::User => (me.euid, me.uid, me.can_setuid, "uid"),
+        IdKind::Group => (me.egid, me.gid, me.can_setgid, "gid"),
+    };
+    if able || id == mine || id == real {
+        return None;
+    }
+    Some(format!(
+        "clusterd runs as {what} {mine}, not as root, so it cannot start workers as \
+         {what} {id}: run clusterd as root (it then runs the workers as {what} {id}), or \
+         remove this line to run them as clusterd's own {what}"
+    ))
+}
+
+/// Programs that start the server as a child process of their own.
+const WRAPPERS: &[&str] = &["npm", "npx", "yarn", "pnpm", "bun", "corepack"];
+
+/// Shells, whose `-c` command runs its last program as a child unless it is
+/// `exec`'d.
+const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ash", "ksh"];
+
+/// The warning for `exec` (as split, program first) under `protocol =
+/// systemd`, if it runs the server through a wrapper.
+fn wrapper_warning(exec: &[String]) -> Option<String> {
+    let program = exec.first()?;
+    let name = Path::new(program).file_name()?.to_str()?;
+    if WRAPPERS.contains(&name) {
+        return Some(format!(
+            "exec: {name} runs the server as a child process, which does not get the \
+             listeners (LISTEN_PID names {name}, so Node.js fails with \"listen EINVAL\"), \
+             and its READY is not heard: run the server itself, as in \
+             \"exec = node server.js\""
+        ));
+    }
+    if SHELLS.contains(&name) {
+        let command = exec.iter().skip_while(|a| *a != "-c").nth(1)?;
+        let several = command.contains([';', '&', '|', '\n']);
+        let execs = command.split_whitespace().any(|w| w == "exec");
+        if several && !execs {
+            return Some(format!(
+                "exec: {name} -c runs the server as a child process, which does not get \
+                 the listeners (LISTEN_PID names the shell): start the server with \
+                 \"exec\" in the command, as in \"{name} -c 'cd app && exec node server.js'\""
+            ));
+        }
+    }
+    None
 }
 
 /// The part of `s` before its comment: a `#` at the start or after whitespace.
@@ -2344,5 +2539,136 @@ oops
         let errors = parse_str(&"x\n".repeat(1000), Path::new(PATH)).unwrap_err();
         assert_eq!(errors.len(), MAX_ERRORS);
         assert_eq!(errors[0].line, 0, "missing required keys first");
+    }
+
+    #[test]
+    fn switching_ids_needs_root_or_the_capability() {
+        let me = ProcessIds {
+            euid: 1000,
+            uid: 1000,
+            egid: 100,
+            gid: 100,
+            can_setuid: false,
+            can_setgid: false,
+        };
+        assert_eq!(switch_problem(&me, IdKind::User, 1000), None);
+        assert_eq!(switch_problem(&me, IdKind::Group, 100), None);
+        assert_eq!(
+            switch_problem(&me, IdKind::User, 33).unwrap(),
+            "clusterd runs as uid 1000, not as root, so it cannot start workers as uid 33: \
+             run clusterd as root (it then runs the workers as uid 33), or remove this line \
+             to run them as clusterd's own uid"
+        );
+        assert!(
+            switch_problem(&me, IdKind::Group, 33)
+                .unwrap()
+                .starts_with("clusterd runs as gid 100")
+        );
+        let root = ProcessIds {
+            euid: 0,
+            uid: 0,
+            egid: 0,
+            gid: 0,
+            can_setuid: true,
+            can_setgid: true,
+        };
+        assert_eq!(switch_problem(&root, IdKind::User, 33), None);
+        let capable = ProcessIds {
+            can_setuid: true,
+            can_setgid: true,
+            ..me
+        };
+        assert_eq!(switch_problem(&capable, IdKind::User, 33), None);
+
+        // An error to run with, a warning to --check with; on the line
+        // that asked for it (the user line gives the group too).
+        let run = |text: &str, purpose| {
+            let mut p = parse(text, Path::new(PATH));
+            p.check_switch_ids(purpose, &me);
+            let warnings = p.warnings.clone();
+            (p.finish().err().unwrap_or_default(), warnings)
+        };
+        let (errors, warnings) = run(&format!("{MIN}user = 33\n"), Purpose::Run);
+        assert_eq!(warnings, []);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().all(|e| e.line == 3), "{errors:?}");
+        assert!(
+            errors[0]
+                .message
+                .starts_with("user: clusterd runs as uid 1000")
+        );
+        assert!(
+            errors[1]
+                .message
+                .starts_with("user: clusterd runs as gid 100")
+        );
+        let (errors, warnings) = run(&format!("{MIN}user = 33\ngroup = 100\n"), Purpose::Check);
+        assert_eq!(errors, []);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].line, 3);
+        assert!(
+            warnings[0].message.ends_with(
+                "(clusterd --check runs as uid 1000; clusterd itself refuses to start like this)"
+            ),
+            "{warnings:?}"
+        );
+        let (errors, _) = run(&format!("{MIN}user = 1000\ngroup = 33\n"), Purpose::Run);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, 4);
+        assert!(errors[0].message.starts_with("group: "));
+    }
+
+    #[test]
+    fn wrappers_under_protocol_systemd_are_warned_about() {
+        let warn = |exec: &str| {
+            let words: Vec<String> = shlex::split(exec).unwrap();
+            wrapper_warning(&words)
+        };
+        let npm = warn("npm start").unwrap();
+        assert!(
+            npm.starts_with("exec: npm runs the server as a child process"),
+            "{npm}"
+        );
+        assert!(npm.contains("listen EINVAL") && npm.contains("exec = node server.js"));
+        for exec in [
+            "/usr/bin/npx serve",
+            "yarn start",
+            "pnpm run start",
+            "bun run x.ts",
+        ] {
+            assert!(warn(exec).is_some(), "{exec}");
+        }
+        let sh = warn("sh -c 'cd app && node server.js'").unwrap();
+        assert!(
+            sh.starts_with("exec: sh -c runs the server as a child process"),
+            "{sh}"
+        );
+        assert!(warn("/bin/bash -c 'source env; gunicorn app'").is_some());
+        // The server itself, a single command (the shell execs it), an
+        // explicit exec, and env (which execs): fine.
+        for exec in [
+            "node server.js",
+            "sh -c 'node server.js'",
+            "sh -c 'cd app && exec node server.js'",
+            "env NODE_ENV=production node server.js",
+            "./npm-helper",
+        ] {
+            assert_eq!(warn(exec), None, "{exec}");
+        }
+        // Only with protocol = systemd (a native worker inherits fd 3).
+        let mut p = parse("exec = npm start\nlisten = :0\n", Path::new(PATH));
+        p.warn_about_wrappers();
+        assert_eq!(p.warnings, []);
+        let mut p = parse(
+            "exec = npm start\nlisten = :0\nprotocol = systemd\n",
+            Path::new(PATH),
+        );
+        p.warn_about_wrappers();
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].line, 1);
+        assert_eq!(
+            p.warnings[0].warning(Path::new(PATH)),
+            format!("{PATH}:1: warning: {npm}")
+        );
     }
 }

@@ -16,6 +16,7 @@
 #[macro_use]
 pub mod log;
 pub mod control;
+pub mod hint;
 pub mod listen;
 pub mod logcap;
 pub mod metrics;
@@ -419,6 +420,7 @@ impl Daemon {
                             if let Some(out) = self.procs.get(&id).and_then(|p| p.output.as_ref()) {
                                 out.drain();
                             }
+                            self.hint_silent_exit(id, &exit);
                             if let Some(cell) = self.procs.remove(&id).and_then(|p| p.cell) {
                                 if let Some(board) = self.scoreboard.as_mut() {
                                     board.give_back(cell);
@@ -437,6 +439,19 @@ impl Daemon {
                     break;
                 }
             }
+        }
+    }
+
+    /// A native worker that exits while starting without having said a
+    /// word on fd 3 may not be a clusterd worker at all: say what to change.
+    fn hint_silent_exit(&self, id: InstanceId, exit: &Exit) {
+        let Some(p) = self.procs.get(&id) else { return };
+        let silent = p.protocol == Protocol::Clusterd && p.stats.is_none();
+        let starting = inst_state(&self.sup, id) == "starting";
+        // (A SIGKILL was clusterd's, at ready_timeout: hinted then.)
+        if silent && starting && *exit != Exit::Signal(libc::SIGKILL) && !self.sup.is_stopping() {
+            let slot = self.sup.instance(id).map_or(0, |i| i.slot);
+            hint::log_not_ready(slot, p.pid, hint::Silence::NothingSent, None);
         }
     }
 
@@ -590,6 +605,11 @@ impl Daemon {
                         pid = p.pid,
                         reason = reason.as_str()
                     );
+                    if reason == crate::lifecycle::KillReason::ReadyTimeout && p.stats.is_none() {
+                        let ipc = p.ipc.as_ref().map(|ipc| ipc.get_ref().as_fd());
+                        let silence = hint::Silence::of(p.protocol, ipc);
+                        hint::log_not_ready(slot, p.pid, silence, Some(self.config.ready_timeout));
+                    }
                     spawn::signal_group(p.pid, rustix::process::Signal::KILL);
                 }
             }
@@ -978,8 +998,11 @@ impl Daemon {
                 let _ = w.try_send(Response::Error(format!("restart refused: {why}")));
             }
         };
-        let config = match config::load(&self.config.path) {
-            Ok(c) => c,
+        let config = match config::load_for(&self.config.path, config::Purpose::Run) {
+            Ok(loaded) => {
+                hint::config_warnings(&self.config.path, &loaded.warnings);
+                loaded.config
+            }
             Err(e) => return refuse(watcher, format!("the config has errors:\n{e}")),
         };
         for (key, changed) in [
