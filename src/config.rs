@@ -74,6 +74,10 @@ pub struct Config {
     pub ready_after: Option<Duration>,
     /// `metrics`: where to serve `/metrics` and `/healthz`.
     pub metrics: Option<SocketAddr>,
+    /// `log_capture`: workers' stdout and stderr go through clusterd, each
+    /// line tagged (`on`, the default), or straight to clusterd's own
+    /// (`off`).
+    pub log_capture: bool,
     /// `bake`: a rolling restart's first replacement (the canary) and its
     /// last must stay up this long after READY; zero turns it off.
     pub bake: Duration,
@@ -137,12 +141,17 @@ pub struct ConfigError {
 }
 
 /// Every problem found in a config file; displays as `FILE:LINE: message` lines.
+///
+/// At most [`MAX_ERRORS`] are kept (those of the first lines): a file of
+/// garbage gives a readable report, not one line per line of garbage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadError {
     /// The config file (absolute).
     pub path: PathBuf,
-    /// The problems, ordered by line.
+    /// The problems, ordered by line (at most [`MAX_ERRORS`]).
     pub errors: Vec<ConfigError>,
+    /// How many more problems were found and left out of `errors`.
+    pub omitted: usize,
 }
 impl std::fmt::Display for LoadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,13 +159,37 @@ impl std::fmt::Display for LoadError {
             if i > 0 {
                 writeln!(f)?;
             }
-            if e.line == 0 {
-                write!(f, "{}: {}", self.path.display(), e.message)?;
-            } else {
-                write!(f, "{}:{}: {}", self.path.display(), e.line, e.message)?;
-            }
+            write!(f, "{}", e.display(&self.path))?;
+        }
+        if self.omitted > 0 {
+            let s = if self.omitted == 1 { "" } else { "s" };
+            write!(
+                f,
+                "\n{}: ... and {} more error{s}",
+                self.path.display(),
+                self.omitted
+            )?;
         }
         Ok(())
+    }
+}
+
+impl ConfigError {
+    /// `FILE:LINE: message`, or `FILE: message` for line 0.
+    pub fn display(&self, path: &Path) -> String {
+        match self.line {
+            0 => format!("{}: {}", path.display(), self.message),
+            n => format!("{}:{n}: {}", path.display(), self.message),
+        }
+    }
+
+    /// `FILE:LINE: warning: message`.
+    pub fn warning(&self, path: &Path) -> String {
+        ConfigError {
+            line: self.line,
+            message: format!("warning: {}", self.message),
+        }
+        .display(path)
     }
 }
 
@@ -282,6 +315,7 @@ pub const KEYS: &[&str] = &[
     "bake",
     "rollback",
     "empty_pool",
+    "log_capture",
 ];
 
 /// Keys that may be given more than once.
@@ -332,18 +366,45 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// the `exec` program (which must exist and be executable), `chdir` (which
 /// must be a directory) and `user`/`group` names.
 ///
-/// Every problem, of either stage, is in the error.
+/// Every problem, of either stage, is in the error (the first
+/// [`MAX_ERRORS`] of them, see [`LoadError`]). The file is read as
+/// [`read_file`] says: a regular file of at most [`MAX_FILE_BYTES`].
 pub fn load(path: &Path) -> Result<Config, LoadError> {
+    load_for(path, Purpose::Run).map(|loaded| loaded.config)
+}
+
+/// Why a config is loaded: what depends on the process that loads it is an
+/// error when it is clusterd about to run the workers, and a warning for
+/// `clusterd --check`, which may well run as another user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `clusterd --check`.
+    Check,
+    /// clusterd starting or reloading.
+    Run,
+}
+
+/// A config and the warnings about it: mistakes that are not errors (the
+/// worker may still work), each naming the fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub config: Config,
+    /// In line order; `FILE:LINE: warning: message` with
+    /// [`ConfigError::warning`].
+    pub warnings: Vec<ConfigError>,
+}
+
+/// [`load`], with the warnings, for `purpose`.
+///
+/// # Errors
+/// As [`load`]; with [`Purpose::Run`], also a `user` or `group` that this
+/// process cannot switch to.
+pub fn load_for(path: &Path, purpose: Purpose) -> Result<Loaded, LoadError> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let fail = |errors| LoadError {
+    let bytes = read_file(&path).map_err(|message| LoadError {
         path: path.clone(),
-        errors,
-    };
-    let bytes = std::fs::read(&path).map_err(|e| {
-        fail(vec![ConfigError {
-            line: 0,
-            message: format!("cannot read the config file: {e}"),
-        }])
+        errors: vec![ConfigError { line: 0, message }],
+        omitted: 0,
     })?;
     let mut parser = parse(&String::from_utf8_lossy(&bytes), &path);
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -352,7 +413,12 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         }
     }
     parser.resolve();
-    parser.finish().map_err(fail)
+    parser.check_switch_ids(purpose, &ProcessIds::current());
+    parser.warn_about_wrappers();
+    let mut warnings = std::mem::take(&mut parser.warnings);
+    warnings.sort_by_key(|w| w.line);
+    let config = parser.finish_load()?;
+    Ok(Loaded { config, warnings })
 }
 
 /// Reads and parses a config file without resolving anything on the file
@@ -360,14 +426,98 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 /// when the `exec` program is missing after a bad deploy.
 pub fn read(path: &Path) -> Result<Config, LoadError> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let text = std::fs::read_to_string(&path).map_err(|e| LoadError {
+    let bytes = read_file(&path).map_err(|message| LoadError {
+        path: path.clone(),
+        errors: vec![ConfigError { line: 0, message }],
+        omitted: 0,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| LoadError {
         path: path.clone(),
         errors: vec![ConfigError {
             line: 0,
-            message: format!("cannot read the config file: {e}"),
+            message: "cannot read the config file: stream did not contain valid UTF-8".into(),
         }],
+        omitted: 0,
     })?;
-    parse_str(&text, &path).map_err(|errors| LoadError { path, errors })
+    parse(&text, &path).finish_load()
+}
+
+/// The largest config file read: a real one is a few hundred bytes.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// The most errors a [`LoadError`] lists (the rest are counted).
+pub const MAX_ERRORS: usize = 20;
+
+/// The bytes of the config file at `path` (absolute), or what is wrong, as
+/// `cannot read the config file: …`.
+///
+/// It runs in the supervisor's loop (on HUP), so it must not block or
+/// balloon on whatever sits at the path: only a regular file is opened (a
+/// FIFO would block until someone opened its other end; a device never
+/// ends), and one larger than [`MAX_FILE_BYTES`] is refused before it is
+/// read. Symbolic links are followed: deploy tools link the config into
+/// place. The open does not wait either (`O_NONBLOCK`), and the type is
+/// checked again on the open file, so a swap after the first look changes
+/// nothing.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let fail = |e: io::Error| format!("cannot read the config file: {e}");
+    let check = |meta: &std::fs::Metadata| -> Result<(), String> {
+        if !meta.is_file() {
+            return Err(format!(
+                "cannot read the config file: it is {}, not a regular file",
+                file_kind(&meta.file_type())
+            ));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(format!(
+                "cannot read the config file: it is {} bytes, more than the {} KiB a \
+                 config file may have (is this the right file?)",
+                meta.len(),
+                MAX_FILE_BYTES / 1024
+            ));
+        }
+        Ok(())
+    };
+    check(&std::fs::metadata(path).map_err(fail)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    check(&meta)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        // It grew while being read.
+        return Err(format!(
+            "cannot read the config file: it is more than the {} KiB a config file may have",
+            MAX_FILE_BYTES / 1024
+        ));
+    }
+    Ok(bytes)
+}
+
+/// What a file that is not a regular one is, for a message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// Parses config text. `path` is the file's absolute path, used to resolve
@@ -376,7 +526,8 @@ pub fn read(path: &Path) -> Result<Config, LoadError> {
 /// This is pure: it checks everything it can without the file system. What
 /// needs it is left to [`load`]: a bare `exec` program is kept as written (not
 /// looked up in `PATH`), `user`/`group` names are not resolved (they are
-/// `None` here), and a numeric `user` gets gid = uid.
+/// `None` here), and a numeric `user` gets gid = uid. The errors are those of
+/// the earliest lines, at most [`MAX_ERRORS`].
 pub fn parse_str(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     parse(text, path).finish()
 }
@@ -410,8 +561,11 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             bake: DEFAULT_BAKE,
             rollback: true,
             empty_pool: EmptyPool::Wait,
+            log_capture: true,
         },
         errors: Vec::new(),
+        omitted: 0,
+        warnings: Vec::new(),
         first: HashMap::new(),
         listen_lines: Vec::new(),
         env_lines: Vec::new(),
@@ -430,7 +584,13 @@ struct Parser<'a> {
     /// The config file's folder.
     dir: &'a Path,
     config: Config,
+    /// The problems of the earliest lines, at most `2 * MAX_ERRORS` (see
+    /// [`Parser::error`]).
     errors: Vec<ConfigError>,
+    /// Problems found but not kept in `errors`.
+    omitted: usize,
+    /// Mistakes that are not errors (see [`Loaded`]).
+    warnings: Vec<ConfigError>,
     /// The first line of each key given.
     first: HashMap<&'static str, usize>,
     /// The line of each listener, parallel to `config.listen`.
@@ -457,16 +617,47 @@ enum Id {
 }
 
 impl Parser<'_> {
+    /// Records a problem. Only the [`MAX_ERRORS`] of the earliest lines are
+    /// reported, so memory stays bounded however bad the file: when twice
+    /// as many are held, the later half is dropped and counted.
     fn error(&mut self, line: usize, message: String) {
         self.errors.push(ConfigError { line, message });
+        if self.errors.len() >= 2 * MAX_ERRORS {
+            self.keep_first_errors();
+        }
     }
 
-    fn finish(mut self) -> Result<Config, Vec<ConfigError>> {
+    /// Sorts the errors by line and keeps the first [`MAX_ERRORS`].
+    fn keep_first_errors(&mut self) {
+        self.errors.sort_by_key(|e| e.line);
+        if self.errors.len() > MAX_ERRORS {
+            self.omitted += self.errors.len() - MAX_ERRORS;
+            self.errors.truncate(MAX_ERRORS);
+        }
+    }
+
+    fn finish(self) -> Result<Config, Vec<ConfigError>> {
+        self.finish_counted().map_err(|(errors, _)| errors)
+    }
+
+    /// The config, or its first errors and how many more there were.
+    fn finish_counted(mut self) -> Result<Config, (Vec<ConfigError>, usize)> {
         if self.errors.is_empty() {
             return Ok(self.config);
         }
-        self.errors.sort_by_key(|e| e.line);
-        Err(self.errors)
+        self.keep_first_errors();
+        Err((self.errors, self.omitted))
+    }
+
+    /// [`Parser::finish`] for a file.
+    fn finish_load(self) -> Result<Config, LoadError> {
+        let path = self.config.path.clone();
+        self.finish_counted()
+            .map_err(|(errors, omitted)| LoadError {
+                path,
+                errors,
+                omitted,
+            })
     }
 
     /// Parses one trimmed line.
@@ -587,6 +778,13 @@ impl Parser<'_> {
                             show(value)
                         ));
                     }
+                }
+            }
+            "log_capture" => {
+                c.log_capture = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("expected \"on\" or \"off\", found {}", show(value))),
                 }
             }
             // Not reached: every key in KEYS has an arm (see the tests).
@@ -741,6 +939,67 @@ impl Parser<'_> {
         }
     }
 
+    /// `user` and `group` that clusterd, run by this process, could not
+    /// switch its workers to (not root, without CAP_SETUID/CAP_SETGID):
+    /// every spawn would fail. An error when clusterd is about to run
+    /// them; a warning for `--check`, which may run as another user.
+    fn check_switch_ids(&mut self, purpose: Purpose, me: &ProcessIds) {
+        let uid = self.config.user.map(|(uid, _)| uid);
+        let gid = self.config.group.or(self.config.user.map(|(_, gid)| gid));
+        let problems = [
+            (
+                "user",
+                uid.and_then(|uid| switch_problem(me, IdKind::User, uid)),
+            ),
+            (
+                "group",
+                gid.and_then(|gid| switch_problem(me, IdKind::Group, gid)),
+            ),
+        ];
+        // The group comes from the user line when there is no group line.
+        // (Lines are looked up before either problem is recorded.)
+        let found: Vec<(&str, usize, String)> = problems
+            .into_iter()
+            .filter_map(|(key, problem)| {
+                let key = if key == "group" && !self.first.contains_key("group") {
+                    "user"
+                } else {
+                    key
+                };
+                Some((key, self.valid_line(key)?, problem?))
+            })
+            .collect();
+        for (key, line, problem) in found {
+            match purpose {
+                Purpose::Run => self.error(line, format!("{key}: {problem}")),
+                Purpose::Check => {
+                    let message = format!(
+                        "{key}: {problem} (clusterd --check runs as uid {}; clusterd \
+                         itself refuses to start like this)",
+                        me.euid
+                    );
+                    self.warnings.push(ConfigError { line, message })
+                }
+            }
+        }
+    }
+
+    /// `exec` through a wrapper that runs the server as its child, with
+    /// `protocol = systemd`: the child does not get the listeners
+    /// (`LISTEN_PID` names the wrapper), so it fails to listen and the
+    /// worker crash-loops.
+    fn warn_about_wrappers(&mut self) {
+        if self.config.protocol != Protocol::Systemd {
+            return;
+        }
+        let Some(line) = self.valid_line("exec") else {
+            return;
+        };
+        if let Some(message) = wrapper_warning(&self.config.exec) {
+            self.warnings.push(ConfigError { line, message });
+        }
+    }
+
     /// The absolute path of `exec`'s program, `written` as in the file.
     fn resolve_program(&self, written: &str) -> Result<String, String> {
         let path = if written.contains('/') {
@@ -785,6 +1044,93 @@ impl Parser<'_> {
             format!("program {} not found in PATH ({search}){hint}", show(name))
         })
     }
+}
+
+/// Who this process is, for [`switch_problem`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessIds {
+    euid: u32,
+    uid: u32,
+    egid: u32,
+    gid: u32,
+    can_setuid: bool,
+    can_setgid: bool,
+}
+
+impl ProcessIds {
+    fn current() -> ProcessIds {
+        use rustix::thread::CapabilitySet;
+        let caps = rustix::thread::capabilities(None)
+            .map(|c| c.effective)
+            .unwrap_or(CapabilitySet::empty());
+        let euid = rustix::process::geteuid().as_raw();
+        ProcessIds {
+            euid,
+            uid: rustix::process::getuid().as_raw(),
+            egid: rustix::process::getegid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            can_setuid: euid == 0 || caps.contains(CapabilitySet::SETUID),
+            can_setgid: euid == 0 || caps.contains(CapabilitySet::SETGID),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdKind {
+    User,
+    Group,
+}
+
+/// Why `me` cannot start a worker as `id`, if it cannot: setuid/setgid to
+/// another id needs root (or CAP_SETUID/CAP_SETGID).
+fn switch_problem(me: &ProcessIds, kind: IdKind, id: u32) -> Option<String> {
+    let (mine, real, able, what) = match kind {
+        IdKind::User => (me.euid, me.uid, me.can_setuid, "uid"),
+        IdKind::Group => (me.egid, me.gid, me.can_setgid, "gid"),
+    };
+    if able || id == mine || id == real {
+        return None;
+    }
+    Some(format!(
+        "clusterd runs as {what} {mine}, not as root, so it cannot start workers as \
+         {what} {id}: run clusterd as root (it then runs the workers as {what} {id}), or \
+         remove this line to run them as clusterd's own {what}"
+    ))
+}
+
+/// Programs that start the server as a child process of their own.
+const WRAPPERS: &[&str] = &["npm", "npx", "yarn", "pnpm", "bun", "corepack"];
+
+/// Shells, whose `-c` command runs its last program as a child unless it is
+/// `exec`'d.
+const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ash", "ksh"];
+
+/// The warning for `exec` (as split, program first) under `protocol =
+/// systemd`, if it runs the server through a wrapper.
+fn wrapper_warning(exec: &[String]) -> Option<String> {
+    let program = exec.first()?;
+    let name = Path::new(program).file_name()?.to_str()?;
+    if WRAPPERS.contains(&name) {
+        return Some(format!(
+            "exec: {name} runs the server as a child process, which does not get the \
+             listeners (LISTEN_PID names {name}, so Node.js fails with \"listen EINVAL\"), \
+             and its READY is not heard: run the server itself, as in \
+             \"exec = node server.js\""
+        ));
+    }
+    if SHELLS.contains(&name) {
+        let command = exec.iter().skip_while(|a| *a != "-c").nth(1)?;
+        let several = command.contains([';', '&', '|', '\n']);
+        let execs = command.split_whitespace().any(|w| w == "exec");
+        if several && !execs {
+            return Some(format!(
+                "exec: {name} -c runs the server as a child process, which does not get \
+                 the listeners (LISTEN_PID names the shell): start the server with \
+                 \"exec\" in the command, as in \"{name} -c 'cd app && exec node server.js'\""
+            ));
+        }
+    }
+    None
 }
 
 /// The part of `s` before its comment: a `#` at the start or after whitespace.
@@ -1158,6 +1504,7 @@ mod tests {
                 bake: Duration::from_secs(5),
                 rollback: true,
                 empty_pool: EmptyPool::Wait,
+                log_capture: true,
             }
         );
         assert_eq!(c.control_path(), default_control_path(&c.socket_name()).0);
@@ -1188,6 +1535,7 @@ metrics = localhost:9100
 bake = 1500ms
 rollback = off
 empty_pool = 503
+log_capture = off
 ";
 
     #[test]
@@ -1225,6 +1573,12 @@ empty_pool = 503
         assert_eq!(c.chdir, PathBuf::from("/srv/shop/app"));
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(!c.log_capture);
+        assert!(with("log_capture = on").log_capture);
+        assert_eq!(
+            err("log_capture = yes"),
+            r#"log_capture: expected "on" or "off", found "yes""#
+        );
         assert_eq!(c.empty_pool, EmptyPool::Http503);
         assert_eq!(c.bake, Duration::from_millis(1500));
         assert!(!c.rollback);
@@ -1906,6 +2260,7 @@ oops
                     message: "workers: missing value".into(),
                 },
             ],
+            omitted: 0,
         };
         assert_eq!(
             e.to_string(),
@@ -2205,5 +2560,254 @@ oops
             )
         );
         assert_eq!(load(&dir.0).unwrap_err().errors[0].line, 0);
+    }
+
+    #[test]
+    fn load_refuses_what_is_not_a_regular_file_without_blocking() {
+        let dir = TempDir::new();
+        let fifo = dir.0.join("fifo.conf");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        // On another thread: before the fix, opening the FIFO blocked until
+        // a writer came (here: the test, after its deadline).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((load(&path), read(&path)));
+        });
+        let (loaded, read) = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(results) => results,
+            Err(_) => {
+                // Unblock the reader, then fail.
+                let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+                panic!("load blocked on a FIFO");
+            }
+        };
+        for e in [loaded.unwrap_err(), read.unwrap_err()] {
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{}: cannot read the config file: it is a FIFO (named pipe), not a regular file",
+                    fifo.display()
+                )
+            );
+        }
+        let e = load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            e.errors[0].message,
+            "cannot read the config file: it is a character device, not a regular file"
+        );
+        assert_eq!(
+            load(&dir.0).unwrap_err().errors[0].message,
+            "cannot read the config file: it is a directory, not a regular file"
+        );
+        // A symbolic link to a regular file is followed (deploy tools).
+        dir.file("tool", "", 0o755);
+        let real = dir.file("real.conf", "exec = ./tool\nlisten = :0\n", 0o644);
+        let link = dir.0.join("link.conf");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(load(&link).is_ok());
+        // A link to a FIFO is refused like the FIFO.
+        let to_fifo = dir.0.join("to-fifo.conf");
+        std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
+        assert!(
+            load(&to_fifo).unwrap_err().errors[0]
+                .message
+                .contains("a FIFO")
+        );
+    }
+
+    #[test]
+    fn load_refuses_a_file_larger_than_1_mib() {
+        let dir = TempDir::new();
+        let mut text = String::from("exec = ./tool\nlisten = :0\n");
+        text.push_str(&"# padding\n".repeat(110_000));
+        let path = dir.file("big.conf", &text, 0o644);
+        for e in [load(&path).unwrap_err(), read(&path).unwrap_err()] {
+            assert_eq!(e.errors.len(), 1);
+            assert_eq!(
+                e.errors[0].message,
+                format!(
+                    "cannot read the config file: it is {} bytes, more than the 1024 KiB a \
+                     config file may have (is this the right file?)",
+                    text.len()
+                )
+            );
+        }
+        // Exactly 1 MiB is read.
+        let mut text = String::from("exec = /bin/sh\nlisten = :0\n");
+        text.push_str(&"#".repeat(MAX_FILE_BYTES as usize - text.len() - 1));
+        text.push('\n');
+        let path = dir.file("edge.conf", &text, 0o644);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), MAX_FILE_BYTES);
+        assert!(read(&path).is_ok());
+    }
+
+    #[test]
+    fn errors_are_capped_and_counted() {
+        let dir = TempDir::new();
+        dir.file("tool", "", 0o755);
+        let text = format!("exec = ./tool\nlisten = :0\n{}", "oops\n".repeat(200_000));
+        let path = dir.file("bad.conf", &text, 0o644);
+        for e in [load(&path).unwrap_err(), read(&path).unwrap_err()] {
+            assert_eq!(e.errors.len(), MAX_ERRORS);
+            assert_eq!(e.omitted, 200_000 - MAX_ERRORS);
+            let lines: Vec<usize> = e.errors.iter().map(|e| e.line).collect();
+            assert_eq!(lines, (3..3 + MAX_ERRORS).collect::<Vec<_>>());
+            let shown = e.to_string();
+            assert_eq!(shown.lines().count(), MAX_ERRORS + 1);
+            assert_eq!(
+                shown.lines().last().unwrap(),
+                format!("{}: ... and 199980 more errors", path.display())
+            );
+        }
+        // The earliest lines win, whichever stage found them: a
+        // file-system error on line 1 comes before the parse errors.
+        let text = format!("exec = ./nope\nlisten = :0\n{}", "oops\n".repeat(100));
+        let e = dir.load(&text).unwrap_err();
+        assert_eq!(e.errors[0].line, 1);
+        assert_eq!(e.errors.len(), MAX_ERRORS);
+        assert_eq!(e.omitted, 101 - MAX_ERRORS);
+        // parse_str keeps the first ones too.
+        let errors = parse_str(&"x\n".repeat(1000), Path::new(PATH)).unwrap_err();
+        assert_eq!(errors.len(), MAX_ERRORS);
+        assert_eq!(errors[0].line, 0, "missing required keys first");
+    }
+
+    #[test]
+    fn switching_ids_needs_root_or_the_capability() {
+        let me = ProcessIds {
+            euid: 1000,
+            uid: 1000,
+            egid: 100,
+            gid: 100,
+            can_setuid: false,
+            can_setgid: false,
+        };
+        assert_eq!(switch_problem(&me, IdKind::User, 1000), None);
+        assert_eq!(switch_problem(&me, IdKind::Group, 100), None);
+        assert_eq!(
+            switch_problem(&me, IdKind::User, 33).unwrap(),
+            "clusterd runs as uid 1000, not as root, so it cannot start workers as uid 33: \
+             run clusterd as root (it then runs the workers as uid 33), or remove this line \
+             to run them as clusterd's own uid"
+        );
+        assert!(
+            switch_problem(&me, IdKind::Group, 33)
+                .unwrap()
+                .starts_with("clusterd runs as gid 100")
+        );
+        let root = ProcessIds {
+            euid: 0,
+            uid: 0,
+            egid: 0,
+            gid: 0,
+            can_setuid: true,
+            can_setgid: true,
+        };
+        assert_eq!(switch_problem(&root, IdKind::User, 33), None);
+        let capable = ProcessIds {
+            can_setuid: true,
+            can_setgid: true,
+            ..me
+        };
+        assert_eq!(switch_problem(&capable, IdKind::User, 33), None);
+
+        // An error to run with, a warning to --check with; on the line
+        // that asked for it (the user line gives the group too).
+        let run = |text: &str, purpose| {
+            let mut p = parse(text, Path::new(PATH));
+            p.check_switch_ids(purpose, &me);
+            let warnings = p.warnings.clone();
+            (p.finish().err().unwrap_or_default(), warnings)
+        };
+        let (errors, warnings) = run(&format!("{MIN}user = 33\n"), Purpose::Run);
+        assert_eq!(warnings, []);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().all(|e| e.line == 3), "{errors:?}");
+        assert!(
+            errors[0]
+                .message
+                .starts_with("user: clusterd runs as uid 1000")
+        );
+        assert!(
+            errors[1]
+                .message
+                .starts_with("user: clusterd runs as gid 100")
+        );
+        let (errors, warnings) = run(&format!("{MIN}user = 33\ngroup = 100\n"), Purpose::Check);
+        assert_eq!(errors, []);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].line, 3);
+        assert!(
+            warnings[0].message.ends_with(
+                "(clusterd --check runs as uid 1000; clusterd itself refuses to start like this)"
+            ),
+            "{warnings:?}"
+        );
+        let (errors, _) = run(&format!("{MIN}user = 1000\ngroup = 33\n"), Purpose::Run);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, 4);
+        assert!(errors[0].message.starts_with("group: "));
+    }
+
+    #[test]
+    fn wrappers_under_protocol_systemd_are_warned_about() {
+        let warn = |exec: &str| {
+            let words: Vec<String> = shlex::split(exec).unwrap();
+            wrapper_warning(&words)
+        };
+        let npm = warn("npm start").unwrap();
+        assert!(
+            npm.starts_with("exec: npm runs the server as a child process"),
+            "{npm}"
+        );
+        assert!(npm.contains("listen EINVAL") && npm.contains("exec = node server.js"));
+        for exec in [
+            "/usr/bin/npx serve",
+            "yarn start",
+            "pnpm run start",
+            "bun run x.ts",
+        ] {
+            assert!(warn(exec).is_some(), "{exec}");
+        }
+        let sh = warn("sh -c 'cd app && node server.js'").unwrap();
+        assert!(
+            sh.starts_with("exec: sh -c runs the server as a child process"),
+            "{sh}"
+        );
+        assert!(warn("/bin/bash -c 'source env; gunicorn app'").is_some());
+        // The server itself, a single command (the shell execs it), an
+        // explicit exec, and env (which execs): fine.
+        for exec in [
+            "node server.js",
+            "sh -c 'node server.js'",
+            "sh -c 'cd app && exec node server.js'",
+            "env NODE_ENV=production node server.js",
+            "./npm-helper",
+        ] {
+            assert_eq!(warn(exec), None, "{exec}");
+        }
+        // Only with protocol = systemd (a native worker inherits fd 3).
+        let mut p = parse("exec = npm start\nlisten = :0\n", Path::new(PATH));
+        p.warn_about_wrappers();
+        assert_eq!(p.warnings, []);
+        let mut p = parse(
+            "exec = npm start\nlisten = :0\nprotocol = systemd\n",
+            Path::new(PATH),
+        );
+        p.warn_about_wrappers();
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].line, 1);
+        assert_eq!(
+            p.warnings[0].warning(Path::new(PATH)),
+            format!("{PATH}:1: warning: {npm}")
+        );
     }
 }

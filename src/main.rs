@@ -14,7 +14,8 @@ ones with backoff, and replaces them one by one without dropping a request
 
 Options:
   -c, --config FILE  the config file (see clusterd.conf(5))
-      --check        validate the config and exit: 0 if valid, 2 if not
+      --check        validate the config and exit: 0 if valid (warnings,
+                     FILE:LINE: warning: ..., are printed), 2 if not
   -h, --help         print this help
   -V, --version      print the version
 
@@ -66,16 +67,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match clusterd::config::load(&args.config) {
-        Ok(c) => c,
+    use clusterd::config::Purpose;
+    let purpose = if args.check {
+        Purpose::Check
+    } else {
+        Purpose::Run
+    };
+    let loaded = match clusterd::config::load_for(&args.config, purpose) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
+    let path = &loaded.config.path;
     if args.check {
+        // Mistakes that may still work: FILE:LINE: warning: message.
+        for w in &loaded.warnings {
+            eprintln!("{}", w.warning(path));
+        }
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }
-    ExitCode::from(clusterd::daemon::run(config) as u8)
+    clusterd::daemon::hint::config_warnings(path, &loaded.warnings);
+    ExitCode::from(clusterd::daemon::run(loaded.config) as u8)
 }

@@ -761,6 +761,7 @@ fn build(p: Parts) -> Valid {
         bake: config::DEFAULT_BAKE,
         rollback: true,
         empty_pool: clusterd::config::EmptyPool::Wait,
+        log_capture: true,
     };
     Valid {
         path,

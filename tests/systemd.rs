@@ -308,11 +308,16 @@ fn any_program_gets_its_listeners_and_environment() {
         .collect();
     assert_eq!(listening.len(), 3);
     let expected: BTreeSet<u32> = spawned(&cluster, 1).into_iter().collect();
-    let stdout = cluster.dir.path().join("stdout.log");
+    // What the workers print reaches the log as worker.output lines.
     let reports: Vec<Vec<String>> = wait_for("both workers' fd reports", || {
-        let text = std::fs::read_to_string(&stdout).unwrap_or_default();
-        let lines: Vec<Vec<String>> = text
-            .lines()
+        let printed: Vec<String> = cluster
+            .events("worker.output")
+            .iter()
+            .filter(|l| l.get("stream") == Some("stdout"))
+            .filter_map(|l| l.get("line").map(str::to_owned))
+            .collect();
+        let lines: Vec<Vec<String>> = printed
+            .iter()
             .filter(|l| l.starts_with("fds "))
             .map(|l| l.split(' ').skip(1).map(String::from).collect())
             .collect();

@@ -20,6 +20,8 @@ mod faults;
 /// Hostile clients: the metrics port under idle and slowloris connections;
 /// `empty_pool`.
 mod hostile;
+/// Worker log capture: tags, whole lines, last words, a dead log reader.
+mod logs;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;

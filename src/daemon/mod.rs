@@ -17,7 +17,9 @@
 pub mod log;
 pub mod control;
 pub mod fallback;
+pub mod hint;
 pub mod listen;
+pub mod logcap;
 pub mod metrics;
 pub mod notify;
 pub mod spawn;
@@ -84,6 +86,8 @@ struct Proc {
     note: Option<String>,
     /// The worker's cell in the scoreboard, vacated when it is reaped.
     cell: Option<u32>,
+    /// Its captured stdout and stderr (`log_capture = on`).
+    output: Option<logcap::Capture>,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -462,6 +466,11 @@ impl Daemon {
                     match self.pids.remove(&pid) {
                         Some(id) => {
                             self.read_last_records(id);
+                            // Its last words before the line of its exit.
+                            if let Some(out) = self.procs.get(&id).and_then(|p| p.output.as_ref()) {
+                                out.drain();
+                            }
+                            self.hint_silent_exit(id, &exit);
                             if let Some(cell) = self.procs.remove(&id).and_then(|p| p.cell) {
                                 if let Some(board) = self.scoreboard.as_mut() {
                                     board.give_back(cell);
@@ -497,6 +506,19 @@ impl Daemon {
             .collect();
         for id in starting {
             self.read_last_records(id);
+        }
+    }
+
+    /// A native worker that exits while starting without having said a
+    /// word on fd 3 may not be a clusterd worker at all: say what to change.
+    fn hint_silent_exit(&self, id: InstanceId, exit: &Exit) {
+        let Some(p) = self.procs.get(&id) else { return };
+        let silent = p.protocol == Protocol::Clusterd && p.stats.is_none();
+        let starting = inst_state(&self.sup, id) == "starting";
+        // (A SIGKILL was clusterd's, at ready_timeout: hinted then.)
+        if silent && starting && *exit != Exit::Signal(libc::SIGKILL) && !self.sup.is_stopping() {
+            let slot = self.sup.instance(id).map_or(0, |i| i.slot);
+            hint::log_not_ready(slot, p.pid, hint::Silence::NothingSent, None);
         }
     }
 
@@ -661,6 +683,11 @@ impl Daemon {
                         pid = p.pid,
                         reason = reason.as_str()
                     );
+                    if reason == crate::lifecycle::KillReason::ReadyTimeout && p.stats.is_none() {
+                        let ipc = p.ipc.as_ref().map(|ipc| ipc.get_ref().as_fd());
+                        let silence = hint::Silence::of(p.protocol, ipc);
+                        hint::log_not_ready(slot, p.pid, silence, Some(self.config.ready_timeout));
+                    }
                     spawn::signal_group(p.pid, rustix::process::Signal::KILL);
                 }
             }
@@ -691,9 +718,41 @@ impl Daemon {
             Protocol::Clusterd => self.scoreboard.as_mut().and_then(Scoreboard::take),
             Protocol::Systemd => None,
         };
-        match spawn::spawn(spec, slot, generation, &inherit, Some(&self.notify_name)) {
-            Ok(spawned) => {
+        let spawned = logcap::pipes(self.config.log_capture)
+            .map_err(|e| {
+                let program = spec.program.display();
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot start {program}: cannot create the output pipes: {e}"),
+                )
+            })
+            .and_then(|pipes| {
+                let (ours, theirs) = pipes.unzip();
+                let notify = Some(self.notify_name.as_str());
+                spawn::spawn(spec, slot, generation, &inherit, notify, theirs).map(|s| (s, ours))
+            });
+        match spawned {
+            Ok((spawned, output)) => {
                 let pid = spawned.pid;
+                let tag = logcap::Tag {
+                    id: slot,
+                    pid,
+                    generation,
+                };
+                let output =
+                    output.and_then(|pipes| match logcap::Capture::start(&self.ex, pipes, tag) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            log!(
+                                error,
+                                "worker.output_failed",
+                                id = slot,
+                                pid = pid,
+                                error = e
+                            );
+                            None
+                        }
+                    });
                 self.sup.spawned(instance, pid);
                 self.pids.insert(pid, instance);
                 log!(
@@ -752,6 +811,7 @@ impl Daemon {
                     stats: None,
                     note: None,
                     cell,
+                    output,
                 };
                 self.procs.insert(instance, proc);
             }
@@ -1135,8 +1195,11 @@ impl Daemon {
                 let _ = w.try_send(Response::Error(format!("restart refused: {why}")));
             }
         };
-        let config = match config::load(&self.config.path) {
-            Ok(c) => c,
+        let config = match config::load_for(&self.config.path, config::Purpose::Run) {
+            Ok(loaded) => {
+                hint::config_warnings(&self.config.path, &loaded.warnings);
+                loaded.config
+            }
             Err(e) => return refuse(watcher, format!("the config has errors:\n{e}")),
         };
         for (key, changed) in [

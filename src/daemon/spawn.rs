@@ -95,6 +95,7 @@ pub fn spawn(
     generation: u64,
     listeners: &[Inherit<'_>],
     notify: Option<&str>,
+    output: Option<super::logcap::ChildEnds>,
 ) -> io::Result<Spawned> {
     let mut env: Vec<(String, String)> = vec![
         ("CLUSTERD_WORKER_ID".into(), slot.to_string()),
@@ -150,6 +151,11 @@ pub fn spawn(
 
     let mut cmd = Command::new(&spec.program);
     cmd.current_dir(&spec.chdir).process_group(0);
+    // Captured output (logcap): the pipes' write ends become fds 1 and 2;
+    // `cmd` holds clusterd's copies and closes them when it is dropped.
+    if let Some(output) = output {
+        cmd.stdout(output.stdout).stderr(output.stderr);
+    }
     if let Some(gid) = spec.gid {
         cmd.gid(gid);
     }

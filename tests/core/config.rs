@@ -3,6 +3,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::process::Command;
 
 use crate::util::*;
 
@@ -262,5 +263,140 @@ fn check_help_version_and_usage_errors() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("-c FILE"),
         "no -c says what is missing"
+    );
+}
+
+/// What sits at the config path when clusterd re-reads it (HUP or
+/// `clusterctl restart`) cannot block it or swamp the answer: a FIFO (which
+/// blocked the loop until someone opened it), a file of garbage (200,000
+/// errors once made a 10 MB reply that clusterctl refused as too large).
+#[test]
+fn a_reload_of_a_fifo_or_of_garbage_is_refused_at_once() {
+    let cluster = Cluster::shop("reload-fifo", 1, "");
+    cluster.wait_ready(1);
+
+    std::fs::write(&cluster.config, "oops\n".repeat(200_000)).unwrap();
+    let out = cluster.ctl(&["restart"]);
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    let path = cluster.config.display().to_string();
+    assert!(
+        shown.contains(&format!("{path}: missing required key \"exec\"")),
+        "{shown}"
+    );
+    assert!(shown.contains(&format!("{path}:18: expected")), "{shown}");
+    assert!(!shown.contains(&format!("{path}:19: ")), "{shown}");
+    assert!(
+        shown.contains(&format!("{path}: ... and 199982 more errors")),
+        "{shown}"
+    );
+
+    std::fs::remove_file(&cluster.config).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &cluster.config,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    cluster.signal(rustix::process::Signal::HUP);
+    let refused = cluster.wait_event("restart.refused", |l| {
+        l.get("reason").is_some_and(|r| r.contains("FIFO"))
+    });
+    assert!(
+        refused
+            .get("reason")
+            .unwrap()
+            .contains("cannot read the config file: it is a FIFO (named pipe), not a regular file"),
+        "{}",
+        refused.raw
+    );
+    let status = cluster.status_json();
+    assert_eq!(status["ready"], 1, "{status}");
+    assert_eq!(status["generation"], 1, "{status}");
+}
+
+/// Mistakes that pass as valid config but crash-loop: what `--check` can
+/// tell is a warning naming the fix (exit 0), also logged at start-up.
+#[test]
+fn check_warns_about_a_wrapper_under_protocol_systemd() {
+    let dir = TempDir::new("wrapper");
+    // An "npm" that is really sleep: only its name matters here.
+    std::os::unix::fs::symlink("/bin/sleep", dir.path().join("npm")).unwrap();
+    let config = "exec = ./npm 3600\nprotocol = systemd\nready_after = 100ms\n\
+                  listen = 127.0.0.1:0\nworkers = 1\n";
+    let file = dir.path().join("wrapper.conf");
+    std::fs::write(&file, config).unwrap();
+    let out = run_clusterd(&[OsStr::new("--check"), OsStr::new("-c"), file.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}: ok\n", file.display())
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "{}:1: warning: exec: npm runs the server as a child process",
+            file.display()
+        )) && lines[0].contains("exec = node server.js"),
+        "{stderr}"
+    );
+
+    let cluster = Cluster::start_in(dir, "wrapper", config, Command::new(clusterd_bin()));
+    let warning = cluster.wait_event("config.warning", |_| true);
+    assert_eq!(warning.level, "warn");
+    assert_eq!(warning.get("line"), Some("1"), "{}", warning.raw);
+    assert!(
+        warning
+            .get("warning")
+            .is_some_and(|w| w.starts_with("exec: npm runs the server")),
+        "{}",
+        warning.raw
+    );
+}
+
+/// What only run time can tell: a program that is not a clusterd worker run
+/// with the default protocol (it never reads its Hello, or exits without a
+/// word on fd 3), a systemd-protocol program that never reports READY. The
+/// log says what to change.
+#[test]
+fn a_worker_that_never_speaks_gets_a_hint_naming_the_fix() {
+    let hint = |tag: &str, extra: &str, exec: &str| -> String {
+        let config = format!(
+            "exec = {exec}\nlisten = 127.0.0.1:0\nworkers = 1\nready_timeout = 1s\n\
+             restart_delay = 1s\nrestart_delay_max = 1s\n{extra}"
+        );
+        let cluster = Cluster::start(tag, &config);
+        let line = cluster.wait_event("worker.hint", |_| true);
+        assert_eq!(line.level, "warn");
+        assert_eq!(line.get("id"), Some("1"), "{}", line.raw);
+        line.get("hint").unwrap_or_default().to_string()
+    };
+    let sleeper = hint("hint-hello", "", "/bin/sleep 3600");
+    assert_eq!(
+        sleeper,
+        "worker 1 never read its Hello on fd 3 within ready_timeout (1s): is this a \
+         clusterd worker? For any other program use protocol = systemd"
+    );
+    let quitter = hint("hint-exit", "", "/bin/false");
+    assert!(
+        quitter.starts_with("worker 1 sent nothing on fd 3 before it exited")
+            && quitter.ends_with("if this program is not one, use protocol = systemd"),
+        "{quitter}"
+    );
+    let silent = hint("hint-systemd", "protocol = systemd\n", "/bin/sleep 3600");
+    assert!(
+        silent.starts_with("worker 1 did not report READY within ready_timeout (1s)")
+            && silent.contains("NOTIFY_SOCKET")
+            && silent.contains("CLUSTERD_READY_FD")
+            && silent.contains("ready_after"),
+        "{silent}"
     );
 }
