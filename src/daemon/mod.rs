@@ -15,11 +15,14 @@
 
 #[macro_use]
 pub mod log;
+pub mod cgroup;
 pub mod control;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
+pub mod ready_pipe;
 pub mod spawn;
+pub mod tree;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -79,6 +82,8 @@ struct Proc {
     note: Option<String>,
     /// The worker's cell in the scoreboard, vacated when it is reaped.
     cell: Option<u32>,
+    /// Its process tree: group, cgroup, kill; dropped when it is reaped.
+    tree: tree::Worker,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -242,6 +247,8 @@ struct Daemon {
     /// The connections each worker holds, for balanced accepting; `None`
     /// if it could not be created (workers then accept unbalanced).
     scoreboard: Option<Scoreboard>,
+    /// Every process clusterd started, and what they left behind.
+    tree: tree::Tree,
 }
 
 /// The scoreboard's memfd (passed to every native worker) and its free cells.
@@ -330,6 +337,7 @@ impl Daemon {
             manager: notify::Manager::from_env(),
             told_ready: false,
             scoreboard: Scoreboard::create(),
+            tree: tree::Tree::new(),
         }
     }
 
@@ -362,6 +370,7 @@ impl Daemon {
             self.execute();
         }
         let code = self.exit_code.unwrap_or(1);
+        self.tree.end_all();
         log!(info, "exit", code = code);
         code
     }
@@ -397,13 +406,22 @@ impl Daemon {
         }
     }
 
-    /// Reaps every child that has exited, workers and orphans alike.
+    /// Reaps every child that has exited, workers and orphans alike. Before
+    /// a worker is reaped (while its pid is still taken), what is left of
+    /// its process group and cgroup is killed ([`tree`]).
     fn reap(&mut self) {
         self.read_queued_notifications();
+        let mut worker_exited = false;
         loop {
-            match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
-                Ok(Some((pid, status))) => {
-                    let pid = pid.as_raw_nonzero().get() as u32;
+            match tree::exited_child() {
+                Ok(Some(pid)) => {
+                    match self.pids.get(&pid).and_then(|id| self.procs.get_mut(id)) {
+                        Some(p) => self.tree.worker_exited(&mut p.tree),
+                        None => self.tree.orphan_exited(pid),
+                    }
+                    let Some(status) = tree::reap(pid) else {
+                        continue;
+                    };
                     let exit = match (status.exit_status(), status.terminating_signal()) {
                         (Some(code), _) => Exit::Code(code),
                         (_, Some(sig)) => Exit::Signal(sig),
@@ -418,6 +436,7 @@ impl Daemon {
                                 }
                             }
                             self.sup.exited(Instant::now(), id, exit);
+                            worker_exited = true;
                         }
                         None => log!(info, "reaped", pid = pid, status = exit),
                     }
@@ -431,6 +450,11 @@ impl Daemon {
                 }
             }
         }
+        if worker_exited {
+            let pids = &self.pids;
+            self.tree.sweep(|pid| pids.contains_key(&pid));
+        }
+        self.tree.tidy();
     }
 
     /// Handles the sd_notify datagrams queued on the notification socket
@@ -463,7 +487,7 @@ impl Daemon {
             if matches!(&received, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
                 return;
             }
-            match worker_record(received, &buf) {
+            match worker_record(ipc.get_ref().as_fd(), received, &buf) {
                 // The reader task sees the end of the channel too, and
                 // reports it.
                 WorkerEvent::Closed => return,
@@ -570,7 +594,7 @@ impl Daemon {
             }
             Action::Terminate { instance } => {
                 if let Some(p) = self.procs.get(&instance) {
-                    spawn::signal_group(p.pid, rustix::process::Signal::TERM);
+                    p.tree.signal(rustix::process::Signal::TERM);
                 }
             }
             Action::Kill { instance, reason } => {
@@ -583,7 +607,7 @@ impl Daemon {
                         pid = p.pid,
                         reason = reason.as_str()
                     );
-                    spawn::signal_group(p.pid, rustix::process::Signal::KILL);
+                    p.tree.kill(&self.ex);
                 }
             }
             Action::Notice(n) => self.notice(n),
@@ -613,8 +637,11 @@ impl Daemon {
             Protocol::Clusterd => self.scoreboard.as_mut().and_then(Scoreboard::take),
             Protocol::Systemd => None,
         };
-        match spawn::spawn(spec, slot, generation, &inherit, Some(&self.notify_name)) {
-            Ok(spawned) => {
+        match self
+            .tree
+            .spawn(spec, slot, generation, &inherit, Some(&self.notify_name))
+        {
+            Ok((spawned, tree)) => {
                 let pid = spawned.pid;
                 self.sup.spawned(instance, pid);
                 self.pids.insert(pid, instance);
@@ -653,7 +680,8 @@ impl Daemon {
                 if let Some(pipe) = spawned.ready_pipe {
                     match Async::new(pipe) {
                         Ok(pipe) => {
-                            let reader = read_ready_pipe(instance, pipe, self.tx.clone());
+                            let reaped = tree.reaped();
+                            let reader = ready_pipe::read(instance, pipe, reaped, self.tx.clone());
                             self.ex.spawn(reader).detach();
                         }
                         Err(e) => {
@@ -674,6 +702,7 @@ impl Daemon {
                     stats: None,
                     note: None,
                     cell,
+                    tree,
                 };
                 self.procs.insert(instance, proc);
             }
@@ -1138,7 +1167,7 @@ async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>)
                 crate::fdpass::recv_with_fds(fd, &mut buf, rustix::net::RecvFlags::DONTWAIT)
             })
             .await;
-        let event = worker_record(received, &buf);
+        let event = worker_record(ipc.get_ref().as_fd(), received, &buf);
         let closed = matches!(event, WorkerEvent::Closed);
         if let WorkerEvent::Bad(_) = event {
             bad += 1;
@@ -1160,10 +1189,22 @@ async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>)
     }
 }
 
-/// What one receive on a worker's IPC channel amounts to.
-fn worker_record(received: io::Result<crate::fdpass::Received>, buf: &[u8]) -> WorkerEvent {
+/// What one receive on a worker's IPC channel `ipc` amounts to.
+///
+/// On SOCK_SEQPACKET an empty record and the end of the channel both
+/// receive 0 bytes (Linux sets no `MSG_EOR` on unix sockets to tell them
+/// apart). Only the end comes with the peer shut down (`POLLRDHUP`), so 0
+/// bytes while the worker's end is open are an empty record: a protocol
+/// error. (An empty record sent just before the worker closes counts as the
+/// end, which it then is.)
+fn worker_record(
+    ipc: BorrowedFd<'_>,
+    received: io::Result<crate::fdpass::Received>,
+    buf: &[u8],
+) -> WorkerEvent {
     match received {
-        Ok(r) if r.len == 0 && r.fds.is_empty() => WorkerEvent::Closed,
+        Ok(r) if r.len == 0 && r.fds.is_empty() && peer_closed(ipc) => WorkerEvent::Closed,
+        Ok(r) if r.len == 0 && r.fds.is_empty() => WorkerEvent::Bad("an empty record".into()),
         Ok(r) if r.truncated => WorkerEvent::Bad(format!(
             "record larger than {} bytes",
             proto::MAX_IPC_RECORD
@@ -1179,41 +1220,19 @@ fn worker_record(received: io::Result<crate::fdpass::Received>, buf: &[u8]) -> W
     }
 }
 
-/// Reads a systemd-protocol worker's readiness pipe (`CLUSTERD_READY_FD`,
-/// s6 style): a line `READY=1` means ready. Reads until EOF (closing the
-/// pipe early would give the worker EPIPE on its next write), but interprets
-/// nothing after the first READY or after a line longer than 1 KiB.
-async fn read_ready_pipe(id: InstanceId, pipe: Async<OwnedFd>, tx: Sender<Event>) {
-    const MAX_LINE: usize = 1024;
-    let mut line = Vec::new();
-    let mut listening = true;
-    let mut buf = [0u8; 256];
-    loop {
-        let read = pipe.read_with(|fd| rustix::io::read(fd, &mut buf).map_err(io::Error::from));
-        let n = match read.await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        for &b in &buf[..n] {
-            if !listening {
-                break;
-            }
-            let event = if b != b'\n' {
-                line.push(b);
-                if line.len() <= MAX_LINE {
-                    continue;
-                }
-                WorkerEvent::Bad("readiness pipe: a line longer than 1 KiB (pipe ignored)".into())
-            } else if line.as_slice() == b"READY=1" {
-                WorkerEvent::Message(FromWorker::Ready)
-            } else {
-                line.clear();
-                continue;
-            };
-            listening = false;
-            if tx.send(Event::Worker(id, event)).await.is_err() {
-                return;
-            }
-        }
+/// Whether the other end of `sock` is closed or shut down for writing.
+fn peer_closed(sock: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&sock, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        // Cannot tell: the end, so that a dead channel is not read for ever.
+        Err(_) => true,
     }
 }

@@ -84,7 +84,9 @@ pub struct Spawned {
 const FIRST_FD: RawFd = 3;
 
 /// Starts `spec` as worker `slot` of `generation`. `notify` is the
-/// `NOTIFY_SOCKET` value for `protocol = systemd`.
+/// `NOTIFY_SOCKET` value for `protocol = systemd`; `cgroup_procs` the
+/// `cgroup.procs` file of the worker's own cgroup, which the child moves
+/// itself into before exec.
 ///
 /// # Errors
 /// Creating the channel, forking or executing failed; the message names the
@@ -95,6 +97,7 @@ pub fn spawn(
     generation: u64,
     listeners: &[Inherit<'_>],
     notify: Option<&str>,
+    cgroup_procs: Option<BorrowedFd<'_>>,
 ) -> io::Result<Spawned> {
     let mut env: Vec<(String, String)> = vec![
         ("CLUSTERD_WORKER_ID".into(), slot.to_string()),
@@ -159,6 +162,7 @@ pub fn spawn(
     let parent = rustix::process::getpid();
     let sources = moves.raw;
     let count = moves.count;
+    let cgroup_procs = cgroup_procs.map(|fd| fd.as_raw_fd());
     let mut image = image;
     // SAFETY: the closure runs in the forked child before exec. It makes only
     // async-signal-safe system calls (dup2, prctl, getppid, getpid, execve) on
@@ -166,7 +170,7 @@ pub fn spawn(
     // locks.
     unsafe {
         cmd.pre_exec(move || {
-            child_setup(&sources[..count], parent)?;
+            child_setup(&sources[..count], parent, cgroup_procs)?;
             Err(image.exec())
         });
     }
@@ -341,7 +345,15 @@ impl ExecImage {
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe only.
-fn child_setup(sources: &[RawFd], parent: Pid) -> io::Result<()> {
+fn child_setup(sources: &[RawFd], parent: Pid, cgroup_procs: Option<RawFd>) -> io::Result<()> {
+    if let Some(procs) = cgroup_procs {
+        // Into its own cgroup before anything else: "0" is the writer
+        // itself. A failure is not fatal: clusterd moves it after the fork
+        // too, and says so if that fails.
+        // SAFETY: the fd is open in the child (inherited across fork) and
+        // only written to.
+        let _ = rustix::io::write(unsafe { BorrowedFd::borrow_raw(procs) }, b"0");
+    }
     for (i, &src) in sources.iter().enumerate() {
         // SAFETY: `src` is open in the child (inherited across fork; it is
         // closed only at exec). The target is wrapped in ManuallyDrop, so no
@@ -397,14 +409,18 @@ pub fn cloexec_inherited_fds() {
     }
 }
 
-/// Sends `signal` to the worker's process group (it is the group's leader),
-/// so helpers it started go too. A group that is gone is not an error.
+/// Sends `signal` to the worker itself and to its process group (it was
+/// made the group's leader), so helpers it started go too; the worker
+/// itself is reached even if it moved to another group. A process or group
+/// that is gone is not an error. `pid` must be an unreaped child (so it
+/// cannot name another process).
 pub fn signal_group(pid: u32, signal: Signal) {
-    let Some(pid) = Pid::from_raw(pid as i32) else {
+    let Some(pid) = Pid::from_raw(pid as i32).filter(|p| *p != Pid::INIT) else {
         return;
     };
-    if rustix::process::kill_process_group(pid, signal).is_err() {
-        let _ = rustix::process::kill_process(pid, signal);
+    let _ = rustix::process::kill_process(pid, signal);
+    if pid != rustix::process::getpgrp() {
+        let _ = rustix::process::kill_process_group(pid, signal);
     }
 }
 
