@@ -40,8 +40,9 @@ pub struct Parent {
 #[derive(Debug)]
 pub struct Group {
     dir: PathBuf,
-    /// `cgroup.procs`, open for writing (the child writes `0` to it).
-    procs: OwnedFd,
+    /// `cgroup.procs`, open for writing (the child writes `0` to it) until
+    /// the worker is in ([`Group::adopt`] closes it: no fd per worker).
+    procs: Option<OwnedFd>,
 }
 
 impl Parent {
@@ -97,7 +98,7 @@ impl Parent {
         match procs {
             Ok(f) => Ok(Group {
                 dir,
-                procs: f.into(),
+                procs: Some(f.into()),
             }),
             Err(e) => {
                 let _ = fs::remove_dir(&dir);
@@ -132,13 +133,18 @@ impl Parent {
 
 impl Group {
     /// `cgroup.procs`, for the child to write `0` to between fork and exec.
-    pub fn procs(&self) -> BorrowedFd<'_> {
-        self.procs.as_fd()
+    pub fn procs(&self) -> Option<BorrowedFd<'_>> {
+        self.procs.as_ref().map(|fd| fd.as_fd())
     }
 
-    /// Moves `pid` (and, from then on, whatever it starts) into this cgroup.
-    pub fn adopt(&self, pid: u32) -> io::Result<()> {
-        (&File::from(self.procs.try_clone()?)).write_all(pid.to_string().as_bytes())
+    /// Moves `pid` (and, from then on, whatever it starts) into this
+    /// cgroup, and closes `cgroup.procs`.
+    pub fn adopt(&mut self, pid: u32) -> io::Result<()> {
+        let procs = self
+            .procs
+            .take()
+            .ok_or_else(|| io::Error::other("cgroup.procs already closed"))?;
+        File::from(procs).write_all(pid.to_string().as_bytes())
     }
 
     /// Kills every process in this cgroup.

@@ -420,7 +420,10 @@ impl Daemon {
                         None => self.tree.orphan_exited(pid),
                     }
                     let Some(status) = tree::reap(pid) else {
-                        continue;
+                        // Reported exited yet not reapable: left for the
+                        // next SIGCHLD rather than asked about again.
+                        log!(error, "reap.failed", error = format!("pid {pid}"));
+                        break;
                     };
                     let exit = match (status.exit_status(), status.terminating_signal()) {
                         (Some(code), _) => Exit::Code(code),

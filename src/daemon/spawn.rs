@@ -419,9 +419,17 @@ pub fn signal_group(pid: u32, signal: Signal) {
         return;
     };
     let _ = rustix::process::kill_process(pid, signal);
-    if pid != rustix::process::getpgrp() {
+    if pid.as_raw_nonzero().get() as u32 != own_pgid() {
         let _ = rustix::process::kill_process_group(pid, signal);
     }
+}
+
+/// clusterd's own process group; 0 when it lies outside clusterd's pid
+/// namespace (`unshare --pid --fork`), where rustix's `getpgrp` would panic.
+pub fn own_pgid() -> u32 {
+    // SAFETY: getpgrp takes no arguments and cannot fail.
+    let pgid = unsafe { libc::getpgrp() };
+    pgid.max(0) as u32
 }
 
 /// The resident set size of `pid`, from `/proc/PID/statm`.

@@ -103,7 +103,7 @@ impl Tree {
                 None
             }
         });
-        let procs = group.as_ref().map(cgroup::Group::procs);
+        let procs = group.as_ref().and_then(cgroup::Group::procs);
         let spawned = match spawn::spawn(spec, slot, generation, listeners, notify, procs) {
             Ok(s) => s,
             Err(e) => {
@@ -115,7 +115,7 @@ impl Tree {
             }
         };
         // Again from here: in case the child could not move itself.
-        let group = group.and_then(|g| match g.adopt(spawned.pid) {
+        let group = group.and_then(|mut g| match g.adopt(spawned.pid) {
             Ok(()) => Some(g),
             Err(e) => {
                 log!(warn, "cgroup.failed", pid = spawned.pid, error = e);
@@ -345,7 +345,7 @@ fn signal(pid: u32, sig: Signal) {
 
 /// `sig` to process group `pgid`, never to clusterd's own group nor to -1.
 fn signal_group_only(pgid: u32, sig: Signal) {
-    if pgid <= 1 || pgid == rustix::process::getpgrp().as_raw_nonzero().get() as u32 {
+    if pgid <= 1 || pgid == spawn::own_pgid() {
         return;
     }
     if let Some(pgid) = Pid::from_raw(pgid as i32) {
@@ -372,8 +372,14 @@ pub fn parse_stat(stat: &str) -> Option<ProcStat> {
     Some(ProcStat { pid, ppid, pgrp })
 }
 
-/// The children of `ppid`, from `/proc` (`None` without `/proc`).
+/// The children of `ppid`, from `/proc` (`None` without a `/proc` of
+/// clusterd's own pid namespace: another namespace's pids would name other
+/// processes).
 pub fn children_of(ppid: u32) -> Option<Vec<ProcStat>> {
+    let me = std::fs::read_link("/proc/self").ok()?;
+    if me.to_str()?.parse::<u32>().ok()? != std::process::id() {
+        return None;
+    }
     let dir = std::fs::read_dir("/proc").ok()?;
     let mut out = Vec::new();
     for entry in dir.flatten() {
