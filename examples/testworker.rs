@@ -28,6 +28,8 @@
 //! - `ready-twice`: reports Ready twice, then behaves as `ok`.
 //! - `drained-early`: reports Ready, then Drained before any DRAIN, then
 //!   behaves as `ok` (and reports Drained again when really drained).
+//! - `empty-record`: sends clusterd an empty (zero-length) record, then
+//!   behaves as `ok` (clusterd must not take it for the channel closing).
 //! - `crash-after MS`: behaves as `ok`, but exits with status 3 MS
 //!   milliseconds after reporting Ready.
 //!
@@ -73,7 +75,7 @@ macro_rules! say {
     }};
 }
 
-const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH] [--fail-requests]";
+const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|empty-record|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH] [--fail-requests]";
 
 /// Requests received so far, for `--crash-on-request`.
 static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -91,6 +93,7 @@ enum Mode {
     Garbage,
     WrongVersion,
     ReadyTwice,
+    EmptyRecord,
     DrainedEarly,
     CrashAfter(Duration),
 }
@@ -145,6 +148,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         ["wrong-version"] => Mode::WrongVersion,
         ["ready-twice"] => Mode::ReadyTwice,
         ["drained-early"] => Mode::DrainedEarly,
+        ["empty-record"] => Mode::EmptyRecord,
         ["crash-after", ms] => {
             Mode::CrashAfter(Duration::from_millis(ms.parse().map_err(|_| {
                 format!("crash-after: {ms:?} is not a number of milliseconds")
@@ -252,6 +256,10 @@ fn run(mode: Mode, opts: Opts) -> io::Result<()> {
                 // The version is a one-byte varint while it is below 251.
                 record[0] = 99;
                 send_raw(&worker, &record)?;
+            }
+            Mode::EmptyRecord => {
+                send_raw(&worker, &[])?;
+                worker.ready().await?;
             }
             Mode::ReadyTwice => {
                 worker.ready().await?;

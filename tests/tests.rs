@@ -25,6 +25,9 @@ mod logs;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;
+/// Process hygiene: what workers leave behind (children, escapees, pipes),
+/// workers that hop process groups, empty IPC records.
+mod procs;
 /// Property tests: config, wire, control and sd_notify parsers never panic; codecs round-trip.
 mod props;
 /// `protocol = systemd`: the Node.js shop and Python programs as workers.

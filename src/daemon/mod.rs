@@ -15,6 +15,7 @@
 
 #[macro_use]
 pub mod log;
+pub mod cgroup;
 pub mod control;
 pub mod fallback;
 pub mod hint;
@@ -22,7 +23,9 @@ pub mod listen;
 pub mod logcap;
 pub mod metrics;
 pub mod notify;
+pub mod ready_pipe;
 pub mod spawn;
+pub mod tree;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -88,6 +91,8 @@ struct Proc {
     cell: Option<u32>,
     /// Its captured stdout and stderr (`log_capture = on`).
     output: Option<logcap::Capture>,
+    /// Its process tree: group, cgroup, kill; dropped when it is reaped.
+    tree: tree::Worker,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -249,6 +254,8 @@ struct Daemon {
     scoreboard: Option<Scoreboard>,
     /// `empty_pool`: answers clients itself while no worker is ready.
     fallback: fallback::Fallback,
+    /// Every process clusterd started, and what they left behind.
+    tree: tree::Tree,
 }
 
 /// What one generation runs: its config (with the keys that only a new
@@ -366,6 +373,7 @@ impl Daemon {
             told_ready: false,
             scoreboard: Scoreboard::create(),
             fallback,
+            tree: tree::Tree::new(),
         }
     }
 
@@ -416,6 +424,7 @@ impl Daemon {
             self.fallback.update(&self.config, ready, stopping);
         }
         let code = self.exit_code.unwrap_or(1);
+        self.tree.end_all();
         log!(info, "exit", code = code);
         code
     }
@@ -451,13 +460,25 @@ impl Daemon {
         }
     }
 
-    /// Reaps every child that has exited, workers and orphans alike.
+    /// Reaps every child that has exited, workers and orphans alike. Before
+    /// a worker is reaped (while its pid is still taken), what is left of
+    /// its process group and cgroup is killed ([`tree`]).
     fn reap(&mut self) {
         self.read_queued_notifications();
+        let mut worker_exited = false;
         loop {
-            match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
-                Ok(Some((pid, status))) => {
-                    let pid = pid.as_raw_nonzero().get() as u32;
+            match tree::exited_child() {
+                Ok(Some(pid)) => {
+                    match self.pids.get(&pid).and_then(|id| self.procs.get_mut(id)) {
+                        Some(p) => self.tree.worker_exited(&mut p.tree),
+                        None => self.tree.orphan_exited(pid),
+                    }
+                    let Some(status) = tree::reap(pid) else {
+                        // Reported exited yet not reapable: left for the
+                        // next SIGCHLD rather than asked about again.
+                        log!(error, "reap.failed", error = format!("pid {pid}"));
+                        break;
+                    };
                     let exit = match (status.exit_status(), status.terminating_signal()) {
                         (Some(code), _) => Exit::Code(code),
                         (_, Some(sig)) => Exit::Signal(sig),
@@ -477,6 +498,7 @@ impl Daemon {
                                 }
                             }
                             self.sup.exited(Instant::now(), id, exit);
+                            worker_exited = true;
                         }
                         None => log!(info, "reaped", pid = pid, status = exit),
                     }
@@ -490,6 +512,11 @@ impl Daemon {
                 }
             }
         }
+        if worker_exited {
+            let pids = &self.pids;
+            self.tree.sweep(|pid| pids.contains_key(&pid));
+        }
+        self.tree.tidy();
     }
 
     /// Before deadlines are judged: the records and datagrams that starting
@@ -552,7 +579,7 @@ impl Daemon {
             if matches!(&received, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
                 return;
             }
-            match worker_record(received, &buf) {
+            match worker_record(ipc.get_ref().as_fd(), received, &buf) {
                 // The reader task sees the end of the channel too, and
                 // reports it.
                 WorkerEvent::Closed => return,
@@ -670,7 +697,7 @@ impl Daemon {
             }
             Action::Terminate { instance } => {
                 if let Some(p) = self.procs.get(&instance) {
-                    spawn::signal_group(p.pid, rustix::process::Signal::TERM);
+                    p.tree.signal(rustix::process::Signal::TERM);
                 }
             }
             Action::Kill { instance, reason } => {
@@ -688,7 +715,7 @@ impl Daemon {
                         let silence = hint::Silence::of(p.protocol, ipc);
                         hint::log_not_ready(slot, p.pid, silence, Some(self.config.ready_timeout));
                     }
-                    spawn::signal_group(p.pid, rustix::process::Signal::KILL);
+                    p.tree.kill(&self.ex);
                 }
             }
             Action::Notice(n) => self.notice(n),
@@ -729,10 +756,12 @@ impl Daemon {
             .and_then(|pipes| {
                 let (ours, theirs) = pipes.unzip();
                 let notify = Some(self.notify_name.as_str());
-                spawn::spawn(spec, slot, generation, &inherit, notify, theirs).map(|s| (s, ours))
+                self.tree
+                    .spawn(spec, slot, generation, &inherit, notify, theirs)
+                    .map(|(s, tree)| (s, tree, ours))
             });
         match spawned {
-            Ok((spawned, output)) => {
+            Ok((spawned, tree, output)) => {
                 let pid = spawned.pid;
                 let tag = logcap::Tag {
                     id: slot,
@@ -790,7 +819,8 @@ impl Daemon {
                 if let Some(pipe) = spawned.ready_pipe {
                     match Async::new(pipe) {
                         Ok(pipe) => {
-                            let reader = read_ready_pipe(instance, pipe, self.tx.clone());
+                            let reaped = tree.reaped();
+                            let reader = ready_pipe::read(instance, pipe, reaped, self.tx.clone());
                             self.ex.spawn(reader).detach();
                         }
                         Err(e) => {
@@ -812,6 +842,7 @@ impl Daemon {
                     note: None,
                     cell,
                     output,
+                    tree,
                 };
                 self.procs.insert(instance, proc);
             }
@@ -1423,7 +1454,7 @@ async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>)
                 crate::fdpass::recv_with_fds(fd, &mut buf, rustix::net::RecvFlags::DONTWAIT)
             })
             .await;
-        let event = worker_record(received, &buf);
+        let event = worker_record(ipc.get_ref().as_fd(), received, &buf);
         let closed = matches!(event, WorkerEvent::Closed);
         if let WorkerEvent::Bad(_) = event {
             bad += 1;
@@ -1445,10 +1476,22 @@ async fn read_worker(id: InstanceId, ipc: Rc<Async<OwnedFd>>, tx: Sender<Event>)
     }
 }
 
-/// What one receive on a worker's IPC channel amounts to.
-fn worker_record(received: io::Result<crate::fdpass::Received>, buf: &[u8]) -> WorkerEvent {
+/// What one receive on a worker's IPC channel `ipc` amounts to.
+///
+/// On SOCK_SEQPACKET an empty record and the end of the channel both
+/// receive 0 bytes (Linux sets no `MSG_EOR` on unix sockets to tell them
+/// apart). Only the end comes with the peer shut down (`POLLRDHUP`), so 0
+/// bytes while the worker's end is open are an empty record: a protocol
+/// error. (An empty record sent just before the worker closes counts as the
+/// end, which it then is.)
+fn worker_record(
+    ipc: BorrowedFd<'_>,
+    received: io::Result<crate::fdpass::Received>,
+    buf: &[u8],
+) -> WorkerEvent {
     match received {
-        Ok(r) if r.len == 0 && r.fds.is_empty() => WorkerEvent::Closed,
+        Ok(r) if r.len == 0 && r.fds.is_empty() && peer_closed(ipc) => WorkerEvent::Closed,
+        Ok(r) if r.len == 0 && r.fds.is_empty() => WorkerEvent::Bad("an empty record".into()),
         Ok(r) if r.truncated => WorkerEvent::Bad(format!(
             "record larger than {} bytes",
             proto::MAX_IPC_RECORD
@@ -1464,41 +1507,19 @@ fn worker_record(received: io::Result<crate::fdpass::Received>, buf: &[u8]) -> W
     }
 }
 
-/// Reads a systemd-protocol worker's readiness pipe (`CLUSTERD_READY_FD`,
-/// s6 style): a line `READY=1` means ready. Reads until EOF (closing the
-/// pipe early would give the worker EPIPE on its next write), but interprets
-/// nothing after the first READY or after a line longer than 1 KiB.
-async fn read_ready_pipe(id: InstanceId, pipe: Async<OwnedFd>, tx: Sender<Event>) {
-    const MAX_LINE: usize = 1024;
-    let mut line = Vec::new();
-    let mut listening = true;
-    let mut buf = [0u8; 256];
-    loop {
-        let read = pipe.read_with(|fd| rustix::io::read(fd, &mut buf).map_err(io::Error::from));
-        let n = match read.await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        for &b in &buf[..n] {
-            if !listening {
-                break;
-            }
-            let event = if b != b'\n' {
-                line.push(b);
-                if line.len() <= MAX_LINE {
-                    continue;
-                }
-                WorkerEvent::Bad("readiness pipe: a line longer than 1 KiB (pipe ignored)".into())
-            } else if line.as_slice() == b"READY=1" {
-                WorkerEvent::Message(FromWorker::Ready)
-            } else {
-                line.clear();
-                continue;
-            };
-            listening = false;
-            if tx.send(Event::Worker(id, event)).await.is_err() {
-                return;
-            }
-        }
+/// Whether the other end of `sock` is closed or shut down for writing.
+fn peer_closed(sock: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&sock, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&now)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        // Cannot tell: the end, so that a dead channel is not read for ever.
+        Err(_) => true,
     }
 }

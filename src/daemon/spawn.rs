@@ -84,7 +84,9 @@ pub struct Spawned {
 const FIRST_FD: RawFd = 3;
 
 /// Starts `spec` as worker `slot` of `generation`. `notify` is the
-/// `NOTIFY_SOCKET` value for `protocol = systemd`.
+/// `NOTIFY_SOCKET` value for `protocol = systemd`; `cgroup_procs` the
+/// `cgroup.procs` file of the worker's own cgroup, which the child moves
+/// itself into before exec.
 ///
 /// # Errors
 /// Creating the channel, forking or executing failed; the message names the
@@ -96,6 +98,7 @@ pub fn spawn(
     listeners: &[Inherit<'_>],
     notify: Option<&str>,
     output: Option<super::logcap::ChildEnds>,
+    cgroup_procs: Option<BorrowedFd<'_>>,
 ) -> io::Result<Spawned> {
     let mut env: Vec<(String, String)> = vec![
         ("CLUSTERD_WORKER_ID".into(), slot.to_string()),
@@ -165,6 +168,7 @@ pub fn spawn(
     let parent = rustix::process::getpid();
     let sources = moves.raw;
     let count = moves.count;
+    let cgroup_procs = cgroup_procs.map(|fd| fd.as_raw_fd());
     let mut image = image;
     // SAFETY: the closure runs in the forked child before exec. It makes only
     // async-signal-safe system calls (dup2, prctl, getppid, getpid, execve) on
@@ -172,7 +176,7 @@ pub fn spawn(
     // locks.
     unsafe {
         cmd.pre_exec(move || {
-            child_setup(&sources[..count], parent)?;
+            child_setup(&sources[..count], parent, cgroup_procs)?;
             Err(image.exec())
         });
     }
@@ -347,7 +351,15 @@ impl ExecImage {
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe only.
-fn child_setup(sources: &[RawFd], parent: Pid) -> io::Result<()> {
+fn child_setup(sources: &[RawFd], parent: Pid, cgroup_procs: Option<RawFd>) -> io::Result<()> {
+    if let Some(procs) = cgroup_procs {
+        // Into its own cgroup before anything else: "0" is the writer
+        // itself. A failure is not fatal: clusterd moves it after the fork
+        // too, and says so if that fails.
+        // SAFETY: the fd is open in the child (inherited across fork) and
+        // only written to.
+        let _ = rustix::io::write(unsafe { BorrowedFd::borrow_raw(procs) }, b"0");
+    }
     for (i, &src) in sources.iter().enumerate() {
         // SAFETY: `src` is open in the child (inherited across fork; it is
         // closed only at exec). The target is wrapped in ManuallyDrop, so no
@@ -403,15 +415,27 @@ pub fn cloexec_inherited_fds() {
     }
 }
 
-/// Sends `signal` to the worker's process group (it is the group's leader),
-/// so helpers it started go too. A group that is gone is not an error.
+/// Sends `signal` to the worker itself and to its process group (it was
+/// made the group's leader), so helpers it started go too; the worker
+/// itself is reached even if it moved to another group. A process or group
+/// that is gone is not an error. `pid` must be an unreaped child (so it
+/// cannot name another process).
 pub fn signal_group(pid: u32, signal: Signal) {
-    let Some(pid) = Pid::from_raw(pid as i32) else {
+    let Some(pid) = Pid::from_raw(pid as i32).filter(|p| *p != Pid::INIT) else {
         return;
     };
-    if rustix::process::kill_process_group(pid, signal).is_err() {
-        let _ = rustix::process::kill_process(pid, signal);
+    let _ = rustix::process::kill_process(pid, signal);
+    if pid.as_raw_nonzero().get() as u32 != own_pgid() {
+        let _ = rustix::process::kill_process_group(pid, signal);
     }
+}
+
+/// clusterd's own process group; 0 when it lies outside clusterd's pid
+/// namespace (`unshare --pid --fork`), where rustix's `getpgrp` would panic.
+pub fn own_pgid() -> u32 {
+    // SAFETY: getpgrp takes no arguments and cannot fail.
+    let pgid = unsafe { libc::getpgrp() };
+    pgid.max(0) as u32
 }
 
 /// The resident set size of `pid`, from `/proc/PID/statm`.
