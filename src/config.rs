@@ -78,6 +78,21 @@ pub struct Config {
     /// line tagged (`on`, the default), or straight to clusterd's own
     /// (`off`).
     pub log_capture: bool,
+    /// `watchdog`: a ready worker silent this long is hung and replaced.
+    pub watchdog: Option<Duration>,
+    /// `watchdog_signal`: the diagnostic signal a hung worker gets before
+    /// SIGKILL.
+    pub watchdog_signal: Signal,
+    /// `max_memory`: bytes above which a worker is replaced.
+    pub max_memory: Option<u64>,
+    /// `max_requests`: recycle a worker after this many requests.
+    pub max_requests: Option<u64>,
+    /// `max_age`: recycle a worker after it lived this long.
+    pub max_age: Option<Duration>,
+    /// `crash_loop`: the crash streak that is a crash loop.
+    pub crash_loop: u32,
+    /// `on_crash_loop = exit`: stop (exit 1) when a crash loop begins.
+    pub exit_on_crash_loop: bool,
     /// `bake`: a rolling restart's first replacement (the canary) and its
     /// last must stay up this long after READY; zero turns it off.
     pub bake: Duration,
@@ -316,6 +331,13 @@ pub const KEYS: &[&str] = &[
     "rollback",
     "empty_pool",
     "log_capture",
+    "watchdog",
+    "watchdog_signal",
+    "max_memory",
+    "max_requests",
+    "max_age",
+    "crash_loop",
+    "on_crash_loop",
 ];
 
 /// Keys that may be given more than once.
@@ -351,6 +373,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 ];
 
 const MAX_WORKERS: u64 = 1024;
@@ -562,6 +586,13 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             rollback: true,
             empty_pool: EmptyPool::Wait,
             log_capture: true,
+            watchdog: None,
+            watchdog_signal: Signal::ABRT,
+            max_memory: None,
+            max_requests: None,
+            max_age: None,
+            crash_loop: 10,
+            exit_on_crash_loop: false,
         },
         errors: Vec::new(),
         omitted: 0,
@@ -775,6 +806,38 @@ impl Parser<'_> {
                     _ => {
                         return Err(format!(
                             "expected \"wait\", \"503\" or \"reset\", found {}",
+                            show(value)
+                        ));
+                    }
+                }
+            }
+            "watchdog" => c.watchdog = Some(positive(parse_duration(value)?)?),
+            "watchdog_signal" => c.watchdog_signal = Signal::parse(value)?,
+            "max_memory" => c.max_memory = Some(parse_size(value)?),
+            "max_requests" => {
+                c.max_requests = Some(number(value, 1, u64::MAX).ok_or_else(|| {
+                    format!(
+                        "expected a number of requests, at least 1, found {}",
+                        show(value)
+                    )
+                })?);
+            }
+            "max_age" => c.max_age = Some(positive(parse_duration(value)?)?),
+            "crash_loop" => {
+                c.crash_loop = number(value, 1, 1_000_000).ok_or_else(|| {
+                    format!(
+                        "expected a number of crashes in a row, at least 1, found {}",
+                        show(value)
+                    )
+                })? as u32;
+            }
+            "on_crash_loop" => {
+                c.exit_on_crash_loop = match value {
+                    "backoff" => false,
+                    "exit" => true,
+                    _ => {
+                        return Err(format!(
+                            "expected \"backoff\" or \"exit\", found {}",
                             show(value)
                         ));
                     }
@@ -1261,6 +1324,95 @@ fn at_least_10ms(duration: Duration) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A size in bytes: a number, optionally with `K`, `M`, `G` or `T` (powers
+/// of 1024; `KiB`, `MB`… are taken the same way), at least 1 MiB.
+fn parse_size(value: &str) -> Result<u64, String> {
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = value.split_at(digits);
+    let expected = || {
+        format!(
+            "expected a size such as 512M or 2G (K, M, G, T: powers of 1024), found {}",
+            show(value)
+        )
+    };
+    let num: u64 = num.parse().map_err(|_| expected())?;
+    let shift = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(expected()),
+    };
+    let bytes = num
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{} is too large", show(value)))?;
+    if bytes < 1 << 20 {
+        return Err(format!("{} is less than 1M", show(value)));
+    }
+    Ok(bytes)
+}
+
+/// A signal clusterd may send as `watchdog_signal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signal {
+    pub number: i32,
+    pub name: &'static str,
+}
+
+impl Signal {
+    pub const ABRT: Signal = Signal {
+        number: 6,
+        name: "SIGABRT",
+    };
+    /// The signals that make sense for a diagnosis: each runtime dumps its
+    /// stacks on one of them (Go and the JVM on QUIT, most on ABRT, Python's
+    /// faulthandler on what it registers).
+    const CHOICES: [Signal; 7] = [
+        Signal::ABRT,
+        Signal {
+            number: 3,
+            name: "SIGQUIT",
+        },
+        Signal {
+            number: 10,
+            name: "SIGUSR1",
+        },
+        Signal {
+            number: 12,
+            name: "SIGUSR2",
+        },
+        Signal {
+            number: 1,
+            name: "SIGHUP",
+        },
+        Signal {
+            number: 2,
+            name: "SIGINT",
+        },
+        Signal {
+            number: 15,
+            name: "SIGTERM",
+        },
+    ];
+
+    fn parse(value: &str) -> Result<Signal, String> {
+        let upper = value.to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+        Signal::CHOICES
+            .into_iter()
+            .find(|s| &s.name[3..] == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Signal::CHOICES.iter().map(|s| s.name).collect();
+                format!(
+                    "expected one of {}, found {}",
+                    names.join(", "),
+                    show(value)
+                )
+            })
+    }
+}
+
 fn positive(duration: Duration) -> Result<Duration, String> {
     if duration.is_zero() {
         return Err("must be longer than 0".into());
@@ -1505,6 +1657,13 @@ mod tests {
                 rollback: true,
                 empty_pool: EmptyPool::Wait,
                 log_capture: true,
+                watchdog: None,
+                watchdog_signal: Signal::ABRT,
+                max_memory: None,
+                max_requests: None,
+                max_age: None,
+                crash_loop: 10,
+                exit_on_crash_loop: false,
             }
         );
         assert_eq!(c.control_path(), default_control_path(&c.socket_name()).0);
@@ -1536,6 +1695,13 @@ bake = 1500ms
 rollback = off
 empty_pool = 503
 log_capture = off
+watchdog = 10s
+watchdog_signal = QUIT
+max_memory = 512M
+max_requests = 10000
+max_age = 1h
+crash_loop = 5
+on_crash_loop = exit
 ";
 
     #[test]
@@ -1574,6 +1740,13 @@ log_capture = off
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert!(!c.log_capture);
+        assert_eq!(c.watchdog, Some(Duration::from_secs(10)));
+        assert_eq!(c.watchdog_signal.name, "SIGQUIT");
+        assert_eq!(c.max_memory, Some(512 << 20));
+        assert_eq!(c.max_requests, Some(10_000));
+        assert_eq!(c.max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(c.crash_loop, 5);
+        assert!(c.exit_on_crash_loop);
         assert!(with("log_capture = on").log_capture);
         assert_eq!(
             err("log_capture = yes"),
@@ -1582,6 +1755,23 @@ log_capture = off
         assert_eq!(c.empty_pool, EmptyPool::Http503);
         assert_eq!(c.bake, Duration::from_millis(1500));
         assert!(!c.rollback);
+    }
+
+    #[test]
+    fn health_keys() {
+        assert_eq!(with("max_memory = 2G").max_memory, Some(2 << 30));
+        assert_eq!(with("max_memory = 300MiB").max_memory, Some(300 << 20));
+        assert_eq!(with("max_memory = 1048576").max_memory, Some(1 << 20));
+        assert_eq!(
+            err("max_memory = 100K"),
+            r#"max_memory: "100K" is less than 1M"#
+        );
+        assert!(err("max_memory = 5X").contains("expected a size such as 512M"));
+        assert_eq!(with("watchdog_signal = sigusr1").watchdog_signal.number, 10);
+        assert!(err("watchdog_signal = KILL").contains("expected one of SIGABRT, SIGQUIT"));
+        assert_eq!(err("watchdog = 0"), "watchdog: must be longer than 0");
+        assert!(err("max_requests = 0").contains("at least 1"));
+        assert!(err("on_crash_loop = stop").contains(r#"expected "backoff" or "exit""#));
     }
 
     #[test]

@@ -116,6 +116,10 @@ pub enum FromWorker {
         active: u32,
         failed: u64,
     },
+    /// The worker's event loop is alive (with `watchdog`, whose period
+    /// `WATCHDOG_USEC` in the environment gives; send at least twice per
+    /// period).
+    Heartbeat,
 }
 
 // ---------------------------------------------------------------------------
@@ -184,6 +188,9 @@ pub struct Status {
     pub phase: String,
     /// How the last rolling restart (or rollback) ended.
     pub last_restart: Option<LastRestart>,
+    /// A worker id crash-looping (its crash streak reached `crash_loop`),
+    /// e.g. `worker 2: 10 crashes in a row, the last exit 1`.
+    pub crash_loop: Option<String>,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -205,7 +212,8 @@ pub struct WorkerStatus {
     pub id: u32,
     pub pid: Option<u32>,
     pub generation: u64,
-    /// `starting`, `ready`, `draining` or `backoff`.
+    /// `starting`, `ready`, `draining`, `backoff`, or `hung` (missed its
+    /// watchdog; being replaced).
     pub state: String,
     pub uptime_ms: u64,
     pub restarts: u32,

@@ -762,6 +762,13 @@ fn build(p: Parts) -> Valid {
         rollback: true,
         empty_pool: clusterd::config::EmptyPool::Wait,
         log_capture: true,
+        watchdog: None,
+        watchdog_signal: clusterd::config::Signal::ABRT,
+        max_memory: None,
+        max_requests: None,
+        max_age: None,
+        crash_loop: 10,
+        exit_on_crash_loop: false,
     };
     Valid {
         path,
@@ -1011,6 +1018,7 @@ prop_compose! {
         (desired, ready, generation, operation) in
             (int32(), int32(), int64(), proptest::option::of(text())),
         workers in vec(worker_status(), 0..6),
+        crash_loop in proptest::option::of(text()),
         (phase, last_restart) in (text(), proptest::option::of(
             (text(), int64(), proptest::option::of(text()), int64()).prop_map(
                 |(outcome, generation, reason, ago_ms)| LastRestart { outcome, generation, reason, ago_ms },
@@ -1019,7 +1027,7 @@ prop_compose! {
     ) -> Status {
         Status {
             version, pid, uptime_ms, config, protocol, listeners, desired, ready, generation,
-            operation, phase, last_restart, workers,
+            operation, phase, last_restart, crash_loop, workers,
         }
     }
 }

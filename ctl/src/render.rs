@@ -573,6 +573,7 @@ mod tests {
             operation: None,
             phase: "running".into(),
             last_restart: None,
+            crash_loop: None,
             workers: vec![worker(1), crashed, backoff],
         }
     }

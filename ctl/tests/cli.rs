@@ -265,6 +265,7 @@ fn status() -> Status {
             ),
             ago_ms: 125_000,
         }),
+        crash_loop: None,
         workers: vec![worker(1), second],
     }
 }

@@ -1216,6 +1216,7 @@ mod tests {
             operation: None,
             phase: "running".into(),
             last_restart: None,
+            crash_loop: None,
             workers: vec![WorkerStatus {
                 id: 1,
                 pid: Some(812),

@@ -74,6 +74,9 @@ pub struct Counters {
     /// Rollbacks begun: after a restart failed, or after its generation
     /// failed once it had finished.
     pub rollbacks: u64,
+    /// Health replacements begun, by reason, in the order of
+    /// [`crate::lifecycle::HealthReason::ALL`].
+    pub replacements: [u64; 4],
     pub restart_seconds_sum: f64,
 }
 
@@ -364,17 +367,24 @@ async fn write(
 /// `/healthz`: ready while at least one worker is ready and clusterd is not
 /// stopping.
 pub fn health(status: &Status, stopping: bool) -> (bool, String) {
+    let crash_loop = status
+        .crash_loop
+        .as_ref()
+        .map_or(String::new(), |c| format!("; crash loop: {c}"));
     if stopping {
         (false, "stopping".into())
     } else if status.ready == 0 {
         (
             false,
-            format!("not ready: 0/{} workers ready", status.desired),
+            format!("not ready: 0/{} workers ready{crash_loop}", status.desired),
         )
     } else {
         (
             true,
-            format!("ok: {}/{} workers ready", status.ready, status.desired),
+            format!(
+                "ok: {}/{} workers ready{crash_loop}",
+                status.ready, status.desired
+            ),
         )
     }
 }
@@ -484,6 +494,32 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         out,
         "clusterd_rolling_restarts_total{{result=\"aborted\"}} {}",
         counters.restarts_aborted
+    );
+    family(
+        &mut out,
+        "clusterd_worker_replacements_total",
+        "counter",
+        "Workers replaced while they still ran, by reason: watchdog (hung), max_memory, max_requests, max_age.",
+    );
+    for (reason, n) in crate::lifecycle::HealthReason::ALL
+        .iter()
+        .zip(counters.replacements)
+    {
+        let _ = writeln!(
+            out,
+            "clusterd_worker_replacements_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
+        "clusterd_crash_loop",
+        "gauge",
+        "1 while a worker id is crash-looping (its crash streak reached crash_loop), else 0.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_crash_loop {}",
+        u8::from(status.crash_loop.is_some())
     );
     family(
         &mut out,
@@ -636,6 +672,7 @@ mod tests {
             operation: None,
             phase: "running".into(),
             last_restart: None,
+            crash_loop: None,
             workers: vec![
                 worker(1, Some(11), "ready"),
                 worker(1, Some(12), "draining"),

@@ -21,6 +21,7 @@ pub mod fallback;
 pub mod hint;
 pub mod listen;
 pub mod logcap;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod ready_pipe;
@@ -256,6 +257,8 @@ struct Daemon {
     fallback: fallback::Fallback,
     /// Every process clusterd started, and what they left behind.
     tree: tree::Tree,
+    /// When workers' memory is measured next (`max_memory`).
+    memory_check: Option<Instant>,
 }
 
 /// What one generation runs: its config (with the keys that only a new
@@ -333,8 +336,21 @@ fn timing(config: &Config) -> Timing {
         } else {
             Duration::ZERO
         },
+        watchdog: config.watchdog,
+        watchdog_grace: WATCHDOG_GRACE.min(config.drain_timeout),
+        max_requests: config.max_requests,
+        max_age: config.max_age,
+        crash_loop: Some(config.crash_loop),
+        exit_on_crash_loop: config.exit_on_crash_loop,
     }
 }
+
+/// Between a hung worker's diagnostic signal and its SIGKILL (at most
+/// `drain_timeout`): time for a runtime to write its stacks.
+const WATCHDOG_GRACE: Duration = Duration::from_secs(5);
+
+/// How often workers' memory is measured with `max_memory` set.
+const MEMORY_CHECK: Duration = Duration::from_millis(500);
 
 /// How long a finished restart's generation is watched for crashes
 /// (`rollback = auto`): a minute, or ten bakes if that is longer.
@@ -374,6 +390,7 @@ impl Daemon {
             scoreboard: Scoreboard::create(),
             fallback,
             tree: tree::Tree::new(),
+            memory_check: None,
         }
     }
 
@@ -389,7 +406,12 @@ impl Daemon {
         self.sup.start(Instant::now());
         self.execute();
         while self.exit_code.is_none() {
-            let event = match self.sup.next_deadline() {
+            let memory_check = self.memory_check();
+            let deadline = match (self.sup.next_deadline(), memory_check) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let event = match deadline {
                 Some(deadline) => {
                     let timer = async {
                         smol::Timer::at(deadline).await;
@@ -419,6 +441,9 @@ impl Daemon {
                 self.read_queued_before_deadlines();
             }
             self.sup.tick(Instant::now());
+            if memory_check.is_some_and(|t| t <= Instant::now()) {
+                self.check_memory();
+            }
             self.execute();
             let (ready, stopping) = (self.sup.ready(), self.sup.is_stopping());
             self.fallback.update(&self.config, ready, stopping);
@@ -517,6 +542,41 @@ impl Daemon {
             self.tree.sweep(|pid| pids.contains_key(&pid));
         }
         self.tree.tidy();
+    }
+
+    /// When to measure the workers' memory next; `None` without
+    /// `max_memory` (no wake-up at all).
+    fn memory_check(&mut self) -> Option<Instant> {
+        if self.config.max_memory.is_none() {
+            self.memory_check = None;
+            return None;
+        }
+        Some(
+            *self
+                .memory_check
+                .get_or_insert_with(|| Instant::now() + MEMORY_CHECK),
+        )
+    }
+
+    /// Measures every ready worker against `max_memory`; one above it is
+    /// recycled (see [`crate::lifecycle`]).
+    fn check_memory(&mut self) {
+        let now = Instant::now();
+        self.memory_check = Some(now + MEMORY_CHECK);
+        let Some(limit) = self.config.max_memory else {
+            return;
+        };
+        let ready: Vec<(InstanceId, u32)> = self
+            .sup
+            .instances()
+            .filter(|i| i.state == crate::lifecycle::State::Ready && !i.recycling && !i.hung)
+            .filter_map(|i| Some((i.id, i.pid?)))
+            .collect();
+        for (id, pid) in ready {
+            if let Some(bytes) = memory::worker_bytes(pid).filter(|&b| b > limit) {
+                self.sup.memory_exceeded(now, id, bytes, limit);
+            }
+        }
     }
 
     /// Before deadlines are judged: the records and datagrams that starting
@@ -629,6 +689,7 @@ impl Daemon {
                 active,
                 failed,
             }) => self.stats(id, requests, active, failed),
+            WorkerEvent::Message(FromWorker::Heartbeat) => self.sup.heartbeat(Instant::now(), id),
             WorkerEvent::Bad(why) => {
                 log!(warn, "worker.protocol", id = slot, pid = pid, error = why)
             }
@@ -646,7 +707,7 @@ impl Daemon {
             p.stats = Some((requests, active));
         }
         let outcomes = crate::lifecycle::Outcomes { requests, failed };
-        self.sup.outcomes_reported(id, outcomes);
+        self.sup.outcomes_reported(Instant::now(), id, outcomes);
     }
 
     /// Carries out the state machine's actions until it has no more.
@@ -658,6 +719,12 @@ impl Daemon {
             }
             for action in actions {
                 self.act(action);
+            }
+        }
+        for reason in self.sup.take_replacements() {
+            let labels = crate::lifecycle::HealthReason::ALL;
+            if let Some(i) = labels.iter().position(|l| *l == reason.as_str()) {
+                self.counters.replacements[i] += 1;
             }
         }
         self.forget_unused_generations();
@@ -698,6 +765,29 @@ impl Daemon {
             Action::Terminate { instance } => {
                 if let Some(p) = self.procs.get(&instance) {
                     p.tree.signal(rustix::process::Signal::TERM);
+                }
+            }
+            Action::Signal { instance } => {
+                if let Some(p) = self.procs.get(&instance) {
+                    let slot = self.sup.instance(instance).map_or(0, |i| i.slot);
+                    let signal = self.config.watchdog_signal;
+                    log!(
+                        warn,
+                        "worker.signal",
+                        id = slot,
+                        pid = p.pid,
+                        signal = signal.name,
+                        reason = "watchdog"
+                    );
+                    // The process itself, not its group: the diagnosis is of
+                    // the worker, and its helpers go with it at SIGKILL.
+                    if let Some(pid) = rustix::process::Pid::from_raw(p.pid as i32) {
+                        // SAFETY: from_raw_unchecked takes any number; the
+                        // config allows only real signals (SIGABRT, SIGQUIT…).
+                        let sig =
+                            unsafe { rustix::process::Signal::from_raw_unchecked(signal.number) };
+                        let _ = rustix::process::kill_process(pid, sig);
+                    }
                 }
             }
             Action::Kill { instance, reason } => {
@@ -875,6 +965,14 @@ impl Daemon {
         for (key, value) in n.fields {
             match (key.as_str(), value.as_str()) {
                 ("READY", "1") => self.worker_event(id, WorkerEvent::Message(FromWorker::Ready)),
+                ("WATCHDOG", "1") => self.sup.heartbeat(Instant::now(), id),
+                ("WATCHDOG", "trigger") => self.sup.watchdog_triggered(Instant::now(), id),
+                ("EXTEND_TIMEOUT_USEC", usec) => {
+                    if let Ok(usec) = usec.parse::<u64>() {
+                        let by = Duration::from_micros(usec);
+                        self.sup.extend_deadline(Instant::now(), id, by);
+                    }
+                }
                 ("STOPPING", "1") => log!(info, "worker.stopping", id = slot, pid = n.pid),
                 ("STATUS", _) => {
                     if let Some(p) = self.procs.get_mut(&id) {
@@ -1195,6 +1293,75 @@ impl Daemon {
                 self.tell_watchers(Response::Restarted(outcome), true);
             }
             Notice::Scaled { from, to } => log!(info, "scale", from = from, to = to),
+            Notice::Hung { slot, pid, silent } => {
+                if silent.is_zero() {
+                    log!(
+                        error,
+                        "worker.hung",
+                        id = slot,
+                        pid = opt(pid),
+                        reason = "WATCHDOG=trigger"
+                    );
+                } else {
+                    log!(
+                        error,
+                        "worker.hung",
+                        id = slot,
+                        pid = opt(pid),
+                        silent_ms = silent.as_millis()
+                    );
+                }
+            }
+            Notice::RecycleQueued { slot, pid, reason } => {
+                log!(
+                    info,
+                    "worker.recycle",
+                    id = slot,
+                    pid = opt(pid),
+                    reason = reason
+                );
+            }
+            Notice::Recycled {
+                slot,
+                reason,
+                old_pid,
+                new_pid,
+                took,
+            } => {
+                log!(
+                    info,
+                    "worker.recycled",
+                    id = slot,
+                    reason = reason.as_str(),
+                    old_pid = opt(old_pid),
+                    new_pid = opt(new_pid),
+                    took_ms = took.as_millis()
+                );
+            }
+            Notice::RecycleFailed { slot, reason, why } => {
+                log!(
+                    warn,
+                    "worker.recycle_failed",
+                    id = slot,
+                    reason = reason.as_str(),
+                    error = why
+                );
+            }
+            Notice::CrashLoop {
+                slot,
+                streak,
+                last,
+                exiting,
+            } => {
+                log!(
+                    error,
+                    "pool.crash_loop",
+                    id = slot,
+                    crashes = streak,
+                    last_exit = last,
+                    action = if exiting { "exit" } else { "backoff" }
+                );
+            }
             Notice::Stopping { fast, workers } => {
                 log!(
                     info,
@@ -1356,7 +1523,11 @@ impl Daemon {
                     id: slot.id,
                     pid: inst.pid,
                     generation: inst.generation,
-                    state: inst.state.as_str().into(),
+                    state: if inst.hung {
+                        "hung".into()
+                    } else {
+                        inst.state.as_str().into()
+                    },
                     uptime_ms: now.saturating_duration_since(inst.started).as_millis() as u64,
                     restarts: slot.restarts,
                     last_exit: slot.last_exit.clone(),
@@ -1422,6 +1593,15 @@ impl Daemon {
                 generation: l.generation,
                 reason: l.reason.clone(),
                 ago_ms: now.saturating_duration_since(l.at).as_millis() as u64,
+            }),
+            crash_loop: self.sup.crash_loop(now).map(|(slot, streak)| {
+                let last = self
+                    .sup
+                    .slots()
+                    .find(|s| s.id == slot)
+                    .and_then(|s| s.last_exit.clone())
+                    .unwrap_or_default();
+                format!("worker {slot}: {streak} crashes in a row, the last {last}")
             }),
             workers,
         }

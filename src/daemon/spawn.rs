@@ -46,6 +46,9 @@ pub struct Spec {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub protocol: Protocol,
+    /// `watchdog`: passed as `WATCHDOG_USEC` (and `WATCHDOG_PID`, the
+    /// worker's own pid), systemd's convention.
+    pub watchdog: Option<std::time::Duration>,
 }
 
 impl Spec {
@@ -59,6 +62,7 @@ impl Spec {
             uid: config.user.map(|(uid, _)| uid),
             gid: config.group.or(config.user.map(|(_, gid)| gid)),
             protocol: config.protocol,
+            watchdog: config.watchdog,
         }
     }
 }
@@ -148,7 +152,17 @@ pub fn spawn(
     }
     let moves =
         FdMoves::new(&inherit).map_err(|e| step(spec, "cannot duplicate the fds to pass", e))?;
-    let image = ExecImage::new(spec, &env, listen_pid).map_err(|e| step(spec, "", e))?;
+    if let Some(watchdog) = spec.watchdog {
+        env.push(("WATCHDOG_USEC".into(), watchdog.as_micros().to_string()));
+    }
+    let mut pid_keys: Vec<&[u8]> = Vec::new();
+    if listen_pid {
+        pid_keys.push(b"LISTEN_PID=");
+    }
+    if spec.watchdog.is_some() {
+        pid_keys.push(b"WATCHDOG_PID=");
+    }
+    let image = ExecImage::new(spec, &env, &pid_keys).map_err(|e| step(spec, "", e))?;
     drop(inherit);
     drop(theirs);
 
@@ -238,8 +252,8 @@ struct ExecImage {
     argv_ptrs: Vec<*const libc::c_char>,
     _env: Vec<Vec<u8>>,
     envp_ptrs: Vec<*const libc::c_char>,
-    /// The digits of `LISTEN_PID=`, written in the child.
-    pid_digits: Option<*mut u8>,
+    /// The digits of `LISTEN_PID=` and `WATCHDOG_PID=`, written in the child.
+    pid_digits: Vec<*mut u8>,
 }
 
 // SAFETY: the raw pointers point into the buffers this struct owns; it is
@@ -252,7 +266,9 @@ unsafe impl Sync for ExecImage {}
 const PID_ROOM: usize = 21;
 
 impl ExecImage {
-    fn new(spec: &Spec, ours: &[(String, String)], listen_pid: bool) -> io::Result<ExecImage> {
+    /// `pid_keys`: the variables (`KEY=`) whose value is the worker's own
+    /// pid, which the child writes in after the fork.
+    fn new(spec: &Spec, ours: &[(String, String)], pid_keys: &[&[u8]]) -> io::Result<ExecImage> {
         let cstring = |bytes: &[u8]| {
             CString::new(bytes).map_err(|_| {
                 io::Error::new(
@@ -278,23 +294,22 @@ impl ExecImage {
         for (k, v) in spec.env.iter().chain(ours) {
             env.push([k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat());
         }
-        let mut pid_digits = None;
-        if listen_pid {
-            let mut entry = b"LISTEN_PID=".to_vec();
-            entry.resize(entry.len() + PID_ROOM, 0);
-            env.push(entry);
-            let last = env.last_mut().expect("just pushed");
-            // SAFETY: in bounds: the entry has PID_ROOM bytes after the '='.
-            pid_digits = Some(unsafe { last.as_mut_ptr().add(b"LISTEN_PID=".len()) });
-        }
-        if env
-            .iter()
-            .any(|e| e[..e.len() - 1].contains(&0) && !e.starts_with(b"LISTEN_PID="))
-        {
+        if env.iter().any(|e| e[..e.len() - 1].contains(&0)) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "a NUL byte in the worker's environment",
             ));
+        }
+        let mut pid_digits = Vec::new();
+        for key in pid_keys {
+            let mut entry = key.to_vec();
+            entry.resize(entry.len() + PID_ROOM, 0);
+            env.push(entry);
+            let last = env.last_mut().expect("just pushed");
+            // SAFETY: in bounds: the entry has PID_ROOM bytes after the '='.
+            // The Vec's buffer does not move when `env` grows (only the Vec
+            // header does).
+            pid_digits.push(unsafe { last.as_mut_ptr().add(key.len()) });
         }
         let argv_ptrs = argv
             .iter()
@@ -316,10 +331,10 @@ impl ExecImage {
         })
     }
 
-    /// Writes `LISTEN_PID` and executes the program. Runs in the child;
-    /// returns only on failure.
+    /// Writes `LISTEN_PID` (and `WATCHDOG_PID`) and executes the program.
+    /// Runs in the child; returns only on failure.
     fn exec(&mut self) -> io::Error {
-        if let Some(digits) = self.pid_digits {
+        for &digits in &self.pid_digits {
             let mut pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
             let mut buf = [0u8; 10];
             let mut n = 0;
@@ -424,9 +439,15 @@ pub fn signal_group(pid: u32, signal: Signal) {
     let Some(pid) = Pid::from_raw(pid as i32).filter(|p| *p != Pid::INIT) else {
         return;
     };
-    let _ = rustix::process::kill_process(pid, signal);
     if pid.as_raw_nonzero().get() as u32 != own_pgid() {
         let _ = rustix::process::kill_process_group(pid, signal);
+    }
+    // The worker itself too when it left its group (the group's signal did
+    // not reach it), and always for SIGKILL. Not twice otherwise: a second
+    // SIGTERM can land while a program's handler is being reset and kill it.
+    let in_its_group = rustix::process::getpgid(Some(pid)).is_ok_and(|g| g == pid);
+    if !in_its_group || signal == Signal::KILL {
+        let _ = rustix::process::kill_process(pid, signal);
     }
 }
 

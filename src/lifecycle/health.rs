@@ -59,12 +59,9 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::Watchdog => write!(f, "watchdog"),
-            Reason::Memory { bytes, limit } => write!(
-                f,
-                "max_memory ({} MiB of {} MiB)",
-                bytes >> 20,
-                limit >> 20
-            ),
+            Reason::Memory { bytes, limit } => {
+                write!(f, "max_memory ({} MiB of {} MiB)", bytes >> 20, limit >> 20)
+            }
             Reason::MaxRequests { requests } => write!(f, "max_requests ({requests} served)"),
             Reason::MaxAge => write!(f, "max_age"),
         }
@@ -295,7 +292,13 @@ impl Supervisor {
     /// A crash of `slot`'s worker made its streak `streak`: at the
     /// `crash_loop` limit the pool is in a crash loop; with
     /// `on_crash_loop = exit` clusterd stops and exits 1.
-    pub(super) fn check_crash_loop(&mut self, now: Instant, slot: SlotId, streak: u32, exit: &Exit) {
+    pub(super) fn check_crash_loop(
+        &mut self,
+        now: Instant,
+        slot: SlotId,
+        streak: u32,
+        exit: &Exit,
+    ) {
         let Some(limit) = self.timing.crash_loop else {
             return;
         };
@@ -329,7 +332,8 @@ impl Supervisor {
                     i.slot == s.id
                         && i.state == State::Ready
                         && i.live()
-                        && i.ready_at.is_some_and(|t| now.saturating_duration_since(t) >= min_uptime)
+                        && i.ready_at
+                            .is_some_and(|t| now.saturating_duration_since(t) >= min_uptime)
                 })
             })
             .map(|s| (s.id, s.streak))

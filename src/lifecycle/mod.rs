@@ -42,12 +42,14 @@
 //!   has lived `min_uptime`.
 //! - A draining instance is killed at `drain_timeout`.
 
+mod health;
 mod rollout;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+pub use health::{Reason as HealthReason, jittered};
 pub use rollout::{LastRestart, Outcome, Phase};
 use rollout::{Rollout, Watch};
 
@@ -80,6 +82,18 @@ pub struct Timing {
     /// After a restart has finished, its generation is rolled back if it
     /// fails twice within this; zero turns it off (`rollback = off`).
     pub rollback_window: Duration,
+    /// `watchdog`: a ready worker silent this long is hung.
+    pub watchdog: Option<Duration>,
+    /// Between a hung worker's diagnostic signal and its SIGKILL.
+    pub watchdog_grace: Duration,
+    /// `max_requests`: recycle a worker that served this many (plus jitter).
+    pub max_requests: Option<u64>,
+    /// `max_age`: recycle a worker that lived this long (plus jitter).
+    pub max_age: Option<Duration>,
+    /// `crash_loop`: the crash streak that is a crash loop.
+    pub crash_loop: Option<u32>,
+    /// `on_crash_loop = exit`.
+    pub exit_on_crash_loop: bool,
 }
 
 impl Timing {
@@ -166,6 +180,8 @@ pub enum KillReason {
     /// A failed replacement is removed.
     Aborted,
     FastStop,
+    /// A hung worker, after its diagnostic signal and grace.
+    Watchdog,
 }
 
 impl KillReason {
@@ -175,6 +191,7 @@ impl KillReason {
             KillReason::DrainTimeout => "drain_timeout",
             KillReason::Aborted => "restart_aborted",
             KillReason::FastStop => "fast_stop",
+            KillReason::Watchdog => "watchdog",
         }
     }
 }
@@ -201,6 +218,14 @@ pub struct Instance {
     pub drained: bool,
     /// Requests served and failed, as the worker last reported them.
     pub outcomes: Outcomes,
+    /// The last watchdog heartbeat.
+    pub heartbeat: Option<Instant>,
+    /// Missed its watchdog: no longer counts, replaced, then killed.
+    pub hung: bool,
+    /// A hung instance got its diagnostic signal.
+    pub signalled: bool,
+    /// Queued or being recycled (never twice).
+    pub recycling: bool,
 }
 
 /// What a worker reports of the requests it answered (native workers that
@@ -224,7 +249,7 @@ impl Outcomes {
 impl Instance {
     /// Starting or Ready, and not being killed: counts towards the pool.
     fn live(&self) -> bool {
-        self.state != State::Draining && self.killed.is_none()
+        self.state != State::Draining && self.killed.is_none() && !self.hung
     }
 }
 
@@ -261,6 +286,8 @@ pub enum Action {
     },
     /// SIGTERM (fast stop).
     Terminate { instance: InstanceId },
+    /// The diagnostic signal (`watchdog_signal`) to a hung worker.
+    Signal { instance: InstanceId },
     /// SIGKILL.
     Kill {
         instance: InstanceId,
@@ -370,6 +397,42 @@ pub enum Notice {
         from: u32,
         to: u32,
     },
+    /// A worker missed its watchdog (`silent` zero: it asked to be).
+    Hung {
+        slot: SlotId,
+        pid: Option<u32>,
+        silent: Duration,
+    },
+    /// A worker will be replaced for `reason` (when no rollout runs).
+    RecycleQueued {
+        slot: SlotId,
+        pid: Option<u32>,
+        reason: HealthReason,
+    },
+    /// A worker was replaced for `reason`: its replacement is READY and it
+    /// drains.
+    Recycled {
+        slot: SlotId,
+        reason: HealthReason,
+        old_pid: Option<u32>,
+        new_pid: Option<u32>,
+        took: Duration,
+    },
+    /// The replacement failed; the worker serves on and is not recycled
+    /// again.
+    RecycleFailed {
+        slot: SlotId,
+        reason: HealthReason,
+        why: String,
+    },
+    /// A slot's crash streak reached `crash_loop`.
+    CrashLoop {
+        slot: SlotId,
+        streak: u32,
+        last: String,
+        /// `on_crash_loop = exit`: clusterd stops.
+        exiting: bool,
+    },
     Stopping {
         fast: bool,
         workers: u32,
@@ -400,6 +463,12 @@ pub struct Supervisor {
     watch: Option<Watch>,
     /// How the last rollout ended, for status.
     last_restart: Option<LastRestart>,
+    /// Health recycles waiting for their turn, oldest first.
+    recycles: VecDeque<(InstanceId, HealthReason)>,
+    /// Health replacements begun since the daemon last took them.
+    replacements: Vec<HealthReason>,
+    /// The exit code once stopped (1 after `on_crash_loop = exit`).
+    stop_code: i32,
     /// `Some(fast)` once stopping.
     stopping: Option<bool>,
     /// Fast stop: SIGKILL what is left at this time.
@@ -434,6 +503,9 @@ impl Supervisor {
             rollout: None,
             watch: None,
             last_restart: None,
+            recycles: VecDeque::new(),
+            replacements: Vec::new(),
+            stop_code: 0,
             stopping: None,
             stop_deadline: None,
             all_ready: false,
@@ -564,6 +636,7 @@ impl Supervisor {
             .chain(self.stop_deadline)
             .chain(rollout)
             .chain(watch)
+            .chain(self.health_deadline())
             .min()
     }
 
@@ -605,6 +678,7 @@ impl Supervisor {
             slot.respawn_at = None;
         }
 
+        self.signal_hung(now, slot_id);
         if self.is_replacement(id) {
             self.step_ready(now);
         }
@@ -614,9 +688,21 @@ impl Supervisor {
 
     /// The worker reported how many requests it served and how many of them
     /// failed (a baking replacement is judged on them).
-    pub fn outcomes_reported(&mut self, id: InstanceId, outcomes: Outcomes) {
+    pub fn outcomes_reported(&mut self, now: Instant, id: InstanceId, outcomes: Outcomes) {
         if let Some(inst) = self.instances.get_mut(&id) {
             inst.outcomes = outcomes;
+            self.check_requests(now, id);
+        }
+    }
+
+    /// `EXTEND_TIMEOUT_USEC`: a starting or draining worker asks for more
+    /// time; its deadline becomes at least `now + by`.
+    pub fn extend_deadline(&mut self, now: Instant, id: InstanceId, by: Duration) {
+        if let Some(inst) = self.instances.get_mut(&id) {
+            let waiting = matches!(inst.state, State::Starting | State::Draining);
+            if waiting && inst.killed.is_none() && !inst.hung {
+                inst.deadline = inst.deadline.map(|d| d.max(now + by));
+            }
         }
     }
 
@@ -639,6 +725,7 @@ impl Supervisor {
         };
         let uptime = now.saturating_duration_since(inst.started);
         let expected = inst.state == State::Draining
+            || inst.hung
             || self.stopping.is_some()
             || matches!(
                 inst.killed,
@@ -656,7 +743,9 @@ impl Supervisor {
 
         if self.stopping.is_some() {
             if self.instances.is_empty() {
-                self.actions.push(Action::Exit { code: 0 });
+                self.actions.push(Action::Exit {
+                    code: self.stop_code,
+                });
             }
             return;
         }
@@ -733,6 +822,7 @@ impl Supervisor {
                     }
                 }
                 State::Draining => self.kill(id, KillReason::DrainTimeout),
+                State::Ready if inst.hung => self.hung_deadline(now, id),
                 State::Ready => {}
             }
         }
@@ -749,6 +839,7 @@ impl Supervisor {
             }
         }
         self.tick_rollout(now);
+        self.tick_health(now);
         self.respawn_due(now);
     }
 
@@ -850,7 +941,9 @@ impl Supervisor {
             self.stop_deadline = Some(now + self.timing.fast_stop_grace);
         }
         if self.instances.is_empty() {
-            self.actions.push(Action::Exit { code: 0 });
+            self.actions.push(Action::Exit {
+                code: self.stop_code,
+            });
         }
     }
 
@@ -878,6 +971,10 @@ impl Supervisor {
                 killed: None,
                 drained: false,
                 outcomes: Outcomes::default(),
+                heartbeat: None,
+                hung: false,
+                signalled: false,
+                recycling: false,
             },
         );
         self.actions.push(Action::Spawn {
@@ -933,7 +1030,7 @@ impl Supervisor {
         let delay = self.timing.backoff(slot.streak);
         slot.streak = slot.streak.saturating_add(1);
         slot.respawn_at = Some(now + delay);
-        let (id, restarts) = (slot.id, slot.restarts);
+        let (id, restarts, streak) = (slot.id, slot.restarts, slot.streak);
         if delay > Duration::ZERO {
             self.notice(Notice::Backoff {
                 slot: id,
@@ -941,6 +1038,7 @@ impl Supervisor {
                 restarts,
             });
         }
+        self.check_crash_loop(now, id, streak, &exit);
     }
 
     /// The slots that have a live (starting or ready) instance.

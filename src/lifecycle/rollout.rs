@@ -22,7 +22,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::{InstanceId, KillReason, Notice, Outcomes, SlotId, State, Supervisor, human, pid_text};
+use super::{
+    HealthReason, InstanceId, KillReason, Notice, Outcomes, SlotId, State, Supervisor, human,
+    pid_text,
+};
 
 /// Crashes of a just-restarted generation's workers, within
 /// `rollback_window`, that roll it back.
@@ -119,6 +122,12 @@ pub(super) enum Kind {
         replaced: u32,
         after_restart: bool,
     },
+    /// A worker replaced for its health (memory, requests, age, watchdog):
+    /// READY-gated, not baked.
+    Recycle {
+        slot: SlotId,
+        reason: HealthReason,
+    },
 }
 
 impl Kind {
@@ -147,6 +156,8 @@ pub(super) struct Rollout {
     /// A worker of the new generation has been READY: failing now means
     /// rolling back, not only aborting.
     pub served: bool,
+    /// The pids of the last step: the worker replaced and its replacement.
+    pub pids: (Option<u32>, Option<u32>),
 }
 
 /// The replacement being started (and perhaps baked) in one slot.
@@ -184,6 +195,9 @@ impl Rollout {
                 format!("restart {}/{}{baking}", self.done, self.total)
             }
             Kind::Worker(slot) => format!("restart of worker {slot}"),
+            Kind::Recycle { slot, reason } => {
+                format!("replacing worker {slot} ({})", reason.as_str())
+            }
             Kind::Rollback { .. } => format!(
                 "rollback {}/{} to generation {}",
                 self.done, self.total, self.generation
@@ -194,6 +208,8 @@ impl Rollout {
     pub fn phase(&self) -> Phase {
         match self.kind {
             Kind::Rollback { .. } => Phase::RollingBack,
+            // A routine replacement: the pool is running.
+            Kind::Recycle { .. } => Phase::Running,
             _ if self.bake_until().is_some() => Phase::Baking,
             _ => Phase::Restarting,
         }
@@ -219,6 +235,10 @@ impl Rollout {
                 self.done, self.total
             ),
             Kind::Worker(slot) => format!("a restart of worker {slot} is in progress"),
+            Kind::Recycle { slot, reason } => format!(
+                "worker {slot} is being replaced ({}); try again in a moment",
+                reason.as_str()
+            ),
             Kind::Rollback { .. } => format!(
                 "a rollback to generation {} is in progress ({}/{})",
                 self.generation, self.done, self.total
@@ -233,6 +253,18 @@ impl Supervisor {
     /// # Errors
     /// Refused, with the reason, while stopping or while a rollout runs.
     pub fn restart(&mut self, now: Instant, generation: u64) -> Result<(), String> {
+        // A rolling restart replaces every worker: health recycles, queued
+        // or running, give way to it.
+        if self.stopping.is_none() {
+            if let Some(Kind::Recycle { .. }) = self.rollout.as_ref().map(|r| &r.kind) {
+                self.rollout_failed(now, "a rolling restart replaces every worker".into());
+            }
+            for (id, _) in std::mem::take(&mut self.recycles) {
+                if let Some(inst) = self.instances.get_mut(&id) {
+                    inst.recycling = false;
+                }
+            }
+        }
         self.may_begin()?;
         let pending: VecDeque<SlotId> = self.slots.keys().copied().collect();
         self.watch = None;
@@ -273,6 +305,24 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Replaces `slot`'s worker for its health, READY-gated (the queue in
+    /// [`super::health`] calls this when no rollout runs).
+    pub(super) fn begin_recycle(
+        &mut self,
+        now: Instant,
+        slot: SlotId,
+        generation: u64,
+        reason: HealthReason,
+    ) {
+        self.begin(
+            now,
+            Kind::Recycle { slot, reason },
+            generation,
+            generation,
+            VecDeque::from([slot]),
+        );
+    }
+
     fn may_begin(&self) -> Result<(), String> {
         if self.stopping.is_some() {
             return Err("clusterd is stopping".into());
@@ -293,7 +343,7 @@ impl Supervisor {
     ) {
         let total = pending.len() as u32;
         let worker = kind.worker();
-        let rollback = matches!(kind, Kind::Rollback { .. });
+        let quiet = matches!(kind, Kind::Rollback { .. } | Kind::Recycle { .. });
         self.rollout = Some(Rollout {
             kind,
             generation,
@@ -304,8 +354,9 @@ impl Supervisor {
             started: now,
             step: None,
             served: false,
+            pids: (None, None),
         });
-        if !rollback {
+        if !quiet {
             self.notice(Notice::RestartBegun {
                 generation,
                 total,
@@ -369,7 +420,23 @@ impl Supervisor {
         }
         let rollout = self.rollout.take().expect("checked above");
         let took = now - rollout.started;
+        self.finish(now, rollout, took);
+        self.next_recycle(now);
+    }
+
+    /// Reports a rollout that has moved every slot it had to.
+    fn finish(&mut self, now: Instant, rollout: Rollout, took: Duration) {
         match rollout.kind {
+            Kind::Recycle { slot, reason } => {
+                let (old_pid, new_pid) = rollout.pids;
+                self.notice(Notice::Recycled {
+                    slot,
+                    reason,
+                    old_pid,
+                    new_pid,
+                    took,
+                });
+            }
             Kind::Restart | Kind::Worker(_) => {
                 if rollout.kind == Kind::Restart {
                     self.generation = rollout.generation;
@@ -555,6 +622,9 @@ impl Supervisor {
             slot.streak = 0;
         }
         let new_pid = self.instances.get(&step.instance).and_then(|i| i.pid);
+        if let Some(rollout) = self.rollout.as_mut() {
+            rollout.pids = (old_pid, new_pid);
+        }
         let ready_at = step.ready_at.unwrap_or(now);
         self.notice(Notice::RestartProgress {
             slot: step.slot,
@@ -613,6 +683,15 @@ impl Supervisor {
                     took: now - rollout.started,
                     complete: false,
                     after_restart,
+                });
+            }
+            Kind::Recycle { slot, reason: why } => {
+                // The worker serves on; it is not recycled again (it would
+                // fail the same way), so it serves until it exits.
+                self.notice(Notice::RecycleFailed {
+                    slot,
+                    reason: why,
+                    why: reason,
                 });
             }
             _ => {

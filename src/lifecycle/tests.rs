@@ -17,6 +17,12 @@ fn timing() -> Timing {
         ready_after: None,
         bake: Duration::ZERO,
         rollback_window: Duration::ZERO,
+        watchdog: None,
+        watchdog_grace: 5 * S,
+        max_requests: None,
+        max_age: None,
+        crash_loop: None,
+        exit_on_crash_loop: false,
     }
 }
 
@@ -1175,15 +1181,15 @@ fn a_canary_failing_far_more_requests_than_the_old_workers_fails_its_bake() {
     let mut s = baked(2);
     let olds: Vec<InstanceId> = (1..=2).map(|slot| s.ready_in_slot(slot)).collect();
     for &id in &olds {
-        s.sup.outcomes_reported(id, outcomes(5000, 5));
+        s.sup.outcomes_reported(s.now, id, outcomes(5000, 5));
     }
     s.sup.restart(s.now, 2).unwrap();
     let canary = ready_replacement(&mut s, 501);
     s.sup.take_actions();
     for &id in &olds {
-        s.sup.outcomes_reported(id, outcomes(6000, 6));
+        s.sup.outcomes_reported(s.now, id, outcomes(6000, 6));
     }
-    s.sup.outcomes_reported(canary, outcomes(40, 30));
+    s.sup.outcomes_reported(s.now, canary, outcomes(40, 30));
     s.advance(5 * S);
     let actions = s.sup.take_actions();
     let (from, to, reason, slots) = rollback_begun(&actions).expect("a rollback");
@@ -1203,12 +1209,304 @@ fn a_canary_failing_far_more_requests_than_the_old_workers_fails_its_bake() {
         let canary = ready_replacement(&mut s, 501);
         s.sup.take_actions();
         for &id in &olds {
-            s.sup.outcomes_reported(id, outcomes(old.0, old.1));
+            s.sup.outcomes_reported(s.now, id, outcomes(old.0, old.1));
         }
-        s.sup.outcomes_reported(canary, outcomes(new.0, new.1));
+        s.sup
+            .outcomes_reported(s.now, canary, outcomes(new.0, new.1));
         s.advance(5 * S);
         let actions = s.sup.take_actions();
         assert!(rollback_begun(&actions).is_none(), "{old:?} {new:?}");
         assert_eq!(spawns(&actions), vec![(2, 2)], "the restart goes on");
     }
+}
+
+// --- health -----------------------------------------------------------------
+
+fn healthy(workers: u32, tweak: impl FnOnce(&mut Timing)) -> Script {
+    let mut t = timing();
+    tweak(&mut t);
+    let mut s = Script::new(workers);
+    s.sup.set_timing(t);
+    s.sup.start(s.now);
+    for id in s.spawn_all() {
+        assert!(s.sup.ready_reported(s.now, id));
+    }
+    s.sup.take_actions();
+    s
+}
+
+fn signals(actions: &[Action]) -> Vec<InstanceId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal { instance } => Some(*instance),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_silent_worker_is_replaced_first_then_signalled_then_killed() {
+    let mut s = healthy(2, |t| t.watchdog = Some(10 * S));
+    let (w1, w2) = (s.ready_in_slot(1), s.ready_in_slot(2));
+    s.advance(6 * S);
+    s.sup.heartbeat(s.now, w2);
+    assert_eq!(
+        s.sup.next_deadline(),
+        Some(s.now + 4 * S),
+        "worker 1's watchdog"
+    );
+    s.advance(4 * S);
+    let actions = s.sup.take_actions();
+    assert!(notices(&actions).iter().any(|n| matches!(
+        n,
+        Notice::Hung {
+            slot: 1,
+            silent,
+            ..
+        } if *silent == 10 * S
+    )));
+    assert_eq!(spawns(&actions), vec![(1, 1)], "its replacement first");
+    assert!(signals(&actions).is_empty() && kills(&actions).is_empty());
+    assert_eq!(s.sup.ready(), 1, "a hung worker is not capacity");
+    let slot = s.sup.slots().find(|sl| sl.id == 1).unwrap();
+    assert_eq!(slot.last_exit.as_deref(), Some("watchdog: silent 10s"));
+    assert_eq!(s.sup.take_replacements(), vec![HealthReason::Watchdog]);
+    // The replacement is READY: the hung one gets its diagnostic signal...
+    let new = s.live_in_slot(1)[0];
+    s.sup.spawned(new, 900);
+    s.sup.ready_reported(s.now, new);
+    assert_eq!(signals(&s.sup.take_actions()), vec![w1]);
+    // ...and SIGKILL after the grace, unless it exits first.
+    s.advance(5 * S);
+    assert_eq!(
+        kills(&s.sup.take_actions()),
+        vec![(w1, KillReason::Watchdog)]
+    );
+    s.sup.exited(s.now, w1, Exit::Signal(9));
+    let actions = s.sup.take_actions();
+    assert!(spawns(&actions).is_empty(), "expected: no second respawn");
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| matches!(n, Notice::Exited { expected: true, .. }))
+    );
+    assert_eq!(s.sup.ready(), 2);
+}
+
+#[test]
+fn a_hung_worker_whose_replacement_is_slow_is_signalled_at_ready_timeout() {
+    let mut s = healthy(1, |t| t.watchdog = Some(S));
+    let old = s.ready_in_slot(1);
+    s.advance(S);
+    s.spawn_all();
+    s.advance(10 * S);
+    let actions = s.sup.take_actions();
+    assert_eq!(
+        signals(&actions),
+        vec![old],
+        "not held up by the replacement"
+    );
+}
+
+#[test]
+fn watchdog_trigger_and_extend_timeout() {
+    let mut s = healthy(1, |t| t.watchdog = Some(10 * S));
+    let w = s.ready_in_slot(1);
+    s.sup.watchdog_triggered(s.now, w);
+    let actions = s.sup.take_actions();
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| matches!(n, Notice::Hung { silent, .. } if silent.is_zero()))
+    );
+    assert_eq!(spawns(&actions), vec![(1, 1)]);
+    // EXTEND_TIMEOUT_USEC moves a starting worker's deadline.
+    let new = s.live_in_slot(1)[0];
+    s.sup.extend_deadline(s.now, new, 30 * S);
+    s.advance(20 * S);
+    assert!(
+        kills(&s.sup.take_actions())
+            .iter()
+            .all(|(id, _)| *id != new)
+    );
+}
+
+#[test]
+fn max_requests_and_max_age_recycle_one_worker_at_a_time_ready_gated() {
+    let mut s = healthy(3, |t| {
+        t.max_requests = Some(1000);
+        t.max_age = Some(3600 * S);
+    });
+    let ids: Vec<InstanceId> = (1..=3).map(|slot| s.ready_in_slot(slot)).collect();
+    for &id in &ids {
+        s.sup.outcomes_reported(
+            s.now,
+            id,
+            Outcomes {
+                requests: 2000,
+                failed: 0,
+            },
+        );
+    }
+    let actions = s.sup.take_actions();
+    let queued = notices(&actions)
+        .iter()
+        .filter(|n| matches!(n, Notice::RecycleQueued { .. }))
+        .count();
+    assert_eq!(queued, 3);
+    assert_eq!(spawns(&actions), vec![(1, 1)], "one at a time");
+    assert!(drains(&actions).is_empty(), "READY-gated");
+    assert_eq!(s.sup.phase(), Phase::Running);
+    assert_eq!(
+        s.sup.operation().as_deref(),
+        Some("replacing worker 1 (max_requests)")
+    );
+    for slot in 1..=3 {
+        let new = ready_replacement(&mut s, 700 + slot);
+        let actions = s.sup.take_actions();
+        assert_eq!(
+            drains(&actions),
+            vec![ids[slot as usize - 1]],
+            "then the old one drains"
+        );
+        assert!(notices(&actions).iter().any(|n| matches!(
+            n,
+            Notice::Recycled { slot: sl, reason: HealthReason::MaxRequests { .. }, .. } if *sl == slot
+        )));
+        if slot < 3 {
+            assert_eq!(spawns(&actions), vec![(slot + 1, 1)], "the next one");
+        }
+        s.sup.outcomes_reported(
+            s.now,
+            new,
+            Outcomes {
+                requests: 10,
+                failed: 0,
+            },
+        );
+        s.sup.exited(s.now, ids[slot as usize - 1], Exit::Code(0));
+    }
+    assert_eq!(s.sup.recycles_queued(), 0);
+    assert_eq!(s.sup.take_replacements().len(), 3);
+    // An hour (plus jitter) later, max_age.
+    let before = s.sup.next_deadline().expect("an age");
+    assert!(before >= s.now + 3600 * S && before <= s.now + 3960 * S);
+    s.now = before;
+    s.sup.tick(s.now);
+    let actions = s.sup.take_actions();
+    assert!(notices(&actions).iter().any(|n| matches!(
+        n,
+        Notice::RecycleQueued {
+            reason: HealthReason::MaxAge,
+            ..
+        }
+    )));
+    assert_eq!(spawns(&actions).len(), 1);
+}
+
+#[test]
+fn memory_recycles_and_a_restart_supersedes_recycles() {
+    let mut s = healthy(2, |_| {});
+    let w1 = s.ready_in_slot(1);
+    s.sup.memory_exceeded(s.now, w1, 300 << 20, 256 << 20);
+    s.sup.memory_exceeded(s.now, w1, 310 << 20, 256 << 20);
+    let actions = s.sup.take_actions();
+    assert_eq!(spawns(&actions), vec![(1, 1)], "queued once");
+    // A rolling restart replaces every worker anyway: the recycle gives way.
+    s.sup.restart(s.now, 2).unwrap();
+    let actions = s.sup.take_actions();
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| matches!(n, Notice::RecycleFailed { slot: 1, .. }))
+    );
+    assert_eq!(spawns(&actions), vec![(1, 2)]);
+    assert_eq!(s.sup.recycles_queued(), 0);
+}
+
+#[test]
+fn a_recycle_whose_replacement_fails_leaves_the_worker_serving() {
+    let mut s = healthy(1, |t| t.max_requests = Some(10));
+    let w = s.ready_in_slot(1);
+    s.sup.outcomes_reported(
+        s.now,
+        w,
+        Outcomes {
+            requests: 20,
+            failed: 0,
+        },
+    );
+    let new = s.spawn_all()[0];
+    s.sup.exited(s.now, new, Exit::Code(1));
+    let actions = s.sup.take_actions();
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| matches!(n, Notice::RecycleFailed { .. }))
+    );
+    assert_eq!(s.ready_in_slot(1), w);
+    // Not queued again (it would fail again): it serves until it exits.
+    s.sup.outcomes_reported(
+        s.now,
+        w,
+        Outcomes {
+            requests: 30,
+            failed: 0,
+        },
+    );
+    assert!(spawns(&s.sup.take_actions()).is_empty());
+}
+
+/// Worker `slot` exits 1 as soon as it starts; returns the actions of the
+/// exit, then lets the respawn happen (at its backoff).
+fn crash_now(s: &mut Script, slot: SlotId) -> Vec<Action> {
+    let id = s
+        .sup
+        .instances()
+        .find(|i| i.slot == slot && i.live())
+        .map(|i| i.id)
+        .expect("a live worker");
+    s.sup.exited(s.now, id, Exit::Code(1));
+    let actions = s.sup.take_actions();
+    if spawns(&actions).is_empty() && !s.sup.is_stopping() {
+        s.now = s.sup.next_deadline().expect("a respawn");
+        s.sup.tick(s.now);
+        s.sup.take_actions();
+    }
+    actions
+}
+
+#[test]
+fn a_crash_loop_is_reported_and_with_exit_clusterd_stops_with_1() {
+    let mut s = healthy(2, |t| t.crash_loop = Some(3));
+    crash_now(&mut s, 2);
+    crash_now(&mut s, 2);
+    assert_eq!(s.sup.crash_loop(s.now), None);
+    let actions = crash_now(&mut s, 2);
+    assert!(notices(&actions).iter().any(|n| matches!(
+        n,
+        Notice::CrashLoop {
+            slot: 2,
+            streak: 3,
+            exiting: false,
+            ..
+        }
+    )));
+    assert_eq!(s.sup.crash_loop(s.now), Some((2, 3)));
+    assert!(!s.sup.is_stopping(), "backoff: it goes on");
+
+    let mut s = healthy(1, |t| {
+        t.crash_loop = Some(2);
+        t.exit_on_crash_loop = true;
+    });
+    crash_now(&mut s, 1);
+    let actions = crash_now(&mut s, 1);
+    assert!(
+        notices(&actions)
+            .iter()
+            .any(|n| matches!(n, Notice::CrashLoop { exiting: true, .. }))
+    );
+    assert!(s.sup.is_stopping());
+    assert!(actions.contains(&Action::Exit { code: 1 }), "{actions:?}");
 }
