@@ -201,6 +201,9 @@ fn run(listen: &str) -> io::Result<()> {
     });
 
     let ex = LocalExecutor::new();
+    // With `watchdog` set, heartbeats from this executor: if it blocks,
+    // clusterd replaces the worker.
+    ex.spawn(worker.watchdog()).detach();
     smol::block_on(ex.run(async {
         worker.ready().await?;
         let accepting = loop {

@@ -42,6 +42,15 @@
 //!   at every 50 ms from its start): a generation that starts failing later.
 //! - `--fail-requests`: answers every request `500 Internal Server Error`
 //!   and counts it as failed in its stats.
+//! - `--hang-when PATH`: once PATH holds this worker's id, blocks its
+//!   executor for good (a CPU loop would do the same to the watchdog). A
+//!   SIGABRT then writes `testworker: worker ID: SIGABRT, dumping stacks` and
+//!   returns, as a runtime that dumps its stacks would.
+//! - `--leak-when PATH`: once PATH holds this worker's id, allocates and
+//!   touches 50 MiB a second (5 MiB every 100 ms), never freed.
+//!
+//! With `watchdog` set, every mode heartbeats (`Worker::watchdog`) from its
+//! executor.
 //!
 //! The responder answers every request on a keep-alive connection with
 //! `200 OK`, headers `X-Worker: ID`, `X-Pid: PID`, `X-Generation: GEN` and the
@@ -75,7 +84,7 @@ macro_rules! say {
     }};
 }
 
-const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|empty-record|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH] [--fail-requests]";
+const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|empty-record|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH] [--fail-requests] [--hang-when PATH] [--leak-when PATH]";
 
 /// Requests received so far, for `--crash-on-request`.
 static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -105,6 +114,8 @@ struct Opts {
     crash_on_request: Option<u64>,
     fail_when: Option<std::path::PathBuf>,
     fail_requests: bool,
+    hang_when: Option<std::path::PathBuf>,
+    leak_when: Option<std::path::PathBuf>,
 }
 
 fn parse_opts(args: &[String]) -> Result<(Mode, Opts), String> {
@@ -130,6 +141,8 @@ fn parse_opts(args: &[String]) -> Result<(Mode, Opts), String> {
             "--ready-delay" => opts.ready_delay = Some(Duration::from_millis(number()?)),
             "--crash-on-request" => opts.crash_on_request = Some(number()?),
             "--fail-when" => opts.fail_when = Some(value.into()),
+            "--hang-when" => opts.hang_when = Some(value.into()),
+            "--leak-when" => opts.leak_when = Some(value.into()),
             _ => return Err(format!("unknown option {name:?}")),
         }
     }
@@ -223,6 +236,30 @@ fn run(mode: Mode, opts: Opts) -> io::Result<()> {
 
     // Accept loops spawn connection tasks, so they hold the executor too.
     let ex = Rc::new(LocalExecutor::new());
+    ex.spawn(worker.watchdog()).detach();
+    if let Some(path) = opts.hang_when.clone() {
+        on_sigabrt_say_so(id);
+        ex.spawn(async move {
+            wait_for_id(&path, id).await;
+            say!("testworker: worker {id} hanging as asked (its executor blocks)");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        })
+        .detach();
+    }
+    if let Some(path) = opts.leak_when.clone() {
+        ex.spawn(async move {
+            wait_for_id(&path, id).await;
+            say!("testworker: worker {id} leaking 50 MiB/s as asked");
+            let mut kept: Vec<Vec<u8>> = Vec::new();
+            loop {
+                kept.push(vec![1u8; 5 << 20]);
+                Timer::after(Duration::from_millis(100)).await;
+            }
+        })
+        .detach();
+    }
     smol::block_on(ex.run(async {
         if let Some(delay) = opts.ready_delay {
             Timer::after(delay).await;
@@ -333,6 +370,41 @@ fn close_ipc() -> io::Result<()> {
     say!("testworker: closed the IPC channel; sleeping");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Waits until `path` holds `id` (looked at every 50 ms).
+async fn wait_for_id(path: &std::path::Path, id: u32) {
+    loop {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.trim() == id.to_string()) {
+            return;
+        }
+        Timer::after(Duration::from_millis(50)).await;
+    }
+}
+
+/// The message the SIGABRT handler writes (set once, before it is installed).
+static ABRT_MESSAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+extern "C" fn on_sigabrt(_: libc::c_int) {
+    if let Some(message) = ABRT_MESSAGE.get() {
+        // SAFETY: write(2) is async-signal-safe; the buffer is a 'static
+        // string that is never changed once set.
+        unsafe { libc::write(2, message.as_ptr().cast(), message.len()) };
+    }
+}
+
+/// Makes SIGABRT write a line and return, as a runtime dumping its stacks.
+fn on_sigabrt_say_so(id: u32) {
+    let _ = ABRT_MESSAGE.set(format!(
+        "testworker: worker {id}: SIGABRT, dumping stacks\n"
+    ));
+    // SAFETY: an all-zero sigaction is valid (no flags, empty mask); the
+    // handler only calls write(2), which is async-signal-safe.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigabrt as *const () as usize;
+        libc::sigaction(libc::SIGABRT, &action, std::ptr::null_mut());
     }
 }
 

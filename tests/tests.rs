@@ -17,6 +17,8 @@ mod core;
 mod docs;
 /// Faults and leaks: bad programs, misbehaving workers, rlimits, HUP storms, 200 restarts.
 mod faults;
+/// Worker health: hung, leaking and aging workers, crash loops.
+mod health;
 /// Hostile clients: the metrics port under idle and slowloris connections;
 /// `empty_pool`.
 mod hostile;

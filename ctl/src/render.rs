@@ -236,6 +236,9 @@ pub fn status(s: &Status) -> String {
     for (label, value) in summary {
         let _ = writeln!(out, "{label:<12}{value}");
     }
+    if let Some(crash_loop) = &s.crash_loop {
+        let _ = writeln!(out, "{:<12}{}", "crash loop", clean(crash_loop));
+    }
     out.push('\n');
     if s.workers.is_empty() {
         out.push_str("(no workers)\n");
@@ -423,6 +426,7 @@ pub fn status_json(s: &Status) -> Value {
         "ready": s.ready,
         "generation": s.generation,
         "phase": s.phase,
+        "crash_loop": s.crash_loop,
         "operation": s.operation,
         "last_restart": s.last_restart.as_ref().map(|l| json!({
             "outcome": l.outcome,
@@ -699,6 +703,7 @@ ID  PID  GEN  STATE    UPTIME  RESTARTS  LAST-EXIT             RSS  REQUESTS  AC
             keys(&v),
             [
                 "config",
+                "crash_loop",
                 "desired",
                 "generation",
                 "last_restart",

@@ -1293,8 +1293,25 @@ impl Daemon {
                 self.tell_watchers(Response::Restarted(outcome), true);
             }
             Notice::Scaled { from, to } => log!(info, "scale", from = from, to = to),
-            Notice::Hung { slot, pid, silent } => {
-                if silent.is_zero() {
+            Notice::Hung {
+                slot,
+                pid,
+                silent,
+                never,
+            } => {
+                if never && !silent.is_zero() {
+                    let hint = "it never sent a heartbeat: with watchdog set, a native worker \
+                                runs Worker::watchdog() on its executor, any other program \
+                                sends WATCHDOG=1 to $NOTIFY_SOCKET every WATCHDOG_USEC/2";
+                    log!(
+                        error,
+                        "worker.hung",
+                        id = slot,
+                        pid = opt(pid),
+                        silent_ms = silent.as_millis(),
+                        hint = hint
+                    );
+                } else if silent.is_zero() {
                     log!(
                         error,
                         "worker.hung",

@@ -181,10 +181,12 @@ impl Supervisor {
         inst.hung = true;
         inst.deadline = Some(now + ready_timeout);
         let (slot_id, pid, generation) = (inst.slot, inst.pid, inst.generation);
+        let never = inst.heartbeat.is_none();
         self.notice(Notice::Hung {
             slot: slot_id,
             pid,
             silent,
+            never,
         });
         self.replacements.push(Reason::Watchdog);
         if let Some(slot) = self.slots.get_mut(&slot_id) {

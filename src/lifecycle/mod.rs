@@ -402,6 +402,8 @@ pub enum Notice {
         slot: SlotId,
         pid: Option<u32>,
         silent: Duration,
+        /// It never sent a heartbeat at all.
+        never: bool,
     },
     /// A worker will be replaced for `reason` (when no rollout runs).
     RecycleQueued {

@@ -465,6 +465,38 @@ impl Worker {
         Shutdown::new(self.shared.shutdown.clone())
     }
 
+    /// The watchdog's heartbeat: a future that tells clusterd every half
+    /// period that this worker's executor is alive, for as long as it runs.
+    /// Spawn it on the executor whose health it vouches for (the one that
+    /// runs the accept loop and the requests): if that executor blocks (a
+    /// CPU loop, a deadlock), the beats stop and clusterd replaces the
+    /// worker (see `watchdog` in clusterd.conf(5)).
+    ///
+    /// It resolves at once, sending nothing, when clusterd set no watchdog
+    /// (`WATCHDOG_USEC` is not in the environment, or `WATCHDOG_PID` names
+    /// another process) or without clusterd, and when the channel closes.
+    ///
+    /// ```no_run
+    /// # fn demo(worker: &clusterd::worker::Worker, ex: &smol::LocalExecutor<'_>) {
+    /// ex.spawn(worker.watchdog()).detach();
+    /// # }
+    /// ```
+    pub fn watchdog(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let ipc = self.ipc.clone();
+        let period = watchdog_period();
+        async move {
+            let (Some(ipc), Some(period)) = (ipc, period) else {
+                return;
+            };
+            loop {
+                if send(&ipc, &FromWorker::Heartbeat).await.is_err() {
+                    return;
+                }
+                smol::Timer::after(period / 2).await;
+            }
+        }
+    }
+
     /// A handle for reporting load to clusterd (shown by `clusterctl status`).
     /// The latest values are sent at most once a second, when they changed,
     /// after [`Worker::ready`]. Standalone, the values are kept but not sent.
@@ -539,6 +571,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Prefixes an error's message, keeping its kind.
 fn with_context(e: io::Error, context: fmt::Arguments<'_>) -> io::Error {
     io::Error::new(e.kind(), format!("{context}: {e}"))
+}
+
+/// The watchdog period clusterd set (`WATCHDOG_USEC`), if it is meant for
+/// this process (`WATCHDOG_PID`, when set, is its pid).
+fn watchdog_period() -> Option<std::time::Duration> {
+    if let Some(pid) = std::env::var_os("WATCHDOG_PID") {
+        if pid.to_str()?.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
 }
 
 #[cfg(test)]
