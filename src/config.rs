@@ -93,6 +93,9 @@ pub struct Config {
     pub crash_loop: u32,
     /// `on_crash_loop = exit`: stop (exit 1) when a crash loop begins.
     pub exit_on_crash_loop: bool,
+    /// `shutdown_delay`: on TERM/INT and `clusterctl stop`, serve this long
+    /// with `/healthz` failing before draining (lame duck).
+    pub shutdown_delay: Duration,
     /// `bake`: a rolling restart's first replacement (the canary) and its
     /// last must stay up this long after READY; zero turns it off.
     pub bake: Duration,
@@ -338,6 +341,7 @@ pub const KEYS: &[&str] = &[
     "max_age",
     "crash_loop",
     "on_crash_loop",
+    "shutdown_delay",
 ];
 
 /// Keys that may be given more than once.
@@ -593,6 +597,7 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             max_age: None,
             crash_loop: 10,
             exit_on_crash_loop: false,
+            shutdown_delay: Duration::ZERO,
         },
         errors: Vec::new(),
         omitted: 0,
@@ -843,6 +848,7 @@ impl Parser<'_> {
                     }
                 }
             }
+            "shutdown_delay" => c.shutdown_delay = parse_duration(value)?,
             "log_capture" => {
                 c.log_capture = match value {
                     "on" => true,
@@ -1664,6 +1670,7 @@ mod tests {
                 max_age: None,
                 crash_loop: 10,
                 exit_on_crash_loop: false,
+                shutdown_delay: Duration::ZERO,
             }
         );
         assert_eq!(c.control_path(), default_control_path(&c.socket_name()).0);
@@ -1702,6 +1709,7 @@ max_requests = 10000
 max_age = 1h
 crash_loop = 5
 on_crash_loop = exit
+shutdown_delay = 15s
 ";
 
     #[test]
@@ -1747,6 +1755,7 @@ on_crash_loop = exit
         assert_eq!(c.max_age, Some(Duration::from_secs(3600)));
         assert_eq!(c.crash_loop, 5);
         assert!(c.exit_on_crash_loop);
+        assert_eq!(c.shutdown_delay, Duration::from_secs(15));
         assert!(with("log_capture = on").log_capture);
         assert_eq!(
             err("log_capture = yes"),

@@ -769,6 +769,7 @@ fn build(p: Parts) -> Valid {
         max_age: None,
         crash_loop: 10,
         exit_on_crash_loop: false,
+        shutdown_delay: Duration::ZERO,
     };
     Valid {
         path,

@@ -460,7 +460,8 @@ impl Daemon {
             Event::Signal(S::Child) => self.reap(),
             Event::Signal(sig @ (S::Term | S::Int)) => {
                 log!(info, "signal", name = format!("{sig:?}").to_uppercase());
-                self.sup.stop(Instant::now(), false);
+                self.sup
+                    .stop_after(Instant::now(), self.config.shutdown_delay);
             }
             Event::Signal(S::Quit) => {
                 log!(info, "signal", name = "QUIT");
@@ -1379,6 +1380,12 @@ impl Daemon {
                     action = if exiting { "exit" } else { "backoff" }
                 );
             }
+            Notice::LameDuck { delay } => {
+                log!(info, "stopping", mode = "lame_duck", delay = human(delay));
+                if let Some(m) = &self.manager {
+                    m.notify("STOPPING=1");
+                }
+            }
             Notice::Stopping { fast, workers } => {
                 log!(
                     info,
@@ -1522,7 +1529,8 @@ impl Daemon {
             }
             Request::Stop => {
                 let _ = req.reply.try_send(Response::Stopping);
-                self.sup.stop(Instant::now(), false);
+                self.sup
+                    .stop_after(Instant::now(), self.config.shutdown_delay);
             }
             Request::RestartWorker(id) => self.restart_worker(id, req.reply),
         }

@@ -439,6 +439,10 @@ pub enum Notice {
         fast: bool,
         workers: u32,
     },
+    /// A graceful stop begins with `delay` of lame duck.
+    LameDuck {
+        delay: Duration,
+    },
 }
 
 /// What the operator may ask to change the pool size to.
@@ -471,6 +475,8 @@ pub struct Supervisor {
     replacements: Vec<HealthReason>,
     /// The exit code once stopped (1 after `on_crash_loop = exit`).
     stop_code: i32,
+    /// The end of the lame-duck delay before a graceful stop.
+    lame_duck: Option<Instant>,
     /// `Some(fast)` once stopping.
     stopping: Option<bool>,
     /// Fast stop: SIGKILL what is left at this time.
@@ -508,6 +514,7 @@ impl Supervisor {
             recycles: VecDeque::new(),
             replacements: Vec::new(),
             stop_code: 0,
+            lame_duck: None,
             stopping: None,
             stop_deadline: None,
             all_ready: false,
@@ -568,14 +575,40 @@ impl Supervisor {
         self.instances.get(&id)
     }
 
+    /// Stopping, or serving out a lame-duck delay before it (`/healthz`
+    /// says 503 for both).
     pub fn is_stopping(&self) -> bool {
-        self.stopping.is_some()
+        self.stopping.is_some() || self.lame_duck.is_some()
+    }
+
+    /// A graceful stop after `delay` of lame duck (`shutdown_delay`): the
+    /// workers keep serving meanwhile (and crashed ones are still
+    /// replaced) while `/healthz` fails, so that load balancers stop sending
+    /// new connections first. A second request during the delay stops at
+    /// once; a zero delay is [`stop`](Self::stop).
+    pub fn stop_after(&mut self, now: Instant, delay: Duration) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if self.lame_duck.is_some() || delay.is_zero() {
+            self.lame_duck = None;
+            return self.stop(now, false);
+        }
+        self.lame_duck = Some(now + delay);
+        self.watch = None;
+        if self.rollout.is_some() {
+            self.rollout_failed(now, "clusterd is stopping".into());
+        }
+        self.notice(Notice::LameDuck { delay });
     }
 
     /// The operation in progress, for status: `restart 3/8`, `stopping`.
     pub fn operation(&self) -> Option<String> {
         if self.stopping.is_some() {
             return Some(format!("stopping ({} left)", self.instances.len()));
+        }
+        if self.lame_duck.is_some() {
+            return Some("lame duck: serving, then stopping".into());
         }
         self.rollout.as_ref().map(Rollout::describe)
     }
@@ -584,6 +617,9 @@ impl Supervisor {
     pub fn phase(&self) -> Phase {
         if self.stopping.is_some() {
             return Phase::Stopping;
+        }
+        if self.lame_duck.is_some() {
+            return Phase::LameDuck;
         }
         self.rollout.as_ref().map_or(Phase::Running, Rollout::phase)
     }
@@ -639,6 +675,7 @@ impl Supervisor {
             .chain(rollout)
             .chain(watch)
             .chain(self.health_deadline())
+            .chain(self.lame_duck)
             .min()
     }
 
@@ -840,6 +877,10 @@ impl Supervisor {
                 self.kill(id, KillReason::FastStop);
             }
         }
+        if self.lame_duck.is_some_and(|t| t <= now) {
+            self.lame_duck = None;
+            self.stop(now, false);
+        }
         self.tick_rollout(now);
         self.tick_health(now);
         self.respawn_due(now);
@@ -914,6 +955,7 @@ impl Supervisor {
             _ => {}
         }
         self.stopping = Some(fast);
+        self.lame_duck = None;
         self.watch = None;
         if self.rollout.is_some() {
             self.rollout_failed(now, "clusterd is stopping".into());

@@ -51,6 +51,8 @@ pub enum Phase {
     Baking,
     /// Slots go back to the last stable generation.
     RollingBack,
+    /// `shutdown_delay`: serving while `/healthz` fails, before stopping.
+    LameDuck,
     Stopping,
 }
 
@@ -61,16 +63,18 @@ impl Phase {
             Phase::Restarting => "restarting",
             Phase::Baking => "baking",
             Phase::RollingBack => "rolling_back",
+            Phase::LameDuck => "lame_duck",
             Phase::Stopping => "stopping",
         }
     }
 
     /// Every phase, for the metrics.
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Running,
         Phase::Restarting,
         Phase::Baking,
         Phase::RollingBack,
+        Phase::LameDuck,
         Phase::Stopping,
     ];
 }
@@ -324,7 +328,7 @@ impl Supervisor {
     }
 
     fn may_begin(&self) -> Result<(), String> {
-        if self.stopping.is_some() {
+        if self.is_stopping() {
             return Err("clusterd is stopping".into());
         }
         match &self.rollout {

@@ -1510,3 +1510,37 @@ fn a_crash_loop_is_reported_and_with_exit_clusterd_stops_with_1() {
     assert!(s.sup.is_stopping());
     assert!(actions.contains(&Action::Exit { code: 1 }), "{actions:?}");
 }
+
+#[test]
+fn a_lame_duck_serves_until_its_delay_then_drains_and_a_second_stop_skips_it() {
+    let mut s = Script::started(2);
+    s.sup.stop_after(s.now, 10 * S);
+    let actions = s.sup.take_actions();
+    assert!(notices(&actions).contains(&&Notice::LameDuck { delay: 10 * S }));
+    assert!(drains(&actions).is_empty(), "still serving");
+    assert!(s.sup.is_stopping(), "/healthz fails");
+    assert_eq!(s.sup.phase(), Phase::LameDuck);
+    assert!(s.sup.restart(s.now, 2).is_err(), "no restart now");
+    // A crash while serving is still replaced.
+    s.advance(60 * MS);
+    let w = s.ready_in_slot(1);
+    s.sup.exited(s.now, w, Exit::Signal(9));
+    let respawned = s.spawn_all();
+    assert_eq!(respawned.len(), 1, "respawned while serving");
+    s.sup.ready_reported(s.now, respawned[0]);
+    s.sup.take_actions();
+    s.now += 10 * S;
+    s.sup.tick(s.now);
+    assert_eq!(drains(&s.sup.take_actions()).len(), 2, "then the drain");
+    assert_eq!(s.sup.phase(), Phase::Stopping);
+
+    let mut s = Script::started(1);
+    s.sup.stop_after(s.now, 10 * S);
+    s.sup.take_actions();
+    s.sup.stop_after(s.now, 10 * S);
+    assert_eq!(
+        drains(&s.sup.take_actions()).len(),
+        1,
+        "a second TERM skips the rest"
+    );
+}

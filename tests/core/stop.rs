@@ -150,3 +150,45 @@ fn quit_stops_fast_and_kills_what_ignores_sigterm() {
     );
     wait_gone("every worker to be gone", &pids);
 }
+
+/// `shutdown_delay`: TERM first fails `/healthz` while the workers go on
+/// serving new connections (lame duck), then drains and exits 0; a second
+/// TERM skips what is left of the delay.
+#[test]
+fn a_lame_duck_fails_healthz_serves_on_then_drains() {
+    let mut cluster = Cluster::shop("lame-duck", 2, "shutdown_delay = 2s\nmetrics = 127.0.0.1:0");
+    cluster.wait_ready(1);
+    let line = cluster.wait_event("metrics", |_| true);
+    let metrics: std::net::SocketAddr = line.get("addr").unwrap().parse().unwrap();
+    assert_eq!(get(metrics, "/healthz").unwrap().status, 200);
+    cluster.signal(Signal::TERM);
+    let lame = cluster.wait_event("stopping", |l| l.get("mode") == Some("lame_duck"));
+    assert_eq!(lame.get("delay"), Some("2s"), "{}", lame.raw);
+    let health = get(metrics, "/healthz").unwrap();
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert_eq!(health.text().trim(), "stopping");
+    let s = cluster.status_json();
+    assert_eq!(s["phase"], "lame_duck", "{s:#}");
+    // New connections are still served by the workers.
+    for _ in 0..20 {
+        let resp = get(cluster.addr(), "/products/1").expect("served while a lame duck");
+        assert_eq!(resp.status, 200);
+    }
+    assert!(
+        cluster.events("worker.drain").is_empty(),
+        "not draining yet"
+    );
+    let status = cluster.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", cluster.log_text());
+    let graceful = cluster.wait_event("stopping", |l| l.get("mode") == Some("graceful"));
+    assert!(graceful.ts_ms() >= lame.ts_ms() + 2000, "after the delay");
+
+    // A delay longer than the harness waits: only a second TERM can end it.
+    let mut cluster = Cluster::shop("lame-duck-skip", 1, "shutdown_delay = 1h");
+    cluster.wait_ready(1);
+    cluster.signal(Signal::TERM);
+    cluster.wait_event("stopping", |l| l.get("mode") == Some("lame_duck"));
+    cluster.signal(Signal::TERM);
+    let status = cluster.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", cluster.log_text());
+}
