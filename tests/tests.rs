@@ -24,6 +24,9 @@ mod health;
 mod hostile;
 /// Worker log capture: tags, whole lines, last words, a dead log reader.
 mod logs;
+/// `protocol = node`: unmodified Node.js apps (http, Express 4 and 5,
+/// Fastify, Socket.IO, ws) from the npm registry through the adapter.
+mod node;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;
