@@ -31,13 +31,21 @@ use crate::util::*;
 /// tests/fixtures/node, installed under target/tmp (see the module docs).
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(install_fixtures)
+    DIR.get_or_init(|| npm_install("tests/fixtures/node", "node-fixtures"))
 }
 
-fn install_fixtures() -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("node-fixtures");
-    std::fs::create_dir_all(&dir).expect("create target/tmp/node-fixtures");
+/// examples/express-shop, installed under target/tmp.
+fn express_shop() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| npm_install("examples/express-shop", "express-shop"))
+}
+
+/// Copies the files of the repository's folder `from` to target/tmp/`to`
+/// and runs `npm ci` there unless it already ran with the same lock file.
+fn npm_install(from: &str, to: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(from);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(to);
+    std::fs::create_dir_all(&dir).expect("create a folder under target/tmp");
     // Another test binary run at the same time installs under the same lock.
     let lock = std::fs::File::create(dir.join(".lock")).expect("the fixtures' lock file");
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("flock");
@@ -58,7 +66,7 @@ fn install_fixtures() -> PathBuf {
             .unwrap_or_else(|e| {
                 panic!(
                     "the Node.js tests need npm (and node 18 or later) on the PATH, \
-                     to install tests/fixtures/node: cannot run npm: {e}"
+                     to install {from}: cannot run npm: {e}"
                 )
             });
         assert!(
@@ -164,6 +172,34 @@ fn restarts_lose_nothing(app: &str, restarts: u64) {
 
 // ---------------------------------------------------------------------------
 // Serving and rolling restarts
+
+#[test]
+fn the_express_shop_example_runs_unchanged() {
+    let config = format!(
+        "exec = node server.js\nchdir = {}\nprotocol = node\nworkers = 2\n\
+         listen = 127.0.0.1:0\n",
+        express_shop().display()
+    );
+    let cluster = Cluster::start("node-express-shop", &config);
+    wait_ready(&cluster, 1);
+    let addr = cluster.addr();
+    let response = get(addr, "/products/42").expect("GET /products/42");
+    let body = String::from_utf8_lossy(&response.body);
+    assert_eq!(response.status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("JSON"),
+        serde_json::json!({"id": 42, "name": "Vintage Desk Lamp", "price": 159.97})
+    );
+    assert_eq!(get(addr, "/products/0").expect("GET").status, 404);
+    let loads = mixed_load(addr);
+    for generation in 2..=4 {
+        restart(&cluster);
+        wait_ready(&cluster, generation);
+        let_loads_run(&loads, 20);
+    }
+    finish_loads(loads);
+    assert_all_drained(&cluster);
+}
 
 #[test]
 fn plain_http_loses_nothing_over_20_restarts() {
