@@ -35,5 +35,8 @@ mod ops;
 mod procs;
 /// Property tests: config, wire, control and sd_notify parsers never panic; codecs round-trip.
 mod props;
+/// The recipes for Python (http.server, gunicorn, uvicorn) and Go, as
+/// complete programs against the real runtimes: nothing lost across restarts.
+mod recipes;
 /// `protocol = systemd`: the Node.js shop and Python programs as workers.
 mod systemd;
