@@ -1,6 +1,7 @@
 //! The README's recipes for other languages, as the complete programs in
 //! examples/recipes, against the real runtimes under `protocol = systemd`:
-//! Python's http.server, gunicorn, uvicorn and Go's net/http. Each goes
+//! Python's http.server, gunicorn, uvicorn, Go's net/http, and the README's
+//! hand-written Node.js server (fd 3, the READY pipe, its own drain). Each goes
 //! through rolling restarts under the four loads (keep-alive and
 //! new-connection GET and POST) without a failed request.
 //!
@@ -146,6 +147,11 @@ fn gunicorn_recipe_loses_nothing() {
 fn uvicorn_recipe_loses_nothing() {
     let exec = format!("{} app.py", venv().join("bin/python").display());
     recipe_loses_nothing("recipe-uvicorn", "uvicorn", &exec, "ready_after = 1s");
+}
+
+#[test]
+fn node_fd3_recipe_loses_nothing() {
+    recipe_loses_nothing("recipe-node-fd3", "node-fd3", "node server.js", "");
 }
 
 #[test]
