@@ -17,6 +17,8 @@ mod core;
 mod docs;
 /// Faults and leaks: bad programs, misbehaving workers, rlimits, HUP storms, 200 restarts.
 mod faults;
+/// Idle workers stay asleep: no periodic wake-ups in the worker library.
+mod idle;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;
