@@ -468,7 +468,8 @@ pub fn run(ctx: &Ctx) -> Section {
          (connect, read, write, timeout) plus non-2xx/3xx responses; both clients time a \
          request out after {timeout:?}. Throughput differs between the clients (they spend \
          the machine's CPUs differently, and loadgen waits for the server's FIN after \
-         `Connection: close`, so the server holds TIME_WAIT, where wrk closes first); the \
+         `Connection: close`, so the server holds TIME_WAIT, where wrk closes its socket as soon as it has read \
+         the response); the \
          point is that both see the same server: no errors, and figures of one order.\n",
         route = route.label(),
         conns = super::CONNECTIONS,
