@@ -22,6 +22,8 @@ mod health;
 /// Hostile clients: the metrics port under idle and slowloris connections;
 /// `empty_pool`.
 mod hostile;
+/// Idle workers stay asleep: no periodic wake-ups in the worker library.
+mod idle;
 /// Worker log capture: tags, whole lines, last words, a dead log reader.
 mod logs;
 /// `protocol = node`: unmodified Node.js apps (http, Express 4 and 5,
