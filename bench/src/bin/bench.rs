@@ -29,6 +29,9 @@
 //!    and without the bake; the bake's cost to a healthy restart.
 //! 9. `hostile`: `/healthz` and `clusterctl status` latency while 1,000 idle and slowloris
 //!    connections are held on the metrics port, the shop's port and the control socket.
+//! 10. `logs`: the lines per second clusterd passes on from a worker's pipe (`log_capture =
+//!     on`) and its CPU per million lines; the shop logging every request, with capture on
+//!     and off.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -61,7 +64,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak, bad-deploy, hostile
+                   soak, bad-deploy, hostile, logs
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -159,6 +162,7 @@ fn main() -> ExitCode {
             "scale" => suite::scale::run(&ctx),
             "bad-deploy" => suite::bad_deploy::run(&ctx),
             "hostile" => suite::hostile::run(&ctx),
+            "logs" => suite::logs::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();
