@@ -41,13 +41,17 @@ const MAX_WINDOW: Duration = Duration::from_secs(3);
 /// Before a window: the worker's pipe is full and clusterd is busy.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Measured runs of each shop setup.
-const SHOP_REPS: usize = 2;
+/// Measured runs of each shop setup, interleaved (more, shorter rounds: this machine's load
+/// drifts).
+const SHOP_REPS: usize = 4;
+
+/// The longest shop run.
+const MAX_SHOP_RUN: Duration = Duration::from_secs(3);
 
 pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("logs");
-    let lines_per_sec = line_rate(ctx, &mut s);
-    shop(ctx, &mut s, lines_per_sec);
+    let devnull = line_rate(ctx, &mut s);
+    shop(ctx, &mut s, devnull.as_ref());
     s
 }
 
@@ -134,10 +138,30 @@ impl Clusterd {
     }
 }
 
-/// `wchar` of /proc/PID/io: bytes the process has written, to anything.
-fn wchar(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-    super::procs::status_field(&text, "wchar")?.parse().ok()
+/// A field of /proc/PID/io: `wchar` (bytes written, to anything), `syscr` (read calls).
+fn io_field(pid: u32, key: &str) -> Result<u64, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|text| super::procs::status_field(&text, key)?.parse().ok())
+        .ok_or(format!("cannot read {key} in /proc/{pid}/io"))
+}
+
+/// clusterd's and the worker's counters at one moment of a line-rate run.
+struct Look {
+    at: Instant,
+    /// Bytes the worker has written: its lines.
+    worker_wchar: u64,
+    worker_ticks: u64,
+    clusterd_ticks: u64,
+    clusterd_wchar: u64,
+    clusterd_reads: u64,
+}
+
+/// clusterd's CPU ticks (utime + stime).
+fn ticks(pid: u32) -> Result<u64, String> {
+    cpu_sample(pid)
+        .map(|c| c.ticks)
+        .ok_or(format!("cannot read /proc/{pid}/stat"))
 }
 
 /// The lines of a file that contain `needle`, and all its lines.
@@ -172,6 +196,8 @@ struct LineRun {
     worker_cpu_secs: f64,
     /// What clusterd wrote in the window (its log lines, nearly all of it).
     written: u64,
+    /// clusterd's read calls in the window (the worker's pipe, nearly all of them).
+    reads: u64,
     /// With a file: the worker's lines in it after the stop, and the lines the worker had
     /// written by its last look.
     file: Option<(u64, u64)>,
@@ -201,21 +227,19 @@ fn line_run(ctx: &Ctx, log_file: &str, window: Duration) -> Result<LineRun, Stri
     let cpid = d.proc.pid();
     let wpid = status.workers[0].pid.ok_or("the worker has no pid")?;
     std::thread::sleep(SETTLE);
-    let ticks = |pid: u32| {
-        cpu_sample(pid)
-            .map(|c| c.ticks)
-            .ok_or(format!("cannot read /proc/{pid}/stat"))
+    let look = || -> Result<Look, String> {
+        Ok(Look {
+            at: Instant::now(),
+            worker_wchar: io_field(wpid, "wchar")?,
+            clusterd_ticks: ticks(cpid)?,
+            clusterd_wchar: io_field(cpid, "wchar")?,
+            clusterd_reads: io_field(cpid, "syscr")?,
+            worker_ticks: ticks(wpid)?,
+        })
     };
-    let look = || -> Result<(Instant, u64, u64, u64, u64), String> {
-        let at = Instant::now();
-        let worker = wchar(wpid).ok_or(format!("cannot read /proc/{wpid}/io"))?;
-        let clusterd = ticks(cpid)?;
-        let written = wchar(cpid).ok_or(format!("cannot read /proc/{cpid}/io"))?;
-        Ok((at, worker, clusterd, written, ticks(wpid)?))
-    };
-    let (t0, w0, c0, o0, k0) = look()?;
+    let a = look()?;
     std::thread::sleep(window);
-    let (t1, w1, c1, o1, k1) = look()?;
+    let b = look()?;
     let after = d.wait_ready(1, Duration::from_secs(5))?;
     if after.workers[0].pid != Some(wpid) {
         return Err("the worker was replaced during the window".into());
@@ -225,20 +249,22 @@ fn line_run(ctx: &Ctx, log_file: &str, window: Duration) -> Result<LineRun, Stri
         None
     } else {
         let (lines, _) = count_lines(&d.path(log_file), "worker.output")?;
-        Some((lines, w1 / line_bytes))
+        Some((lines, b.worker_wchar / line_bytes))
     };
+    let secs = |a: u64, b: u64| b.saturating_sub(a) as f64 / TICKS_PER_SEC;
     Ok(LineRun {
-        window: t1 - t0,
-        lines: (w1 - w0) / line_bytes,
-        cpu_secs: c1.saturating_sub(c0) as f64 / TICKS_PER_SEC,
-        worker_cpu_secs: k1.saturating_sub(k0) as f64 / TICKS_PER_SEC,
-        written: o1.saturating_sub(o0),
+        window: b.at - a.at,
+        lines: b.worker_wchar.saturating_sub(a.worker_wchar) / line_bytes,
+        cpu_secs: secs(a.clusterd_ticks, b.clusterd_ticks),
+        worker_cpu_secs: secs(a.worker_ticks, b.worker_ticks),
+        written: b.clusterd_wchar.saturating_sub(a.clusterd_wchar),
+        reads: b.clusterd_reads.saturating_sub(a.clusterd_reads),
         file,
     })
 }
 
-/// Part 1; the lines per second to /dev/null, if measured.
-fn line_rate(ctx: &Ctx, s: &mut Section) -> Option<f64> {
+/// Part 1; the run to /dev/null, if measured.
+fn line_rate(ctx: &Ctx, s: &mut Section) -> Option<LineRun> {
     let window = ctx.p.overhead_run.min(MAX_WINDOW);
     s.md(&format!(
         "**Lines per second.** One worker, `yes {}`, writes its line as fast as its stdout \
@@ -264,8 +290,9 @@ fn line_rate(ctx: &Ctx, s: &mut Section) -> Option<f64> {
         "clusterd CPU s per million lines",
         "clusterd wrote",
         "bytes per line out",
+        "lines per clusterd read",
     ]);
-    let mut best_rate = None;
+    let mut devnull = None;
     for (log_file, label) in [
         ("/dev/null", "`/dev/null`"),
         ("lines.log", "a file in the temp folder"),
@@ -290,10 +317,8 @@ fn line_rate(ctx: &Ctx, s: &mut Section) -> Option<f64> {
                     format!("{:.2}", r.cpu_per_million()),
                     mib(r.written),
                     format!("{:.0}", r.written as f64 / r.lines.max(1) as f64),
+                    format!("{:.0}", r.lines as f64 / r.reads.max(1) as f64),
                 ]);
-                if log_file == "/dev/null" {
-                    best_rate = Some(r.per_sec());
-                }
                 if let Some((in_file, written)) = r.file {
                     let lost = written.saturating_sub(in_file);
                     s.check(Check::new(
@@ -306,6 +331,9 @@ fn line_rate(ctx: &Ctx, s: &mut Section) -> Option<f64> {
                         ),
                         Some(lost == 0),
                     ));
+                }
+                if log_file == "/dev/null" {
+                    devnull = Some(r);
                 }
             }
             Err(e) => {
@@ -325,7 +353,7 @@ fn line_rate(ctx: &Ctx, s: &mut Section) -> Option<f64> {
         "Config (plus a `control` line):\n\n```ini\n{}```\n",
         line_config("/dev/null")
     ));
-    best_rate
+    devnull
 }
 
 /// One shop setup of part 2.
@@ -336,6 +364,10 @@ struct ShopSetup {
     runs: Vec<Report>,
     /// clusterd's CPU time over each measured run, in seconds.
     cpu: Vec<f64>,
+    /// clusterd's CPU seconds per million requests (a line each) of each measured run.
+    cpu_per_million: Vec<f64>,
+    /// Requests (a line each) per clusterd read call, each measured run.
+    lines_per_read: Vec<f64>,
     /// Requests answered 200, warm-up included.
     answered: u64,
 }
@@ -361,13 +393,16 @@ fn start_shop(ctx: &Ctx, capture: bool) -> Result<ShopSetup, String> {
         addr: ([127, 0, 0, 1], port).into(),
         runs: Vec::new(),
         cpu: Vec::new(),
+        cpu_per_million: Vec::new(),
+        lines_per_read: Vec::new(),
         answered: 0,
     })
 }
 
 /// Part 2, and the check of part 1's line rate against the shop's request rate.
-fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
+fn shop(ctx: &Ctx, s: &mut Section, devnull: Option<&LineRun>) {
     let p = &ctx.p;
+    let run = p.overhead_run.min(MAX_SHOP_RUN);
     let workers = ctx.workers();
     let mut setups = Vec::new();
     for capture in [true, false] {
@@ -392,13 +427,21 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
         for k in 0..n {
             let setup = &mut setups[(k + rep) % n];
             let mut spec = Route::Products.spec(setup.addr, true);
-            spec.duration = Some(p.overhead_run);
+            spec.duration = Some(run);
             let cpid = setup.daemon.proc.pid();
-            let before = cpu_sample(cpid).map_or(0, |c| c.ticks);
+            let before = (ticks(cpid), io_field(cpid, "syscr"));
             match clusterd_bench::run(&spec) {
                 Ok(r) => {
-                    let after = cpu_sample(cpid).map_or(0, |c| c.ticks);
-                    let cpu = after.saturating_sub(before) as f64 / TICKS_PER_SEC;
+                    let after = (ticks(cpid), io_field(cpid, "syscr"));
+                    let cpu = match (&before.0, &after.0) {
+                        (Ok(a), Ok(b)) => b.saturating_sub(*a) as f64 / TICKS_PER_SEC,
+                        _ => f64::NAN,
+                    };
+                    if let (Ok(a), Ok(b)) = (&before.1, &after.1) {
+                        setup
+                            .lines_per_read
+                            .push(r.total as f64 / b.saturating_sub(*a).max(1) as f64);
+                    }
                     println!(
                         "     round {}/{SHOP_REPS} log_capture = {:<3} {:>9.0} req/s  p50 {}  p99 {}  failed {}  clusterd CPU {cpu:.2} s",
                         rep + 1,
@@ -410,6 +453,9 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
                     );
                     setup.answered += r.ok;
                     setup.cpu.push(cpu);
+                    setup
+                        .cpu_per_million
+                        .push(cpu / (r.total.max(1) as f64 / 1e6));
                     setup.runs.push(r);
                 }
                 Err(e) => s.fail(
@@ -428,9 +474,13 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
         "p99",
         "failed",
         "clusterd CPU per run",
+        "clusterd CPU s per million lines",
+        "lines per clusterd read",
         "access lines logged / requests answered",
     ]);
     let mut rates = [None, None];
+    // With capture: clusterd's CPU s per million lines, and lines per read.
+    let mut captured = None;
     for setup in &setups {
         if let Err(e) = setup.daemon.stop() {
             s.fail(
@@ -460,6 +510,12 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
                 .collect::<Vec<_>>(),
         );
         rates[usize::from(!setup.capture)] = Some(rate);
+        if setup.capture {
+            captured = Some((
+                median(&setup.cpu_per_million),
+                median(&setup.lines_per_read),
+            ));
+        }
         let p50 = median(&setup.runs.iter().map(|r| ms(r.p50())).collect::<Vec<_>>());
         let p99 = median(&setup.runs.iter().map(|r| ms(r.p99())).collect::<Vec<_>>());
         let failed: u64 = setup.runs.iter().map(Report::failed).sum();
@@ -477,15 +533,25 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
             format!(
                 "{:.2} s ({:.0}%)",
                 median(&setup.cpu),
-                100.0 * median(&setup.cpu) / p.overhead_run.as_secs_f64()
+                100.0 * median(&setup.cpu) / run.as_secs_f64()
             ),
+            if setup.capture {
+                format!("{:.2}", median(&setup.cpu_per_million))
+            } else {
+                "–".into()
+            },
+            if setup.capture {
+                format!("{:.1}", median(&setup.lines_per_read))
+            } else {
+                "–".into()
+            },
             format!("{logged} / {}", thousands(setup.answered)),
         ]);
     }
 
     let spec = {
         let mut spec = Route::Products.spec(([127, 0, 0, 1], 0).into(), true);
-        spec.duration = Some(p.overhead_run);
+        spec.duration = Some(run);
         spec
     };
     s.md(&format!(
@@ -497,7 +563,7 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
          while the other is measured); a {} ms warm-up each, then {SHOP_REPS} runs of {} each, interleaved, \
          order rotating; medians. Load: `{}` (keep-alive, as in section 1).\n",
         p.overhead_warmup.as_millis(),
-        super::fmt_secs(p.overhead_run),
+        super::fmt_secs(run),
         loadgen_command(&spec)
     ));
     s.table(&table);
@@ -505,8 +571,7 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
         s.md(&format!(
             "With capture the shop serves **{:.2}×** its throughput without \
              ({} against {} req/s). The CPU clusterd spends passing a line per request on \
-             (the column above) comes out of the same {} CPUs the workers and the load \
-             generator run on.\n",
+             comes out of the same {} CPUs the workers and the load generator run on.\n",
             on / off,
             thousands(on as u64),
             thousands(off as u64),
@@ -514,7 +579,17 @@ fn shop(ctx: &Ctx, s: &mut Section, lines_per_sec: Option<f64>) {
         ));
         println!("  capture on / off: {:.2}×", on / off);
     }
-    match (lines_per_sec, rates[1]) {
+    if let (Some((cpu, per_read)), Some(y)) = (captured, devnull) {
+        s.md(&format!(
+            "\nclusterd's CPU per million lines: {cpu:.2} s from the shop, {:.2} s from `yes` \
+             in the first table. The shop writes one line per `write` and clusterd reads \
+             {per_read:.1} lines per read call (its `syscr` in /proc/PID/io); `yes` fills the \
+             pipe many lines per `write`, and clusterd read {:.0} per call.\n",
+            y.cpu_per_million(),
+            y.lines as f64 / y.reads.max(1) as f64
+        ));
+    }
+    match (devnull.map(LineRun::per_sec), rates[1]) {
         (Some(lines), Some(off)) => s.check(Check::new(
             "logs: lines/s clusterd passes on, against the shop's request rate",
             "≥ the shop's req/s logging uncaptured (one line per request)",
