@@ -1374,19 +1374,25 @@ pub const DEFAULT_LOG_BUFFER: u64 = 1 << 20;
 
 /// `log_buffer`: `0` (keep nothing) or a size of at most 1G.
 fn parse_buffer(value: &str) -> Result<u64, String> {
-    if value == "0" {
-        return Ok(0);
-    }
-    let bytes = parse_size(value)?;
+    let bytes = parse_bytes(value)?;
     if bytes > 1 << 30 {
         return Err(format!("{} is more than 1G", show(value)));
     }
     Ok(bytes)
 }
 
-/// A size in bytes: a number, optionally with `K`, `M`, `G` or `T` (powers
-/// of 1024; `KiB`, `MB`… are taken the same way), at least 1 MiB.
+/// A size in bytes, at least 1 MiB (see [`parse_bytes`]).
 fn parse_size(value: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(value)?;
+    if bytes < 1 << 20 {
+        return Err(format!("{} is less than 1M", show(value)));
+    }
+    Ok(bytes)
+}
+
+/// A size in bytes: a number, optionally with `K`, `M`, `G` or `T` (powers
+/// of 1024; `KiB`, `MB`… are taken the same way).
+fn parse_bytes(value: &str) -> Result<u64, String> {
     let digits = value.bytes().take_while(u8::is_ascii_digit).count();
     let (num, unit) = value.split_at(digits);
     let expected = || {
@@ -1404,13 +1410,8 @@ fn parse_size(value: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 40,
         _ => return Err(expected()),
     };
-    let bytes = num
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{} is too large", show(value)))?;
-    if bytes < 1 << 20 {
-        return Err(format!("{} is less than 1M", show(value)));
-    }
-    Ok(bytes)
+    num.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{} is too large", show(value)))
 }
 
 /// A signal clusterd may send as `watchdog_signal`.
@@ -1820,6 +1821,11 @@ log_buffer = 4M
         assert_eq!(c.log_file, Some(PathBuf::from("/srv/shop/log/shop.log")));
         assert_eq!(c.log_buffer, 4 << 20);
         assert_eq!(with("log_buffer = 0").log_buffer, 0);
+        assert_eq!(with("log_buffer = 64K").log_buffer, 64 << 10);
+        assert_eq!(
+            err("log_buffer = 2G"),
+            r#"log_buffer: "2G" is more than 1G"#
+        );
         assert!(with("log_capture = on").log_capture);
         assert_eq!(
             err("log_capture = yes"),

@@ -205,16 +205,6 @@ impl LogEntry {
     pub fn worker(&self) -> Option<u32> {
         self.get("id")?.parse().ok()
     }
-
-    /// Roughly what it takes in memory, for bounding a buffer of lines.
-    pub fn size(&self) -> usize {
-        64 + self.event.len()
-            + self
-                .fields
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 16)
-                .sum::<usize>()
-    }
 }
 
 /// The daemon's state, as `clusterctl status` shows it.

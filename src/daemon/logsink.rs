@@ -52,7 +52,9 @@ struct Sink {
     format: Format,
     /// `log_file`, and the file open on it; stderr when `None`.
     file: Option<(PathBuf, File)>,
-    ring: VecDeque<LogEntry>,
+    /// The newest lines, as text (compact), with the worker id each is
+    /// about; `ring_bytes` counts their text.
+    ring: VecDeque<(Option<u32>, String)>,
     ring_bytes: usize,
     ring_limit: usize,
     followers: Vec<Follower>,
@@ -182,9 +184,9 @@ pub fn tail(n: usize, worker: Option<u32>) -> Vec<LogEntry> {
         .ring
         .iter()
         .rev()
-        .filter(|e| worker.is_none() || e.worker() == worker)
+        .filter(|(id, _)| worker.is_none() || *id == worker)
         .take(n)
-        .cloned()
+        .filter_map(|(_, text)| parse(text))
         .collect();
     lines.reverse();
     lines
@@ -210,22 +212,40 @@ pub fn take_last_stderr(pid: u32) -> Option<String> {
     sink().as_mut()?.last_stderr.remove(&pid)
 }
 
+/// A kept text line back as an entry.
+fn parse(text: &str) -> Option<LogEntry> {
+    let line = super::log::Line::parse(text)?;
+    Some(LogEntry {
+        ts_ms: line.ts_ms,
+        level: line.level,
+        event: line.event,
+        fields: line.fields,
+    })
+}
+
+/// What a kept line costs beyond its text (the String and the slot).
+const RING_OVERHEAD: usize = 48;
+
 impl Sink {
     fn keep(&mut self, entry: &LogEntry) {
         if self.ring_limit == 0 {
             return;
         }
-        self.ring_bytes += entry.size();
-        self.ring.push_back(entry.clone());
+        let text = text_line(entry);
+        self.ring_bytes += text.len() + RING_OVERHEAD;
+        self.ring.push_back((entry.worker(), text));
         self.trim();
     }
 
     fn trim(&mut self) {
         while self.ring_bytes > self.ring_limit {
-            let Some(old) = self.ring.pop_front() else {
+            let Some((_, old)) = self.ring.pop_front() else {
                 break;
             };
-            self.ring_bytes -= old.size();
+            self.ring_bytes -= old.len() + RING_OVERHEAD;
+        }
+        if self.ring.len() < self.ring.capacity() / 4 {
+            self.ring.shrink_to_fit();
         }
     }
 }
@@ -328,6 +348,6 @@ mod tests {
         }
         assert!(sink.ring_bytes <= 1000);
         assert!(sink.ring.len() > 5 && sink.ring.len() < 100);
-        assert_eq!(sink.ring.back().unwrap().get("line"), Some("line 99"));
+        assert!(sink.ring.back().unwrap().1.ends_with("line=\"line 99\""));
     }
 }
