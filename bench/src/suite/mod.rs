@@ -12,6 +12,7 @@ pub mod cross_check;
 pub mod footprint;
 pub mod hostile;
 pub mod log;
+pub mod logs;
 pub mod machine;
 pub mod overhead;
 pub mod procs;
@@ -30,7 +31,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 10] = [
+pub const SECTIONS: [(&str, &str); 11] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -41,6 +42,7 @@ pub const SECTIONS: [(&str, &str); 10] = [
     ("bad-deploy", "8. Bad deploy: bake and rollback"),
     ("hostile", "9. Hostile clients"),
     ("cross-check", "10. Cross-check: loadgen against wrk"),
+    ("logs", "11. Logs: worker output through clusterd"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
