@@ -6,7 +6,8 @@
 //! ```
 //!
 //! It first builds what it measures (`cargo build --release --workspace --bins --examples`),
-//! then runs eight sections on this machine, over 127.0.0.1 only, printing as it goes, and
+//! then runs its sections on this machine, over 127.0.0.1 (and `fleet` in network namespaces of
+//! its own), printing as it goes, and
 //! writes BENCHMARKS.md at the repository root (or `--out PATH`): machine facts, the exact
 //! commands, a table per section, and every target beside its measured figure with ✓ or ✗.
 //!
@@ -29,6 +30,10 @@
 //!    and without the bake; the bake's cost to a healthy restart.
 //! 9. `hostile`: `/healthz` and `clusterctl status` latency while 1,000 idle and slowloris
 //!    connections are held on the metrics port, the shop's port and the control socket.
+//! 10. `fleet`: three hosts (network namespaces) behind HAProxy: failed requests at the load
+//!    balancer for a rolling restart and a replacement of every host, with and without
+//!    `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
+//!    `ip` and `haproxy`).
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -61,7 +66,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak, bad-deploy, hostile
+                   soak, bad-deploy, hostile, fleet (root, ip, haproxy)
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -159,6 +164,7 @@ fn main() -> ExitCode {
             "scale" => suite::scale::run(&ctx),
             "bad-deploy" => suite::bad_deploy::run(&ctx),
             "hostile" => suite::hostile::run(&ctx),
+            "fleet" => suite::fleet::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

@@ -8,6 +8,7 @@
 pub mod bad_deploy;
 pub mod balance;
 pub mod crash;
+pub mod fleet;
 pub mod footprint;
 pub mod hostile;
 pub mod log;
@@ -29,7 +30,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 9] = [
+pub const SECTIONS: [(&str, &str); 10] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -39,6 +40,7 @@ pub const SECTIONS: [(&str, &str); 9] = [
     ("soak", "7. Soak: a thousand rolling restarts"),
     ("bad-deploy", "8. Bad deploy: bake and rollback"),
     ("hostile", "9. Hostile clients"),
+    ("fleet", "10. Fleet: three hosts behind HAProxy"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
