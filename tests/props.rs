@@ -30,8 +30,8 @@ use clusterd::config::{self, Config, Listen, ListenAddr, Protocol, RESERVED_ENV}
 use clusterd::daemon::notify;
 use clusterd::proto::{
     self, Baking, CONTROL_VERSION, FRAME_HEADER, FromWorker, Hello, IPC_VERSION, LastRestart,
-    ListenerInfo, MAX_IPC_RECORD, MAX_LISTENERS, MAX_REQUEST, MAX_RESPONSE, Progress, Request,
-    Response, RestartOutcome, Scale, Status, ToWorker, WorkerStatus,
+    ListenerInfo, LogEntry, MAX_IPC_RECORD, MAX_LISTENERS, MAX_REQUEST, MAX_RESPONSE, Progress,
+    Request, Response, RestartOutcome, Scale, Status, ToWorker, WorkerStatus,
 };
 
 use crate::util::TempDir;
@@ -770,6 +770,9 @@ fn build(p: Parts) -> Valid {
         crash_loop: 10,
         exit_on_crash_loop: false,
         shutdown_delay: Duration::ZERO,
+        log_format: clusterd::config::LogFormat::Text,
+        log_file: None,
+        log_buffer: config::DEFAULT_LOG_BUFFER,
     };
     Valid {
         path,
@@ -991,6 +994,13 @@ fn request() -> impl Strategy<Value = Request> {
         int32().prop_map(|n| Request::Scale(Scale::Up(n))),
         int32().prop_map(|n| Request::Scale(Scale::Down(n))),
         int32().prop_map(Request::RestartWorker),
+        (int32(), any::<bool>(), proptest::option::of(int32())).prop_map(
+            |(lines, follow, worker)| Request::Logs {
+                lines,
+                follow,
+                worker
+            }
+        ),
     ]
 }
 
@@ -1004,10 +1014,11 @@ prop_compose! {
             proptest::option::of(int32()),
             proptest::option::of(text()),
         ),
+        last_words in proptest::option::of(text()),
     ) -> WorkerStatus {
         WorkerStatus {
             id, pid, generation, state, uptime_ms, restarts, last_exit, rss_bytes, requests,
-            active, note,
+            active, note, last_words,
         }
     }
 }
@@ -1096,6 +1107,18 @@ fn response() -> BoxedStrategy<Response> {
         (int32(), int32()).prop_map(|(from, to)| Response::Scaled { from, to }),
         Just(Response::Stopping),
         text().prop_map(Response::Error),
+        vec(
+            (int64(), text(), text(), vec((text(), text()), 0..4)).prop_map(
+                |(ts_ms, level, event, fields)| LogEntry {
+                    ts_ms,
+                    level,
+                    event,
+                    fields
+                }
+            ),
+            0..4
+        )
+        .prop_map(Response::Logs),
     ]
     .boxed()
 }

@@ -25,6 +25,8 @@ mod health;
 /// Hostile clients: the metrics port under idle and slowloris connections;
 /// `empty_pool`.
 mod hostile;
+/// Idle workers stay asleep: no periodic wake-ups in the worker library.
+mod idle;
 /// Worker log capture: tags, whole lines, last words, a dead log reader.
 mod logs;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static

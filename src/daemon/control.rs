@@ -1229,6 +1229,7 @@ mod tests {
                 requests: Some(10),
                 active: Some(1),
                 note: None,
+                last_words: None,
             }],
         }
     }
@@ -1287,6 +1288,7 @@ mod tests {
                     vec![Response::Error("scaling is refused in this test".into())]
                 }
                 (_, Request::Stop) => vec![Response::Stopping],
+                (_, Request::Logs { .. }) => vec![Response::Logs(Vec::new())],
             };
             for r in replies {
                 reply.try_send(r).unwrap();

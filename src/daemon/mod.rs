@@ -21,6 +21,7 @@ pub mod fallback;
 pub mod hint;
 pub mod listen;
 pub mod logcap;
+pub mod logsink;
 pub mod memory;
 pub mod metrics;
 pub mod notify;
@@ -110,6 +111,7 @@ pub fn run(config: Config) -> i32 {
         async_signal::Signal::Ttin,
         async_signal::Signal::Ttou,
         async_signal::Signal::Child,
+        async_signal::Signal::Usr1,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -117,6 +119,14 @@ pub fn run(config: Config) -> i32 {
             return 1;
         }
     };
+    if let Err(e) = logsink::configure(
+        config.log_format,
+        config.log_file.clone(),
+        usize::try_from(config.log_buffer).unwrap_or(usize::MAX),
+    ) {
+        eprintln!("clusterd: log_file: {e}");
+        return 1;
+    }
     let mut listeners = Vec::new();
     for listen in &config.listen {
         match listen::bind(listen, config.backlog) {
@@ -257,6 +267,8 @@ struct Daemon {
     tree: tree::Tree,
     /// When workers' memory is measured next (`max_memory`).
     memory_check: Option<Instant>,
+    /// The last stderr line of each worker id's last crashed worker.
+    last_words: HashMap<u32, String>,
 }
 
 /// What one generation runs: its config (with the keys that only a new
@@ -388,6 +400,7 @@ impl Daemon {
             fallback,
             tree: tree::Tree::new(),
             memory_check: None,
+            last_words: HashMap::new(),
         }
     }
 
@@ -448,6 +461,7 @@ impl Daemon {
         let code = self.exit_code.unwrap_or(1);
         self.tree.end_all();
         log!(info, "exit", code = code);
+        logsink::unfollow_all();
         code
     }
 
@@ -470,6 +484,11 @@ impl Daemon {
             }
             Event::Signal(S::Ttin) => self.scale(ScaleTo::Up(1), None),
             Event::Signal(S::Ttou) => self.scale(ScaleTo::Down(1), None),
+            Event::Signal(S::Usr1) => match logsink::reopen() {
+                Ok(Some(path)) => log!(info, "log.reopened", path = path.display()),
+                Ok(None) => log!(info, "signal", name = "USR1", effect = "none: no log_file"),
+                Err(e) => log!(error, "log.reopen_failed", error = e),
+            },
             Event::Signal(other) => log!(warn, "signal.unexpected", name = format!("{other:?}")),
             Event::Worker(id, ev) => self.worker_event(id, ev),
             Event::Control(req) => self.control(req),
@@ -1028,7 +1047,12 @@ impl Daemon {
                 uptime,
                 killed,
             } => {
+                let words = pid.and_then(logsink::take_last_stderr);
                 if !expected {
+                    match words {
+                        Some(w) => self.last_words.insert(slot, w),
+                        None => self.last_words.remove(&slot),
+                    };
                     let reason = match (&exit, killed) {
                         (_, Some(crate::lifecycle::KillReason::ReadyTimeout)) => 2,
                         (Exit::SpawnFailed(_), _) => 3,
@@ -1544,6 +1568,17 @@ impl Daemon {
                     .stop_after(Instant::now(), self.config.shutdown_delay);
             }
             Request::RestartWorker(id) => self.restart_worker(id, req.reply),
+            Request::Logs {
+                lines,
+                follow,
+                worker,
+            } => {
+                let tail = logsink::tail(lines as usize, worker);
+                let _ = req.reply.try_send(Response::Logs(tail));
+                if follow {
+                    logsink::follow(req.reply, worker);
+                }
+            }
         }
     }
 
@@ -1571,6 +1606,7 @@ impl Daemon {
                     requests: proc.and_then(|p| p.stats.map(|s| s.0)),
                     active: proc.and_then(|p| p.stats.map(|s| s.1)),
                     note: proc.and_then(|p| p.note.clone()),
+                    last_words: self.last_words.get(&slot.id).cloned(),
                 });
             }
             if !any {
@@ -1586,6 +1622,7 @@ impl Daemon {
                     requests: None,
                     active: None,
                     note: None,
+                    last_words: self.last_words.get(&slot.id).cloned(),
                 });
             }
         }
@@ -1607,6 +1644,7 @@ impl Daemon {
                 requests: None,
                 active: None,
                 note: None,
+                last_words: None,
             });
         }
         proto::Status {

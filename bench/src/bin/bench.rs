@@ -30,7 +30,11 @@
 //!    and without the bake; the bake's cost to a healthy restart.
 //! 9. `hostile`: `/healthz` and `clusterctl status` latency while 1,000 idle and slowloris
 //!    connections are held on the metrics port, the shop's port and the control socket.
-//! 10. `fleet`: three hosts (network namespaces) behind HAProxy: failed requests at the load
+//! 10. `cross-check`: the shop under clusterd, `GET /products/1` with a new connection per
+//!     request (and keep-alive), measured by our loadgen and by wrk (`-H "Connection: close"`)
+//!     in turn: requests/s and errors of each (target: 0 errors from both). wrk is Debian's
+//!     package; without it the section is skipped with a note in the report, not failed.
+//! 11. `fleet`: three hosts (network namespaces) behind HAProxy: failed requests at the load
 //!    balancer for a rolling restart and a replacement of every host, with and without
 //!    `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
 //!    `ip` and `haproxy`).
@@ -66,7 +70,8 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak, bad-deploy, hostile, fleet (root, ip, haproxy)
+                   soak, bad-deploy, hostile, cross-check,
+                   fleet (root, ip, haproxy)
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -164,6 +169,7 @@ fn main() -> ExitCode {
             "scale" => suite::scale::run(&ctx),
             "bad-deploy" => suite::bad_deploy::run(&ctx),
             "hostile" => suite::hostile::run(&ctx),
+            "cross-check" => suite::cross_check::run(&ctx),
             "fleet" => suite::fleet::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
