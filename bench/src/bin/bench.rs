@@ -35,9 +35,9 @@
 //!     in turn: requests/s and errors of each (target: 0 errors from both). wrk is Debian's
 //!     package; without it the section is skipped with a note in the report, not failed.
 //! 11. `fleet`: three hosts (network namespaces) behind HAProxy: failed requests at the load
-//!    balancer for a rolling restart and a replacement of every host, with and without
-//!    `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
-//!    `ip` and `haproxy`).
+//!     balancer for a rolling restart and a replacement of every host, with and without
+//!     `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
+//!     `ip` and `haproxy`).
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
