@@ -46,6 +46,10 @@
 //!   executor for good (a CPU loop would do the same to the watchdog). A
 //!   SIGABRT then writes `testworker: worker ID: SIGABRT, dumping stacks` and
 //!   returns, as a runtime that dumps its stacks would.
+//! - `--orphan`: at start, leaves an orphan: a child that exits at once
+//!   after forking a grandchild, which lives 200 ms and exits (re-parented to
+//!   the nearest subreaper or PID 1, which must reap it). Needs nothing but
+//!   this binary, so it works in a scratch container.
 //! - `--leak-when PATH`: once PATH holds this worker's pid, allocates and
 //!   touches 50 MiB a second (5 MiB every 100 ms), never freed.
 //!
@@ -84,7 +88,7 @@ macro_rules! say {
     }};
 }
 
-const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|empty-record|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH] [--fail-requests] [--hang-when PATH] [--leak-when PATH]";
+const USAGE: &str = "usage: testworker ok|ignore-drain|never-ready|exit-before-ready|close-ipc|garbage|wrong-version|ready-twice|drained-early|empty-record|crash-after MS [--ready-delay MS] [--crash-on-request N] [--fail-when PATH] [--fail-requests] [--hang-when PATH] [--leak-when PATH] [--orphan]";
 
 /// Requests received so far, for `--crash-on-request`.
 static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -116,6 +120,7 @@ struct Opts {
     fail_requests: bool,
     hang_when: Option<std::path::PathBuf>,
     leak_when: Option<std::path::PathBuf>,
+    orphan: bool,
 }
 
 fn parse_opts(args: &[String]) -> Result<(Mode, Opts), String> {
@@ -129,6 +134,10 @@ fn parse_opts(args: &[String]) -> Result<(Mode, Opts), String> {
     while let Some(name) = rest.next() {
         if name == "--fail-requests" {
             opts.fail_requests = true;
+            continue;
+        }
+        if name == "--orphan" {
+            opts.orphan = true;
             continue;
         }
         let value = rest.next().ok_or_else(|| format!("{name} needs a value"))?;
@@ -180,6 +189,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if opts.orphan {
+        leave_orphan();
+    }
     let result = match mode {
         Mode::CloseIpc => close_ipc(),
         mode => run(mode, opts),
@@ -189,6 +201,32 @@ fn main() -> ExitCode {
         Err(e) => {
             say!("testworker: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Forks a child that forks a grandchild and exits: the grandchild, an
+/// orphan, sleeps 200 ms and exits. Called while the process has one thread.
+fn leave_orphan() {
+    // SAFETY: the process is single-threaded here (nothing spawned yet), so
+    // the children may run any code; they only sleep and `_exit`.
+    unsafe {
+        match libc::fork() {
+            0 => {
+                if libc::fork() == 0 {
+                    let pause = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 200_000_000,
+                    };
+                    libc::nanosleep(&pause, std::ptr::null_mut());
+                }
+                libc::_exit(0);
+            }
+            child if child > 0 => {
+                let mut status = 0;
+                libc::waitpid(child, &mut status, 0);
+            }
+            _ => say!("testworker: fork failed: {}", io::Error::last_os_error()),
         }
     }
 }

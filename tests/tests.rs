@@ -13,6 +13,9 @@ mod control;
 /// Serving, crashes, backoff, rolling restarts, drain deadlines, stop, config
 /// errors: the core guarantees of DESIGN.md.
 mod core;
+/// Deploy targets for real: the scratch image under dockerd, a fleet of
+/// network namespaces behind HAProxy, the systemd unit and its notifications.
+mod deploy;
 /// The man pages and the README checked against the code: the docs cannot drift.
 mod docs;
 /// Faults and leaks: bad programs, misbehaving workers, rlimits, HUP storms, 200 restarts.

@@ -261,10 +261,8 @@ struct Daemon {
     exit_code: Option<i32>,
     /// For the metrics.
     counters: metrics::Counters,
-    /// The service manager to tell READY=1 / STOPPING=1, if any.
+    /// The service manager to tell READY=1 / RELOADING=1 / STOPPING=1, if any.
     manager: Option<notify::Manager>,
-    /// READY=1 was sent to the manager.
-    told_ready: bool,
     /// The connections each worker holds, for balanced accepting; `None`
     /// if it could not be created (workers then accept unbalanced).
     scoreboard: Option<Scoreboard>,
@@ -406,7 +404,6 @@ impl Daemon {
             exit_code: None,
             counters: metrics::Counters::default(),
             manager: notify::Manager::from_env(),
-            told_ready: false,
             scoreboard: Scoreboard::create(),
             fallback,
             tree: tree::Tree::new(),
@@ -1198,9 +1195,8 @@ impl Daemon {
                     workers = workers,
                     generation = generation
                 );
-                if let Some(m) = self.manager.as_ref().filter(|_| !self.told_ready) {
-                    m.notify(&format!("READY=1\nSTATUS={workers} workers ready"));
-                    self.told_ready = true;
+                if let Some(m) = &mut self.manager {
+                    m.all_ready(&format!("{workers} workers ready"));
                 }
             }
             Notice::RestartBegun {
@@ -1209,12 +1205,17 @@ impl Daemon {
                 worker,
             } => match worker {
                 Some(id) => log!(info, "restart.begin", generation = generation, id = id),
-                None => log!(
-                    info,
-                    "restart.begin",
-                    generation = generation,
-                    workers = total
-                ),
+                None => {
+                    log!(
+                        info,
+                        "restart.begin",
+                        generation = generation,
+                        workers = total
+                    );
+                    if let Some(m) = &mut self.manager {
+                        m.reload_begun();
+                    }
+                }
             },
             Notice::Baking {
                 slot,
@@ -1293,6 +1294,9 @@ impl Daemon {
                         );
                         self.counters.restarts_done += 1;
                         self.counters.restart_seconds_sum += took.as_secs_f64();
+                        if let Some(m) = &mut self.manager {
+                            m.reload_ended(&format!("generation {generation} serving"));
+                        }
                     }
                 }
                 let outcome = proto::RestartOutcome::Done {
@@ -1327,6 +1331,9 @@ impl Daemon {
                             reason = reason
                         );
                         self.counters.restarts_aborted += 1;
+                        if let Some(m) = &mut self.manager {
+                            m.reload_ended(&format!("restart aborted: {reason}"));
+                        }
                     }
                 }
                 self.serve_config_of(self.sup.generation());
@@ -1355,7 +1362,8 @@ impl Daemon {
                 );
                 self.counters.rollbacks += 1;
                 self.serve_config_of(to);
-                if let Some(m) = &self.manager {
+                if let Some(m) = &mut self.manager {
+                    m.reload_begun();
                     m.notify(&format!(
                         "STATUS=rolling back to generation {to}: generation {from} failed"
                     ));
@@ -1394,6 +1402,9 @@ impl Daemon {
                 }
                 if !after_restart {
                     self.counters.restarts_aborted += 1;
+                }
+                if let Some(m) = &mut self.manager {
+                    m.reload_ended(&format!("rolled back to generation {to}: {reason}"));
                 }
                 let outcome = proto::RestartOutcome::RolledBack {
                     reason,
@@ -1495,8 +1506,8 @@ impl Daemon {
             }
             Notice::LameDuck { delay } => {
                 log!(info, "stopping", mode = "lame_duck", delay = human(delay));
-                if let Some(m) = &self.manager {
-                    m.notify("STOPPING=1");
+                if let Some(m) = &mut self.manager {
+                    m.stopping();
                 }
             }
             Notice::Stopping { fast, workers } => {
@@ -1506,8 +1517,8 @@ impl Daemon {
                     mode = if fast { "fast" } else { "graceful" },
                     workers = workers
                 );
-                if let Some(m) = &self.manager {
-                    m.notify("STOPPING=1");
+                if let Some(m) = &mut self.manager {
+                    m.stopping();
                 }
             }
         }

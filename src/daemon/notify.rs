@@ -127,10 +127,62 @@ fn random_hex() -> io::Result<String> {
 
 /// The service manager's `NOTIFY_SOCKET` (clusterd run by systemd with
 /// `Type=notify`): clusterd reports `READY=1` once its workers first are all
-/// ready and `STOPPING=1` when it begins to stop.
+/// ready, `RELOADING=1` (with `MONOTONIC_USEC`) when a rolling restart or a
+/// rollback begins and `READY=1` again when it ends, however it ends, and
+/// `STOPPING=1` when it begins to stop (after which it reports nothing else).
 #[derive(Debug)]
 pub struct Manager {
     addr: SocketAddrUnix,
+    state: ManagerState,
+}
+
+/// What the service manager has been told: which messages are still due.
+/// Pure (no socket, no clock), so its sequences are unit-tested.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ManagerState {
+    ready: bool,
+    reloading: bool,
+    stopping: bool,
+}
+
+impl ManagerState {
+    /// Every worker is ready: the first `READY=1`, once.
+    pub fn all_ready(&mut self, status: &str) -> Option<String> {
+        if self.ready || self.stopping {
+            return None;
+        }
+        self.ready = true;
+        Some(format!("READY=1\nSTATUS={}", one_line(status)))
+    }
+
+    /// A rolling restart (or a rollback) begins: `RELOADING=1`, unless one
+    /// is already reported, clusterd has not reported READY yet, or it is
+    /// stopping. `now_usec` is `CLOCK_MONOTONIC` in microseconds.
+    pub fn reload_begun(&mut self, now_usec: u64) -> Option<String> {
+        if !self.ready || self.reloading || self.stopping {
+            return None;
+        }
+        self.reloading = true;
+        Some(format!("RELOADING=1\nMONOTONIC_USEC={now_usec}"))
+    }
+
+    /// The restart ended (done, aborted or rolled back): `READY=1` again.
+    pub fn reload_ended(&mut self, status: &str) -> Option<String> {
+        if !self.reloading || self.stopping {
+            return None;
+        }
+        self.reloading = false;
+        Some(format!("READY=1\nSTATUS={}", one_line(status)))
+    }
+
+    /// A stop begins: `STOPPING=1`, once.
+    pub fn stopping(&mut self) -> Option<String> {
+        if self.stopping {
+            return None;
+        }
+        self.stopping = true;
+        Some("STOPPING=1".to_string())
+    }
 }
 
 impl Manager {
@@ -142,10 +194,41 @@ impl Manager {
             Some(name) => SocketAddrUnix::new_abstract_name(name).ok()?,
             None => SocketAddrUnix::new(bytes).ok()?,
         };
-        Some(Manager { addr })
+        Some(Manager {
+            addr,
+            state: ManagerState::default(),
+        })
     }
 
-    /// Sends `state` (e.g. `READY=1`); failures are logged, never fatal.
+    /// Every worker is ready for the first time: `READY=1`.
+    pub fn all_ready(&mut self, status: &str) {
+        if let Some(msg) = self.state.all_ready(status) {
+            self.notify(&msg);
+        }
+    }
+
+    /// A rolling restart or a rollback begins: `RELOADING=1`.
+    pub fn reload_begun(&mut self) {
+        if let Some(msg) = self.state.reload_begun(monotonic_usec()) {
+            self.notify(&msg);
+        }
+    }
+
+    /// It ended, however: `READY=1` with `status`.
+    pub fn reload_ended(&mut self, status: &str) {
+        if let Some(msg) = self.state.reload_ended(status) {
+            self.notify(&msg);
+        }
+    }
+
+    /// A stop begins: `STOPPING=1`.
+    pub fn stopping(&mut self) {
+        if let Some(msg) = self.state.stopping() {
+            self.notify(&msg);
+        }
+    }
+
+    /// Sends `state` (e.g. `STATUS=...`); failures are logged, never fatal.
     pub fn notify(&self, state: &str) {
         let sent = rustix::net::socket_with(
             AddressFamily::UNIX,
@@ -170,6 +253,25 @@ impl Manager {
             );
         }
     }
+}
+
+/// A `STATUS=` value: one line (a reason may hold a newline, which would
+/// start a bogus assignment).
+fn one_line(status: &str) -> String {
+    status.replace(['\n', '\r'], " ")
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as systemd wants in `MONOTONIC_USEC`
+/// (the clock `Instant` reads, which std does not expose as a number).
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec; CLOCK_MONOTONIC is always
+    // available on Linux, so the call only writes `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// One datagram: `Ok(None)` for one that is ignored.
@@ -221,6 +323,45 @@ pub fn parse(bytes: &[u8]) -> Option<Vec<(String, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_manager_hears_ready_reloading_ready_and_stopping_once_each() {
+        let mut m = ManagerState::default();
+        assert_eq!(m.reload_begun(5), None, "no RELOADING=1 before READY=1");
+        assert_eq!(m.reload_ended("x"), None);
+        assert_eq!(
+            m.all_ready("2 workers ready").as_deref(),
+            Some("READY=1\nSTATUS=2 workers ready")
+        );
+        assert_eq!(m.all_ready("again"), None, "the first READY=1 only");
+        assert_eq!(
+            m.reload_begun(1234).as_deref(),
+            Some("RELOADING=1\nMONOTONIC_USEC=1234")
+        );
+        assert_eq!(m.reload_begun(1300), None, "a rollback within the restart");
+        assert_eq!(
+            m.reload_ended("aborted:\nbad").as_deref(),
+            Some("READY=1\nSTATUS=aborted: bad"),
+            "a reason's newline does not start an assignment"
+        );
+        assert_eq!(m.reload_ended("twice"), None);
+        assert!(m.reload_begun(2000).is_some());
+        assert_eq!(m.stopping().as_deref(), Some("STOPPING=1"));
+        assert_eq!(m.stopping(), None, "lame duck, then the drain: once");
+        assert_eq!(
+            m.reload_ended("cut short"),
+            None,
+            "nothing after STOPPING=1"
+        );
+        assert_eq!(m.reload_begun(3000), None);
+    }
+
+    #[test]
+    fn monotonic_usec_is_the_clock_instant_reads() {
+        let a = monotonic_usec();
+        let b = monotonic_usec();
+        assert!(a > 0 && b >= a, "{a} {b}");
+    }
 
     #[test]
     fn assignments_parse_and_garbage_does_not() {

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! It first builds what it measures (`cargo build --release --workspace --bins --examples`),
-//! then runs eleven sections on this machine, over 127.0.0.1 only, printing as it goes, and
+//! then runs its sections on this machine, over 127.0.0.1 (and `fleet` in network namespaces of
+//! its own), printing as it goes, and
 //! writes BENCHMARKS.md at the repository root (or `--out PATH`): machine facts, the exact
 //! commands, a table per section, and every target beside its measured figure with ✓ or ✗.
 //!
@@ -36,6 +37,10 @@
 //! 11. `logs`: the lines per second clusterd passes on from a worker's pipe (`log_capture =
 //!     on`) and its CPU per million lines; the shop logging every request, with capture on
 //!     and off.
+//! 12. `fleet`: three hosts (network namespaces) behind HAProxy: failed requests at the load
+//!     balancer for a rolling restart and a replacement of every host, with and without
+//!     `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
+//!     `ip` and `haproxy`).
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -68,7 +73,8 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak, bad-deploy, hostile, cross-check, logs
+                   soak, bad-deploy, hostile, cross-check, logs,
+                   fleet (root, ip, haproxy)
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -168,6 +174,7 @@ fn main() -> ExitCode {
             "hostile" => suite::hostile::run(&ctx),
             "cross-check" => suite::cross_check::run(&ctx),
             "logs" => suite::logs::run(&ctx),
+            "fleet" => suite::fleet::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

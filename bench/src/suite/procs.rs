@@ -253,6 +253,18 @@ impl Daemon {
         tag: &str,
         config: &str,
     ) -> Result<Daemon, String> {
+        Daemon::start_wrapped(&[], clusterd, clusterctl, tag, config)
+    }
+
+    /// [`Daemon::start`], with clusterd run by `wrapper` (`ip netns exec NS`, which execs
+    /// it, so the pid is clusterd's).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        clusterd: &Path,
+        clusterctl: &Path,
+        tag: &str,
+        config: &str,
+    ) -> Result<Daemon, String> {
         let dir = TempDir::new(tag)?;
         let control = dir.path().join("control.sock");
         let mut text = config.trim_end().to_string();
@@ -267,9 +279,16 @@ impl Daemon {
         let stderr = file(&log_path)?;
         let spawned_wall = SystemTime::now();
         let spawned = Instant::now();
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(clusterd);
+                cmd
+            }
+            None => Command::new(clusterd),
+        };
         let proc = Proc::spawn(
-            Command::new(clusterd)
-                .arg("-c")
+            cmd.arg("-c")
                 .arg(&config_path)
                 .stdin(Stdio::null())
                 .stdout(stdout)
