@@ -42,11 +42,11 @@
 //!   at every 50 ms from its start): a generation that starts failing later.
 //! - `--fail-requests`: answers every request `500 Internal Server Error`
 //!   and counts it as failed in its stats.
-//! - `--hang-when PATH`: once PATH holds this worker's id, blocks its
+//! - `--hang-when PATH`: once PATH holds this worker's pid, blocks its
 //!   executor for good (a CPU loop would do the same to the watchdog). A
 //!   SIGABRT then writes `testworker: worker ID: SIGABRT, dumping stacks` and
 //!   returns, as a runtime that dumps its stacks would.
-//! - `--leak-when PATH`: once PATH holds this worker's id, allocates and
+//! - `--leak-when PATH`: once PATH holds this worker's pid, allocates and
 //!   touches 50 MiB a second (5 MiB every 100 ms), never freed.
 //!
 //! With `watchdog` set, every mode heartbeats (`Worker::watchdog`) from its
@@ -240,7 +240,7 @@ fn run(mode: Mode, opts: Opts) -> io::Result<()> {
     if let Some(path) = opts.hang_when.clone() {
         on_sigabrt_say_so(id);
         ex.spawn(async move {
-            wait_for_id(&path, id).await;
+            wait_for_pid(&path).await;
             say!("testworker: worker {id} hanging as asked (its executor blocks)");
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
@@ -250,7 +250,7 @@ fn run(mode: Mode, opts: Opts) -> io::Result<()> {
     }
     if let Some(path) = opts.leak_when.clone() {
         ex.spawn(async move {
-            wait_for_id(&path, id).await;
+            wait_for_pid(&path).await;
             say!("testworker: worker {id} leaking 50 MiB/s as asked");
             let mut kept: Vec<Vec<u8>> = Vec::new();
             loop {
@@ -373,10 +373,12 @@ fn close_ipc() -> io::Result<()> {
     }
 }
 
-/// Waits until `path` holds `id` (looked at every 50 ms).
-async fn wait_for_id(path: &std::path::Path, id: u32) {
+/// Waits until `path` holds this process's pid (looked at every 50 ms): a
+/// replacement of the same worker id is not affected.
+async fn wait_for_pid(path: &std::path::Path) {
+    let pid = std::process::id().to_string();
     loop {
-        if std::fs::read_to_string(path).is_ok_and(|t| t.trim() == id.to_string()) {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.trim() == pid) {
             return;
         }
         Timer::after(Duration::from_millis(50)).await;

@@ -93,6 +93,13 @@ pub struct Config {
     pub crash_loop: u32,
     /// `on_crash_loop = exit`: stop (exit 1) when a crash loop begins.
     pub exit_on_crash_loop: bool,
+    /// `log_format`: text (the default) or JSON Lines.
+    pub log_format: LogFormat,
+    /// `log_file`: where the log goes instead of stderr (reopened on
+    /// SIGUSR1).
+    pub log_file: Option<PathBuf>,
+    /// `log_buffer`: bytes of recent log lines kept for `clusterctl logs`.
+    pub log_buffer: u64,
     /// `shutdown_delay`: on TERM/INT and `clusterctl stop`, serve this long
     /// with `/healthz` failing before draining (lame duck).
     pub shutdown_delay: Duration,
@@ -147,6 +154,27 @@ pub enum Protocol {
     Clusterd,
     /// `LISTEN_FDS`, sd_notify (or `ready_after`) and SIGTERM.
     Systemd,
+    /// An unmodified Node.js server: the systemd protocol, spoken for it by
+    /// the adapter clusterd has Node load first (`NODE_OPTIONS=--require`),
+    /// plus Node's IPC channel for stats, heartbeats and status.
+    Node,
+}
+
+impl Protocol {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Clusterd => "clusterd",
+            Protocol::Systemd => "systemd",
+            Protocol::Node => "node",
+        }
+    }
+
+    /// Programs that know nothing of clusterd: listeners at fds 3..,
+    /// `LISTEN_FDS`, READY by the readiness pipe or sd_notify, SIGTERM.
+    pub fn is_socket_activation(self) -> bool {
+        matches!(self, Protocol::Systemd | Protocol::Node)
+    }
 }
 
 /// One problem in a config file.
@@ -342,6 +370,9 @@ pub const KEYS: &[&str] = &[
     "crash_loop",
     "on_crash_loop",
     "shutdown_delay",
+    "log_format",
+    "log_file",
+    "log_buffer",
 ];
 
 /// Keys that may be given more than once.
@@ -598,6 +629,9 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             crash_loop: 10,
             exit_on_crash_loop: false,
             shutdown_delay: Duration::ZERO,
+            log_format: LogFormat::Text,
+            log_file: None,
+            log_buffer: DEFAULT_LOG_BUFFER,
         },
         errors: Vec::new(),
         omitted: 0,
@@ -759,9 +793,10 @@ impl Parser<'_> {
                 c.protocol = match value {
                     "clusterd" => Protocol::Clusterd,
                     "systemd" => Protocol::Systemd,
+                    "node" => Protocol::Node,
                     _ => {
                         return Err(format!(
-                            "expected \"clusterd\" or \"systemd\", found {}",
+                            "expected \"clusterd\", \"systemd\" or \"node\", found {}",
                             show(value)
                         ));
                     }
@@ -849,6 +884,20 @@ impl Parser<'_> {
                 }
             }
             "shutdown_delay" => c.shutdown_delay = parse_duration(value)?,
+            "log_format" => {
+                c.log_format = match value {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => {
+                        return Err(format!(
+                            "expected \"text\" or \"json\", found {}",
+                            show(value)
+                        ));
+                    }
+                }
+            }
+            "log_file" => c.log_file = Some(absolute(self.dir, value)),
+            "log_buffer" => c.log_buffer = parse_buffer(value)?,
             "log_capture" => {
                 c.log_capture = match value {
                     "on" => true,
@@ -949,9 +998,9 @@ impl Parser<'_> {
         }
         if let (Some(after), Some(line)) = (self.config.ready_after, self.valid_line("ready_after"))
         {
-            let systemd = self.config.protocol == Protocol::Systemd;
+            let systemd = self.config.protocol.is_socket_activation();
             if !systemd && self.valid_line("protocol").is_some() {
-                let message = "ready_after: only works with \"protocol = systemd\" \
+                let message = "ready_after: only works with \"protocol = systemd\" or \"node\" \
                                (clusterd workers report READY themselves)";
                 self.error(line, message.into());
             }
@@ -1058,7 +1107,7 @@ impl Parser<'_> {
     /// (`LISTEN_PID` names the wrapper), so it fails to listen and the
     /// worker crash-loops.
     fn warn_about_wrappers(&mut self) {
-        if self.config.protocol != Protocol::Systemd {
+        if !self.config.protocol.is_socket_activation() {
             return;
         }
         let Some(line) = self.valid_line("exec") else {
@@ -1330,9 +1379,42 @@ fn at_least_10ms(duration: Duration) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// A size in bytes: a number, optionally with `K`, `M`, `G` or `T` (powers
-/// of 1024; `KiB`, `MB`… are taken the same way), at least 1 MiB.
+/// `log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `TIMESTAMP LEVEL EVENT key=value…`.
+    #[default]
+    Text,
+    /// JSON Lines, one object per line: `ts`, `level`, `event`, then the
+    /// fields (unsigned integers as numbers, the rest as strings).
+    Json,
+}
+
+/// `log_buffer` when the config does not set it: about a few thousand
+/// lines of recent log for `clusterctl logs`.
+pub const DEFAULT_LOG_BUFFER: u64 = 1 << 20;
+
+/// `log_buffer`: `0` (keep nothing) or a size of at most 1G.
+fn parse_buffer(value: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(value)?;
+    if bytes > 1 << 30 {
+        return Err(format!("{} is more than 1G", show(value)));
+    }
+    Ok(bytes)
+}
+
+/// A size in bytes, at least 1 MiB (see [`parse_bytes`]).
 fn parse_size(value: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(value)?;
+    if bytes < 1 << 20 {
+        return Err(format!("{} is less than 1M", show(value)));
+    }
+    Ok(bytes)
+}
+
+/// A size in bytes: a number, optionally with `K`, `M`, `G` or `T` (powers
+/// of 1024; `KiB`, `MB`… are taken the same way).
+fn parse_bytes(value: &str) -> Result<u64, String> {
     let digits = value.bytes().take_while(u8::is_ascii_digit).count();
     let (num, unit) = value.split_at(digits);
     let expected = || {
@@ -1350,13 +1432,8 @@ fn parse_size(value: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 40,
         _ => return Err(expected()),
     };
-    let bytes = num
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{} is too large", show(value)))?;
-    if bytes < 1 << 20 {
-        return Err(format!("{} is less than 1M", show(value)));
-    }
-    Ok(bytes)
+    num.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{} is too large", show(value)))
 }
 
 /// A signal clusterd may send as `watchdog_signal`.
@@ -1671,6 +1748,9 @@ mod tests {
                 crash_loop: 10,
                 exit_on_crash_loop: false,
                 shutdown_delay: Duration::ZERO,
+                log_format: LogFormat::Text,
+                log_file: None,
+                log_buffer: 1 << 20,
             }
         );
         assert_eq!(c.control_path(), default_control_path(&c.socket_name()).0);
@@ -1710,6 +1790,9 @@ max_age = 1h
 crash_loop = 5
 on_crash_loop = exit
 shutdown_delay = 15s
+log_format = json
+log_file = log/shop.log
+log_buffer = 4M
 ";
 
     #[test]
@@ -1756,6 +1839,15 @@ shutdown_delay = 15s
         assert_eq!(c.crash_loop, 5);
         assert!(c.exit_on_crash_loop);
         assert_eq!(c.shutdown_delay, Duration::from_secs(15));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log_file, Some(PathBuf::from("/srv/shop/log/shop.log")));
+        assert_eq!(c.log_buffer, 4 << 20);
+        assert_eq!(with("log_buffer = 0").log_buffer, 0);
+        assert_eq!(with("log_buffer = 64K").log_buffer, 64 << 10);
+        assert_eq!(
+            err("log_buffer = 2G"),
+            r#"log_buffer: "2G" is more than 1G"#
+        );
         assert!(with("log_capture = on").log_capture);
         assert_eq!(
             err("log_capture = yes"),
@@ -2110,9 +2202,10 @@ shutdown_delay = 15s
 
         assert_eq!(with("protocol = clusterd").protocol, Protocol::Clusterd);
         assert_eq!(with("protocol = systemd").protocol, Protocol::Systemd);
+        assert_eq!(with("protocol = node").protocol, Protocol::Node);
         assert_eq!(
             err("protocol = sytemd"),
-            r#"protocol: expected "clusterd" or "systemd", found "sytemd""#
+            r#"protocol: expected "clusterd", "systemd" or "node", found "sytemd""#
         );
 
         assert_eq!(with("empty_pool = wait").empty_pool, EmptyPool::Wait);
@@ -2264,15 +2357,17 @@ shutdown_delay = 15s
         // ready_after only with protocol = systemd, and shorter than ready_timeout.
         assert_eq!(
             err("ready_after = 2s"),
-            r#"ready_after: only works with "protocol = systemd" (clusterd workers report READY themselves)"#
+            r#"ready_after: only works with "protocol = systemd" or "node" (clusterd workers report READY themselves)"#
         );
         assert_eq!(
             errs(&format!("{MIN}ready_after = 2s\nprotocol = clusterd\n")),
             [(
                 3,
-                r#"ready_after: only works with "protocol = systemd" (clusterd workers report READY themselves)"#.into()
+                r#"ready_after: only works with "protocol = systemd" or "node" (clusterd workers report READY themselves)"#.into()
             )]
         );
+        let c = ok(&format!("{MIN}ready_after = 2s\nprotocol = node\n"));
+        assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         let c = ok(&format!("{MIN}ready_after = 2s\nprotocol = systemd\n"));
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(

@@ -138,6 +138,14 @@ pub enum Request {
     /// Replace one worker (by id) with a new instance of its generation,
     /// READY-gated and baked; answered like [`Request::Restart`].
     RestartWorker(u32),
+    /// The last `lines` log lines (of worker `worker` only, if given), as
+    /// [`Response::Logs`]; with `follow`, then every new line as it comes,
+    /// until clusterd exits or the client reads too slowly.
+    Logs {
+        lines: u32,
+        follow: bool,
+        worker: Option<u32>,
+    },
 }
 
 /// A change of the worker count.
@@ -168,6 +176,35 @@ pub enum Response {
     /// A replacement is READY and must stay up for its bake before the
     /// restart goes on (new variants go last: the others keep their tags).
     Baking(Baking),
+    /// Log lines, oldest first.
+    Logs(Vec<LogEntry>),
+}
+
+/// One log line: one of clusterd's events, or a line a worker wrote
+/// (`worker.output`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// `info`, `warn` or `error`.
+    pub level: String,
+    pub event: String,
+    pub fields: Vec<(String, String)>,
+}
+
+impl LogEntry {
+    /// The value of field `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The worker id the line is about (its `id` field), if any.
+    pub fn worker(&self) -> Option<u32> {
+        self.get("id")?.parse().ok()
+    }
 }
 
 /// The daemon's state, as `clusterctl status` shows it.
@@ -224,6 +261,9 @@ pub struct WorkerStatus {
     pub active: Option<u32>,
     /// Free text a worker reported (sd_notify `STATUS=`).
     pub note: Option<String>,
+    /// The last line the worker that crashed wrote to its stderr, with
+    /// `last_exit` (its last words: why it crashed, often).
+    pub last_words: Option<String>,
 }
 
 /// One step of a rolling restart.

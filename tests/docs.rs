@@ -18,7 +18,7 @@ use crate::util::{bin_dir, clusterd_bin};
 
 /// The signals of DESIGN.md's "Signals to clusterd" table (the contract lives
 /// outside the repository, so its list is copied here).
-const DESIGN_SIGNALS: &[&str] = &["TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "CHLD"];
+const DESIGN_SIGNALS: &[&str] = &["TERM", "INT", "QUIT", "HUP", "USR1", "TTIN", "TTOU", "CHLD"];
 
 /// The pages.
 const PAGES: &[&str] = &["clusterd.8", "clusterctl.1", "clusterd.conf.5"];

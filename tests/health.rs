@@ -62,7 +62,7 @@ fn a_native_worker_whose_executor_blocks_is_replaced_then_signalled_then_killed(
             2,
         ),
     ];
-    std::fs::write(&trigger, "1").unwrap();
+    std::fs::write(&trigger, hung_pid.to_string()).unwrap();
 
     let hung = cluster.wait_event("worker.hung", |l| l.num("id") == 1);
     assert_eq!(hung.num("pid"), u64::from(hung_pid), "{}", hung.raw);
@@ -131,7 +131,7 @@ fn a_systemd_worker_that_stops_feeding_its_watchdog_is_replaced() {
     cluster.wait_ready(1);
     let pid = cluster.ready_pid(2, 1);
     let load = load(cluster.addr(), 2, false, Method::Get);
-    std::fs::write(&trigger, "2").unwrap();
+    std::fs::write(&trigger, pid.to_string()).unwrap();
     let hung = cluster.wait_event("worker.hung", |l| l.num("id") == 2);
     assert_eq!(hung.num("pid"), u64::from(pid));
     assert!(
@@ -175,7 +175,7 @@ fn a_worker_leaking_fast_is_replaced_before_it_passes_its_limit_by_a_seconds_gro
     cluster.wait_ready(1);
     let leaker = cluster.ready_pid(1, 1);
     let loads = mixed_load_on_testworkers(&cluster);
-    std::fs::write(&trigger, "1").unwrap();
+    std::fs::write(&trigger, leaker.to_string()).unwrap();
     let recycle = cluster.wait_event("worker.recycle", |l| l.num("pid") == u64::from(leaker));
     let reason = recycle.get("reason").unwrap_or_default().to_string();
     // "max_memory (N MiB of 64 MiB)": measured within a check (500 ms) of

@@ -241,6 +241,11 @@ fn a_workers_last_words_before_it_exits_appear() {
         "the last words come before the exit:\n{}",
         cluster.log_text()
     );
+    // And status shows them beside the exit status.
+    let s = cluster.status_json();
+    let w = &s["workers"][0];
+    assert_eq!(w["last_exit"], "exit 3", "{s:#}");
+    assert_eq!(w["last_words"], "goodbye without a newline", "{s:#}");
 }
 
 /// `log_capture = off`: the workers write to clusterd's stderr themselves,
@@ -260,4 +265,157 @@ fn log_capture_off_passes_output_through() {
             .then_some(())
     });
     assert!(output(&cluster).is_empty());
+}
+
+/// `log_format = json`: every line clusterd writes, its events and its
+/// workers' output, is one JSON object.
+#[test]
+fn json_lines_parse() {
+    let dir = TempDir::new("jsonlog");
+    let script = "echo \"hello \\\"json\\\" from $CLUSTERD_WORKER_ID\"\nexec sleep 3600\n";
+    let config = script_config(dir.path(), script, 2, "log_format = json");
+    let cluster = Cluster::start_in(dir, "jsonlog", &config, Command::new(clusterd_bin()));
+    let outputs = wait_for("both workers' lines", || {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&cluster.log)
+            .ok()?
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect();
+        let outputs: Vec<serde_json::Value> = lines
+            .into_iter()
+            .filter(|v| v["event"] == "worker.output")
+            .collect();
+        (outputs.len() >= 2).then_some(outputs)
+    });
+    for v in &outputs {
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'), "{v}");
+        assert_eq!(v["level"], "info");
+        assert!(v["id"].is_u64() && v["pid"].is_u64(), "numbers: {v}");
+        assert_eq!(v["stream"], "stdout");
+        let id = v["id"].as_u64().unwrap();
+        assert_eq!(v["line"], format!("hello \"json\" from {id}"));
+    }
+}
+
+/// Runs `clusterctl -s SOCKET ARGS` in the background, stdout to a file.
+fn ctl_in_background(cluster: &Cluster, args: &[&str], out: &Path) -> Child {
+    Command::new(bin_dir().join("clusterctl"))
+        .arg("-s")
+        .arg(&cluster.control)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start clusterctl")
+}
+
+#[test]
+fn logs_shows_the_last_lines_and_follows_a_rolling_restart() {
+    let cluster = Cluster::testworkers("logs-follow", 2, "ok", "");
+    cluster.wait_ready(1);
+    let out = cluster.ctl(&["logs", "-n", "3"]).stdout;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let out = cluster.ctl(&["logs", "-n", "100", "--worker", "2"]).stdout;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.lines().count() >= 2, "{text}");
+    for line in text.lines() {
+        let l = LogLine::parse(line).unwrap_or_else(|| panic!("{line}"));
+        assert_eq!(l.num("id"), 2, "only worker 2: {line}");
+    }
+
+    let follow_out = cluster.dir.path().join("follow.out");
+    let mut follow = ctl_in_background(&cluster, &["logs", "-f", "-n", "1"], &follow_out);
+    // Once the follower has its first line, it is registered: restart.
+    wait_for("the follower's first line", || {
+        std::fs::read_to_string(&follow_out)
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    let restart = cluster.ctl(&["restart"]);
+    assert!(restart.status.success());
+    let text = wait_for("the restart in the followed log", || {
+        std::fs::read_to_string(&follow_out)
+            .ok()
+            .filter(|t| t.contains(" restart.done "))
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(text.contains(" restart.begin "), "{text}");
+    assert!(
+        text.lines()
+            .filter_map(LogLine::parse)
+            .any(|l| l.event == "worker.output" && l.num("generation") == 2),
+        "the new workers' output too:\n{text}"
+    );
+}
+
+/// A follower that never reads is cut off; clusterd goes on.
+#[test]
+fn a_follower_that_does_not_read_is_cut_off() {
+    use std::io::{Read as _, Write as _};
+    let dir = TempDir::new("slowfollow");
+    let script = "i=0\nwhile :; do i=$((i+1)); echo \"spam $i xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"; done\n";
+    let config = script_config(dir.path(), script, 1, "log_file = clusterd-file.log");
+    let cluster = Cluster::start_in(dir, "slowfollow", &config, Command::new(clusterd_bin()));
+    let mut sock = std::os::unix::net::UnixStream::connect(&cluster.control).expect("connect");
+    let request = clusterd::proto::Request::Logs {
+        lines: 0,
+        follow: true,
+        worker: None,
+    };
+    sock.write_all(&clusterd::proto::frame(&request)).unwrap();
+    // Not reading: the socket buffers fill, then clusterd's queue for it.
+    wait_for("the slow follower to be cut off", || {
+        let text = std::fs::read_to_string(cluster.dir.path().join("clusterd-file.log")).ok()?;
+        (text.contains("control.slow_client") || text.contains("cut off")).then_some(())
+    });
+    // What it gets when it finally reads: lines, then the end.
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut all = Vec::new();
+    let _ = sock.read_to_end(&mut all);
+    assert!(!all.is_empty());
+    // clusterd serves on.
+    let s = cluster.status_json();
+    assert_eq!(s["ready"], 1, "{s:#}");
+}
+
+/// `log_file` and SIGUSR1, logrotate's way: rename, signal; not a line is
+/// lost or doubled.
+#[test]
+fn sigusr1_reopens_the_log_file_without_losing_a_line() {
+    let dir = TempDir::new("reopen");
+    let script = "i=0\nwhile [ $i -lt 30000 ]; do i=$((i+1)); echo \"n=$i\"; \
+                  [ $((i % 200)) -eq 0 ] && sleep 0.01; done\nexec sleep 3600\n";
+    let config = script_config(dir.path(), script, 1, "log_file = shop.log");
+    let cluster = Cluster::start_in(dir, "reopen", &config, Command::new(clusterd_bin()));
+    let log = cluster.dir.path().join("shop.log");
+    let rotated = cluster.dir.path().join("shop.log.1");
+    wait_for("some lines in the log file", || {
+        (std::fs::metadata(&log).ok()?.len() > 50_000).then_some(())
+    });
+    std::fs::rename(&log, &rotated).unwrap();
+    cluster.signal(rustix::process::Signal::USR1);
+    wait_for("the worker to finish counting", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("line=\"n=30000\"").then_some(())
+    });
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let new = std::fs::read_to_string(&log).unwrap();
+    assert!(new.contains(" log.reopened "), "{new}");
+    let numbers: Vec<u64> = old
+        .lines()
+        .chain(new.lines())
+        .filter_map(LogLine::parse)
+        .filter(|l| l.event == "worker.output")
+        .filter_map(|l| l.get("line")?.strip_prefix("n=")?.parse().ok())
+        .collect();
+    let expected: Vec<u64> = (1..=30_000).collect();
+    assert!(
+        numbers == expected,
+        "{} lines, first gap near {:?}",
+        numbers.len(),
+        numbers.windows(2).find(|w| w[1] != w[0] + 1)
+    );
 }

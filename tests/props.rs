@@ -30,8 +30,8 @@ use clusterd::config::{self, Config, Listen, ListenAddr, Protocol, RESERVED_ENV}
 use clusterd::daemon::notify;
 use clusterd::proto::{
     self, Baking, CONTROL_VERSION, FRAME_HEADER, FromWorker, Hello, IPC_VERSION, LastRestart,
-    ListenerInfo, MAX_IPC_RECORD, MAX_LISTENERS, MAX_REQUEST, MAX_RESPONSE, Progress, Request,
-    Response, RestartOutcome, Scale, Status, ToWorker, WorkerStatus,
+    ListenerInfo, LogEntry, MAX_IPC_RECORD, MAX_LISTENERS, MAX_REQUEST, MAX_RESPONSE, Progress,
+    Request, Response, RestartOutcome, Scale, Status, ToWorker, WorkerStatus,
 };
 
 use crate::util::TempDir;
@@ -496,7 +496,7 @@ prop_compose! {
         ),
         backlog in proptest::option::of(1..=65535u32),
         control in proptest::option::of(path_text()),
-        protocol in proptest::option::of(select(&[Protocol::Clusterd, Protocol::Systemd][..])),
+        protocol in proptest::option::of(select(&[Protocol::Clusterd, Protocol::Systemd, Protocol::Node][..])),
     ) -> (Vec<String>, String, (Program, Vec<(String, u8)>), Option<Option<u32>>,
           Vec<(Option<String>, AddrGen, u8)>, Option<u32>, Option<PathText>, Option<Protocol>)
     {
@@ -634,10 +634,7 @@ fn build(p: Parts) -> Valid {
     }
 
     if let Some(protocol) = p.protocol {
-        let text = match protocol {
-            Protocol::Clusterd => "clusterd",
-            Protocol::Systemd => "systemd",
-        };
+        let text = protocol.as_str();
         queues.push(vec![line("protocol", text.into())]);
     }
 
@@ -664,11 +661,11 @@ fn build(p: Parts) -> Valid {
     duration_line(&mut queues, "restart_delay", has_delay.then_some(delay));
     duration_line(&mut queues, "restart_delay_max", has_max.then_some(max));
 
-    // ready_after: systemd only, and shorter than ready_timeout.
+    // ready_after: systemd and node only, and shorter than ready_timeout.
     let timeout = ready_timeout.unwrap_or(Duration::from_secs(10));
     let ready_after = p
         .ready_after
-        .filter(|_| p.protocol == Some(Protocol::Systemd))
+        .filter(|_| p.protocol.is_some_and(Protocol::is_socket_activation))
         .map(|n| Duration::from_millis(n % timeout.as_millis() as u64));
     duration_line(&mut queues, "ready_after", ready_after);
 
@@ -770,6 +767,9 @@ fn build(p: Parts) -> Valid {
         crash_loop: 10,
         exit_on_crash_loop: false,
         shutdown_delay: Duration::ZERO,
+        log_format: clusterd::config::LogFormat::Text,
+        log_file: None,
+        log_buffer: config::DEFAULT_LOG_BUFFER,
     };
     Valid {
         path,
@@ -991,6 +991,13 @@ fn request() -> impl Strategy<Value = Request> {
         int32().prop_map(|n| Request::Scale(Scale::Up(n))),
         int32().prop_map(|n| Request::Scale(Scale::Down(n))),
         int32().prop_map(Request::RestartWorker),
+        (int32(), any::<bool>(), proptest::option::of(int32())).prop_map(
+            |(lines, follow, worker)| Request::Logs {
+                lines,
+                follow,
+                worker
+            }
+        ),
     ]
 }
 
@@ -1004,10 +1011,11 @@ prop_compose! {
             proptest::option::of(int32()),
             proptest::option::of(text()),
         ),
+        last_words in proptest::option::of(text()),
     ) -> WorkerStatus {
         WorkerStatus {
             id, pid, generation, state, uptime_ms, restarts, last_exit, rss_bytes, requests,
-            active, note,
+            active, note, last_words,
         }
     }
 }
@@ -1096,6 +1104,18 @@ fn response() -> BoxedStrategy<Response> {
         (int32(), int32()).prop_map(|(from, to)| Response::Scaled { from, to }),
         Just(Response::Stopping),
         text().prop_map(Response::Error),
+        vec(
+            (int64(), text(), text(), vec((text(), text()), 0..4)).prop_map(
+                |(ts_ms, level, event, fields)| LogEntry {
+                    ts_ms,
+                    level,
+                    event,
+                    fields
+                }
+            ),
+            0..4
+        )
+        .prop_map(Response::Logs),
     ]
     .boxed()
 }

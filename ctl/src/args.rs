@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::PathBuf;
 
-pub const USAGE: &str = "Usage: clusterctl [-s SOCKET | -c CONFIG] [--json] status|restart [--worker ID]|scale N|+N|-N|stop";
+pub const USAGE: &str = "Usage: clusterctl [-s SOCKET | -c CONFIG] [--json] status|restart [--worker ID]|scale N|+N|-N|stop|logs [-f] [-n N] [--worker ID]";
 
 pub const HELP: &str = "\
 clusterctl: control a running clusterd
@@ -23,6 +23,9 @@ Commands:
                   new instance of the same program, READY-gated and baked
   scale N|+N|-N   set the worker count, or add or remove workers
   stop            graceful stop: clusterd drains every worker, then exits
+  logs [-f] [-n N] [--worker ID]
+                  the last N log lines (default 50) of clusterd and its
+                  workers (of worker ID only); -f: then follow them live
 
 Options:
   -s, --socket PATH   the control socket
@@ -39,12 +42,21 @@ Exit status: 0 success, 1 the command failed (e.g. restart aborted or
 rolled back), 2 usage or config error, 3 clusterd not reachable.
 ";
 
+/// Lines `clusterctl logs` shows without `-n`.
+pub const DEFAULT_LOG_LINES: u32 = 50;
+
 /// A command to send to clusterd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     Status,
     /// `restart`, or `restart --worker ID`.
     Restart(Option<u32>),
+    /// `logs [-f] [-n N] [--worker ID]`.
+    Logs {
+        lines: u32,
+        follow: bool,
+        worker: Option<u32>,
+    },
     Scale(Scale),
     Stop,
 }
@@ -85,6 +97,8 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     let mut config = None;
     let mut json = false;
     let mut worker: Option<u32> = None;
+    let mut follow = false;
+    let mut lines: Option<u32> = None;
     let mut words: Vec<String> = Vec::new();
     let mut only_words = false;
     let mut args = args.into_iter();
@@ -101,6 +115,19 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
         match name.as_str() {
             "--" => only_words = true,
             "--json" if inline.is_none() => json = true,
+            "-f" | "--follow" if inline.is_none() => follow = true,
+            "-n" | "--lines" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args.next().ok_or("-n needs a number of lines")?,
+                };
+                let value = value.to_string_lossy();
+                lines = Some(
+                    value
+                        .parse::<u32>()
+                        .map_err(|_| format!("-n needs a number of lines, found '{value}'"))?,
+                );
+            }
             "--worker" => {
                 let value = match inline {
                     Some(v) => v,
@@ -139,9 +166,16 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
 
     let mut words = words.into_iter();
     let command = match words.next().as_deref() {
-        None => return Err("no command given (commands: status, restart, scale, stop)".into()),
+        None => {
+            return Err("no command given (commands: status, restart, scale, stop, logs)".into());
+        }
         Some("status") => Command::Status,
         Some("restart") => Command::Restart(worker.take()),
+        Some("logs") => Command::Logs {
+            lines: lines.take().unwrap_or(DEFAULT_LOG_LINES),
+            follow: std::mem::take(&mut follow),
+            worker: worker.take(),
+        },
         Some("stop") => Command::Stop,
         Some("scale") => match words.next() {
             Some(count) => Command::Scale(parse_scale(&count)?),
@@ -149,7 +183,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
         },
         Some(other) => {
             return Err(format!(
-                "unknown command '{other}' (commands: status, restart, scale, stop)"
+                "unknown command '{other}' (commands: status, restart, scale, stop, logs)"
             ));
         }
     };
@@ -157,7 +191,10 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
         return Err(format!("unexpected argument '{extra}'"));
     }
     if worker.is_some() {
-        return Err("--worker goes with restart".into());
+        return Err("--worker goes with restart or logs".into());
+    }
+    if follow || lines.is_some() {
+        return Err("-f and -n go with logs".into());
     }
     Ok(Parsed::Run(Args {
         socket,
@@ -250,6 +287,24 @@ mod tests {
         assert_eq!(a.command, Command::Restart(Some(3)));
         let a = ok(&["--worker=2", "restart"]);
         assert_eq!(a.command, Command::Restart(Some(2)));
+        let a = ok(&["logs"]);
+        assert_eq!(
+            a.command,
+            Command::Logs {
+                lines: 50,
+                follow: false,
+                worker: None
+            }
+        );
+        let a = ok(&["logs", "-f", "-n", "200", "--worker", "3"]);
+        assert_eq!(
+            a.command,
+            Command::Logs {
+                lines: 200,
+                follow: true,
+                worker: Some(3)
+            }
+        );
         let a = ok(&["--socket=/a.sock", "-cshop.conf", "stop"]);
         assert_eq!(a.socket, Some(PathBuf::from("/a.sock")));
         assert_eq!(a.config, Some(PathBuf::from("shop.conf")));
@@ -323,7 +378,15 @@ mod tests {
             (&["restart", "--worker"], "--worker needs a worker id"),
             (&["restart", "--worker", "0"], "found '0'"),
             (&["restart", "--worker", "two"], "found 'two'"),
-            (&["status", "--worker", "2"], "--worker goes with restart"),
+            (
+                &["status", "--worker", "2"],
+                "--worker goes with restart or logs",
+            ),
+            (&["status", "-f"], "-f and -n go with logs"),
+            (
+                &["logs", "-n", "x"],
+                "-n needs a number of lines, found 'x'",
+            ),
         ] {
             let err = run(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -143,6 +143,15 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Restart(Some(id)) => Request::RestartWorker(id),
         Command::Scale(scale) => Request::Scale(scale),
         Command::Stop => Request::Stop,
+        Command::Logs {
+            lines,
+            follow,
+            worker,
+        } => Request::Logs {
+            lines,
+            follow,
+            worker,
+        },
     };
     // With -c, the daemon must be the one running that file: ask first, so
     // that nothing but Status reaches the daemon of another config.
@@ -154,7 +163,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
     }
     let timeout = match args.command {
-        Command::Restart(_) => None,
+        Command::Restart(_) | Command::Logs { follow: true, .. } => None,
         _ => Some(REPLY_TIMEOUT),
     };
     let mut session = open(&target, &request, timeout, args.json)?;
@@ -163,6 +172,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Restart(_) => session.restart(),
         Command::Scale(_) => session.scale(),
         Command::Stop => session.stop(),
+        Command::Logs { follow, .. } => session.logs(follow),
     }
 }
 
@@ -442,6 +452,32 @@ impl Session {
                 }
             }
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Prints log lines as they come; without `follow`, the one batch.
+    /// Following ends when clusterd closes the connection (it exits): exit
+    /// 0; when it cut this client off for reading too slowly: exit 1.
+    fn logs(&mut self, follow: bool) -> Result<(), Failure> {
+        loop {
+            let batch = match self.next("the log") {
+                Ok(Response::Logs(batch)) => batch,
+                Ok(other) => return Err(unexpected(&other)),
+                // The end of the stream: clusterd exited.
+                Err(Failure::Unreachable(_)) if follow => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for entry in &batch {
+                let line = if self.json {
+                    clusterd::daemon::logsink::json_line(entry)
+                } else {
+                    render::clean(&clusterd::daemon::logsink::text_line(entry)).into_owned()
+                };
+                print(&line)?;
+            }
+            if !follow {
+                return Ok(());
+            }
         }
     }
 

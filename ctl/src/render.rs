@@ -287,10 +287,16 @@ enum Align {
     Right,
 }
 
-/// The per-worker table; the NOTE column only when some worker has a note.
+/// The per-worker table; the NOTE column only when some worker has a note
+/// (its `STATUS=`, or the last stderr line of a worker that crashed).
 fn worker_table(workers: &[WorkerStatus]) -> String {
     use Align::{Left, Right};
-    let with_note = workers.iter().any(|w| w.note.is_some());
+    let note = |w: &WorkerStatus| {
+        w.note
+            .clone()
+            .or_else(|| w.last_words.as_ref().map(|l| format!("last words: {l}")))
+    };
+    let with_note = workers.iter().any(|w| note(w).is_some());
     let mut columns = vec![
         ("ID", Right),
         ("PID", Right),
@@ -323,7 +329,7 @@ fn worker_table(workers: &[WorkerStatus]) -> String {
                 opt(w.active),
             ];
             if with_note {
-                row.push(w.note.as_deref().map_or_else(|| "-".into(), cleaned));
+                row.push(note(w).as_deref().map_or_else(|| "-".into(), cleaned));
             }
             row
         })
@@ -446,6 +452,7 @@ pub fn status_json(s: &Status) -> Value {
             "requests": w.requests,
             "active": w.active,
             "note": w.note,
+            "last_words": w.last_words,
         })).collect::<Vec<_>>(),
     })
 }
@@ -537,6 +544,7 @@ mod tests {
             requests: Some(10_234),
             active: Some(3),
             note: None,
+            last_words: None,
         }
     }
 
@@ -725,6 +733,7 @@ ID  PID  GEN  STATE    UPTIME  RESTARTS  LAST-EXIT             RSS  REQUESTS  AC
                 "generation",
                 "id",
                 "last_exit",
+                "last_words",
                 "note",
                 "pid",
                 "requests",

@@ -5,8 +5,8 @@
 //! End-to-end tests against the real clusterd belong with the daemon's tests.
 
 use clusterd::proto::{
-    self, Baking, FRAME_HEADER, LastRestart, ListenerInfo, MAX_REQUEST, Progress, Request,
-    Response, RestartOutcome, Scale, Status, WorkerStatus,
+    self, Baking, FRAME_HEADER, LastRestart, ListenerInfo, LogEntry, MAX_REQUEST, Progress,
+    Request, Response, RestartOutcome, Scale, Status, WorkerStatus,
 };
 use serde_json::Value;
 use std::io::{Read as _, Write as _};
@@ -232,6 +232,7 @@ fn worker(id: u32) -> WorkerStatus {
         requests: Some(10_234),
         active: Some(3),
         note: None,
+        last_words: None,
     }
 }
 
@@ -298,6 +299,19 @@ fn healthy(name: &str) -> FakeDaemon {
         Request::Scale(Scale::Down(n)) => vec![Step::Send(Response::Scaled { from: 4, to: 4 - n })],
         Request::Scale(Scale::To(n)) => vec![Step::Send(Response::Scaled { from: 4, to: *n })],
         Request::Stop => vec![Step::Send(Response::Stopping)],
+        Request::Logs { lines, .. } => vec![Step::Send(Response::Logs(
+            (0..*lines)
+                .map(|i| LogEntry {
+                    ts_ms: 1_764_932_696_789 + u64::from(i),
+                    level: "info".into(),
+                    event: "worker.output".into(),
+                    fields: vec![
+                        ("id".into(), "1".into()),
+                        ("line".into(), format!("line {i} \u{1b}[2J")),
+                    ],
+                })
+                .collect(),
+        ))],
         Request::RestartWorker(id) => vec![
             Step::Send(Response::Baking(Baking {
                 worker_id: *id,
@@ -557,6 +571,34 @@ fn an_aborted_restart_exits_1_with_the_reason() {
         run.stderr
             .starts_with("clusterctl: restart aborted after 1/3: "),
         "{run:#?}"
+    );
+}
+
+#[test]
+fn logs_print_text_escaped_or_json() {
+    let daemon = healthy("logs");
+    let run = clusterctl(&["-s", daemon.path(), "logs", "-n", "2"], &[]);
+    run.expect(0);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{run:#?}");
+    assert!(
+        lines[0].starts_with("2025-12-05T11:04:56.789Z info worker.output id=1 line=")
+            && !lines[0].contains('\u{1b}'),
+        "{run:#?}"
+    );
+    let run = clusterctl(&["-s", daemon.path(), "logs", "-n", "1", "--json"], &[]);
+    run.expect(0);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["event"], "worker.output");
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["line"], "line 0 \u{1b}[2J");
+    assert_eq!(
+        daemon.requests().last(),
+        Some(&Request::Logs {
+            lines: 1,
+            follow: false,
+            worker: None
+        })
     );
 }
 

@@ -1379,6 +1379,7 @@ mod tests {
                 requests: Some(10),
                 active: Some(1),
                 note: None,
+                last_words: None,
             }],
         }
     }
@@ -1437,6 +1438,7 @@ mod tests {
                     vec![Response::Error("scaling is refused in this test".into())]
                 }
                 (_, Request::Stop) => vec![Response::Stopping],
+                (_, Request::Logs { .. }) => vec![Response::Logs(Vec::new())],
             };
             for r in replies {
                 reply.try_send(r).unwrap();

@@ -5,7 +5,6 @@
 //! RFC 3339 with milliseconds, computed without a time-zone database.
 
 use std::fmt::{self, Display, Write as _};
-use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +42,22 @@ pub fn format_line(
     line
 }
 
-/// Writes one event to stderr, in a single `write` so lines never interleave.
+/// Logs one event: to stderr or `log_file`, in the configured format, in
+/// a single `write` so lines never interleave (see [`super::logsink`]).
 pub fn emit(level: Level, event: &str, fields: &[(&str, &dyn Display)]) {
-    let mut line = format_line(SystemTime::now(), level, event, fields);
-    line.push('\n');
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let entry = crate::proto::LogEntry {
+        ts_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64,
+        level: level.to_string(),
+        event: event.to_string(),
+        fields: fields
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), v.to_string()))
+            .collect(),
+    };
+    super::logsink::write(&[entry], None);
 }
 
 fn push_value(out: &mut String, value: &str) {
@@ -74,7 +84,8 @@ fn push_value(out: &mut String, value: &str) {
     out.push('"');
 }
 
-fn write_timestamp(out: &mut String, now: SystemTime) {
+/// Appends `now` as RFC 3339 UTC with milliseconds.
+pub fn write_timestamp(out: &mut String, now: SystemTime) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

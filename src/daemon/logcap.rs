@@ -37,14 +37,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt::Display;
-use std::io::{self, Write as _};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::SystemTime;
 
 use smol::{Async, LocalExecutor};
 
-use super::log::{Level, format_line};
+use crate::proto::LogEntry;
 
 /// The event of a captured line.
 pub const EVENT: &str = "worker.output";
@@ -100,25 +100,36 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
-    /// The record as a `log_format = text` event line (no newline).
-    pub fn text_line(&self, now: SystemTime) -> String {
+    /// The record as a log entry: a `worker.output` event.
+    pub fn entry(&self, now: SystemTime) -> LogEntry {
         let t = &self.tag;
-        let mut fields: Vec<(&str, &dyn Display)> = vec![
-            ("id", &t.id),
-            ("pid", &t.pid),
-            ("generation", &t.generation),
-            ("stream", &self.stream),
+        let mut fields = vec![
+            ("id".to_string(), t.id.to_string()),
+            ("pid".to_string(), t.pid.to_string()),
+            ("generation".to_string(), t.generation.to_string()),
+            ("stream".to_string(), self.stream.to_string()),
         ];
-        let n;
         if let Some((part, more)) = self.part {
-            n = part;
-            fields.push(("part", &n));
+            fields.push(("part".into(), part.to_string()));
             if more {
-                fields.push(("more", &1));
+                fields.push(("more".into(), "1".into()));
             }
         }
-        fields.push(("line", &self.text));
-        format_line(now, Level::Info, EVENT, &fields)
+        fields.push(("line".into(), self.text.to_string()));
+        LogEntry {
+            ts_ms: now
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            level: "info".into(),
+            event: EVENT.into(),
+            fields,
+        }
+    }
+
+    /// The record as a `log_format = text` event line (no newline).
+    pub fn text_line(&self, now: SystemTime) -> String {
+        super::logsink::text_line(&self.entry(now))
     }
 }
 
@@ -274,11 +285,11 @@ impl Stream {
                 Ok(0) => self.finish(),
                 Ok(n) => {
                     read += n;
-                    let mut out = String::new();
+                    let mut out = Vec::new();
                     self.lines
                         .borrow_mut()
                         .push(&buf[..n], &mut |text, part| self.emit(&mut out, text, part));
-                    write_out(&out);
+                    self.write_out(&out);
                 }
                 Err(rustix::io::Errno::INTR) => {}
                 Err(rustix::io::Errno::AGAIN) => break,
@@ -290,33 +301,30 @@ impl Stream {
 
     fn finish(&self) {
         self.done.set(true);
-        let mut out = String::new();
+        let mut out = Vec::new();
         self.lines
             .borrow_mut()
             .finish(&mut |text, part| self.emit(&mut out, text, part));
-        write_out(&out);
+        self.write_out(&out);
     }
 
-    /// Where every record goes: appended to `out` as a text event line.
-    fn emit(&self, out: &mut String, text: &str, part: Option<(u32, bool)>) {
+    /// Where every record goes: appended to `out` as a log entry.
+    fn emit(&self, out: &mut Vec<LogEntry>, text: &str, part: Option<(u32, bool)>) {
         let record = Record {
             tag: self.tag,
             stream: self.kind,
             text,
             part,
         };
-        out.push_str(&record.text_line(SystemTime::now()));
-        out.push('\n');
+        out.push(record.entry(SystemTime::now()));
     }
-}
 
-/// Writes captured lines to clusterd's stderr in one `write_all` (under the
-/// lock its own events take, so lines never interleave). A failure (EPIPE:
-/// the reader is gone) is ignored: the lines are dropped, the pipes still
-/// drained.
-fn write_out(text: &str) {
-    if !text.is_empty() {
-        let _ = io::stderr().lock().write_all(text.as_bytes());
+    /// Writes captured lines in one write, through the log sink (format,
+    /// `log_file`, `clusterctl logs`). A failure (EPIPE: the reader is gone)
+    /// is ignored: the lines are dropped, the pipes still drained.
+    fn write_out(&self, entries: &[LogEntry]) {
+        let stderr_of = (self.kind == StreamKind::Stderr).then_some(self.tag.pid);
+        super::logsink::write(entries, stderr_of);
     }
 }
 

@@ -652,6 +652,7 @@ mod tests {
             requests: pid.map(|_| 10),
             active: pid.map(|_| 1),
             note: None,
+            last_words: None,
         }
     }
 

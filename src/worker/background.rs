@@ -15,6 +15,7 @@ use smol::future::{self, FutureExt as _};
 use smol::stream::StreamExt as _;
 use smol::{Async, Timer};
 
+use super::inflight::until;
 use super::shutdown::ShutdownReason;
 use super::{Shared, lock};
 use crate::fdpass;
@@ -23,8 +24,11 @@ use crate::proto::{self, FromWorker, ToWorker};
 /// How long a message to clusterd may wait for room in the socket buffer.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often the background thread considers sending [`Stats`].
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the background thread lets the [`Stats`](super::Stats) change
+/// after a first change before it sends them: a busy worker's figures
+/// change with every request, and this coalesces them into one record a
+/// second. Idle, nothing changes and nothing is sent or woken.
+const STATS_DELAY: Duration = Duration::from_secs(1);
 
 /// What the `clusterd-worker` thread owns.
 pub(super) struct Background {
@@ -146,27 +150,34 @@ async fn read_records(ipc: &Async<OwnedFd>, shared: &Shared) {
     }
 }
 
-/// Sends the latest [`Stats`] once a second when they changed, until the
-/// drain is reported or the channel closes. A full socket buffer skips a
-/// report rather than waiting.
+/// Sends the latest [`Stats`](super::Stats) when they changed, at most once
+/// a [`STATS_DELAY`], until the drain is reported or the channel closes.
+///
+/// No periodic tick: it sleeps on the figures' change notification, so an
+/// idle worker's thread is never woken. A change starts a [`STATS_DELAY`]
+/// wait (coalescing a burst into one record), then the values of that
+/// moment are sent. A full socket buffer skips a report rather than
+/// waiting; the values still differ from the last sent, so the next
+/// attempt follows a [`STATS_DELAY`] later.
 async fn report_stats(ipc: &Async<OwnedFd>, shared: &Shared) {
+    let stats = &shared.stats;
     let mut last = None;
+    let current = || (stats.requests(), stats.active(), stats.failed());
     loop {
-        Timer::after(STATS_INTERVAL).await;
+        // Registered before the check (in `until`), so a change between
+        // the check and the wait is not lost.
+        until(&stats.cells.changed, || {
+            shared.ready_sent.load(Ordering::Acquire) && last != Some(current())
+        })
+        .await;
+        Timer::after(STATS_DELAY).await;
         let _order = lock(&shared.send_lock);
         if shared.drained.load(Ordering::Acquire)
             || shared.shutdown.reason() == Some(ShutdownReason::Disconnected)
         {
             return;
         }
-        if !shared.ready_sent.load(Ordering::Acquire) {
-            continue;
-        }
-        let now = (
-            shared.stats.requests(),
-            shared.stats.active(),
-            shared.stats.failed(),
-        );
+        let now = current();
         if last == Some(now) {
             continue;
         }
@@ -284,5 +295,37 @@ mod tests {
         // Nothing after Drained but the end of the channel.
         assert_eq!(clusterd.recv(), Some(FromWorker::Drained));
         assert_eq!(clusterd.recv(), None);
+    }
+
+    #[test]
+    fn each_change_is_reported_without_a_periodic_tick() {
+        let (worker, clusterd) = connected();
+        let stats = worker.stats();
+        let in_flight = InFlight::default();
+        stats.track(&in_flight);
+        within(worker.ready()).unwrap();
+        assert_eq!(clusterd.recv(), Some(FromWorker::Ready));
+        let zero = FromWorker::Stats {
+            requests: 0,
+            active: 0,
+        };
+        assert_eq!(clusterd.recv(), Some(zero));
+        // The reporter sleeps on the change notification: a connection
+        // opening, a request, and the connection closing each wake it.
+        let guard = in_flight.enter();
+        let open = FromWorker::Stats {
+            requests: 0,
+            active: 1,
+        };
+        assert_eq!(clusterd.recv(), Some(open));
+        stats.count_request();
+        drop(guard);
+        let done = FromWorker::Stats {
+            requests: 1,
+            active: 0,
+        };
+        assert_eq!(clusterd.recv(), Some(done));
+        within(worker.drained()).unwrap();
+        assert_eq!(clusterd.recv(), Some(FromWorker::Drained));
     }
 }

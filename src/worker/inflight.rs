@@ -60,6 +60,9 @@ pub(super) struct InFlightInner {
     idle: Event,
     /// Where the count is published for the sibling workers, once tracked.
     pub(super) board: OnceLock<Board>,
+    /// Notified on every change of the count, once tracked by a
+    /// [`Stats`](super::Stats): wakes the background thread that reports it.
+    pub(super) changed: OnceLock<Arc<Event>>,
     /// Connections [`InFlight::crowded`] may still ask to close, from its
     /// last look at the board.
     shed: AtomicUsize,
@@ -94,6 +97,7 @@ impl InFlight {
                 capacity: Event::new(),
                 idle: Event::new(),
                 board: OnceLock::new(),
+                changed: OnceLock::new(),
                 shed: AtomicUsize::new(0),
                 crowded_calls: AtomicU32::new(0),
                 policy: Mutex::new(IdlePolicy::default()),
@@ -170,6 +174,9 @@ impl InFlight {
         let before = self.inner.active.fetch_add(1, Ordering::AcqRel);
         if let Some(board) = self.inner.board.get() {
             board.publish(before + 1);
+        }
+        if let Some(changed) = self.inner.changed.get() {
+            changed.notify(1);
         }
         Guard {
             in_flight: self.clone(),
@@ -266,6 +273,9 @@ impl Drop for Guard {
         let before = inner.active.fetch_sub(1, Ordering::AcqRel);
         if let Some(board) = inner.board.get() {
             board.publish(before - 1);
+        }
+        if let Some(changed) = inner.changed.get() {
+            changed.notify(1);
         }
         if before == inner.limit {
             inner.capacity.notify(usize::MAX);

@@ -20,7 +20,10 @@
 //!   [`Worker`]. It reads records from clusterd (`Drain`, or end of file when
 //!   clusterd died, start the shutdown; malformed records are logged once and
 //!   ignored, never fatal), watches SIGTERM and SIGINT, and sends the latest
-//!   [`Stats`] at most once a second when they changed. A second SIGINT
+//!   [`Stats`] at most once a second when they changed. It has no periodic
+//!   timer: a change of the figures wakes it (then it waits a second for
+//!   more to coalesce them into one record), so an idle worker is never
+//!   woken at all (no timer, no polling). A second SIGINT
 //!   during a drain exits the process at once with status 130, so a
 //!   developer's double Ctrl-C is never stuck behind a slow drain. Once the
 //!   [`Worker`] is dropped, SIGTERM and SIGINT exit the process (status
@@ -455,6 +458,8 @@ impl Worker {
                 .map_err(|e| with_context(e, format_args!("cannot report Ready to clusterd")))?;
         }
         self.shared.ready_sent.store(true, Ordering::Release);
+        // The figures may be sent from now on: the first report follows.
+        self.shared.stats.cells.changed.notify(1);
         Ok(())
     }
 
@@ -499,7 +504,8 @@ impl Worker {
 
     /// A handle for reporting load to clusterd (shown by `clusterctl status`).
     /// The latest values are sent at most once a second, when they changed,
-    /// after [`Worker::ready`]. Standalone, the values are kept but not sent.
+    /// after [`Worker::ready`]; nothing is sent (and nothing wakes) while
+    /// they stay the same. Standalone, the values are kept but not sent.
     pub fn stats(&self) -> Stats {
         self.shared.stats.clone()
     }

@@ -1,10 +1,16 @@
 //! [`Stats`]: the load figures a worker reports to clusterd (requests
 //! served, active connections), and the link between the tracked
 //! [`InFlight`] count and the scoreboard.
+//!
+//! Every change of a figure notifies [`StatsCells::changed`], which is what
+//! the background thread waits for: an idle worker's figures do not change,
+//! so it is never woken to look at them (no periodic tick).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+use event_listener::Event;
 
 use super::inflight::InFlight;
 use super::lock;
@@ -12,8 +18,9 @@ use crate::scoreboard::Board;
 
 /// A cloneable handle for the load figures reported to clusterd.
 ///
-/// Record as often as you like (each call is an atomic operation); the
-/// background thread sends the latest values at most once a second.
+/// Record as often as you like (each call is an atomic operation and a
+/// cheap notification); the background thread sends the latest values at
+/// most once a second, after they changed, and sleeps while they do not.
 #[derive(Clone, Default)]
 pub struct Stats {
     pub(super) cells: Arc<StatsCells>,
@@ -28,6 +35,10 @@ pub(super) struct StatsCells {
     tracked: Mutex<Option<InFlight>>,
     /// The scoreboard, when clusterd passed one.
     pub(super) board: OnceLock<Board>,
+    /// Notified when a reported figure may have changed (a request counted,
+    /// the active count set, a tracked connection opened or closed, `Ready`
+    /// sent): the background thread's only reason to look at the figures.
+    pub(super) changed: Arc<Event>,
 }
 
 impl Stats {
@@ -39,6 +50,7 @@ impl Stats {
     /// Counts `n` served requests.
     pub fn add_requests(&self, n: u64) {
         self.cells.requests.fetch_add(n, Ordering::Relaxed);
+        self.cells.changed.notify(1);
     }
 
     /// Counts one request that failed: answered with a server error (a 5xx),
@@ -48,6 +60,7 @@ impl Stats {
     /// replaces fails the restart (see `bake` in clusterd.conf(5)).
     pub fn count_failure(&self) {
         self.cells.failed.fetch_add(1, Ordering::Relaxed);
+        self.cells.changed.notify(1);
     }
 
     /// Failed requests counted so far.
@@ -59,6 +72,7 @@ impl Stats {
     /// is tracked).
     pub fn set_active(&self, active: u32) {
         self.cells.active.store(active, Ordering::Relaxed);
+        self.cells.changed.notify(1);
     }
 
     /// Reports `in_flight.active()` as the active count from now on: to
@@ -68,9 +82,11 @@ impl Stats {
     /// Track the counter your [`Acceptor`](super::Acceptor)s use.
     pub fn track(&self, in_flight: &InFlight) {
         *lock(&self.cells.tracked) = Some(in_flight.clone());
+        let _ = in_flight.inner.changed.set(self.cells.changed.clone());
         if let Some(board) = self.cells.board.get() {
             let _ = in_flight.inner.board.set(*board);
         }
+        self.cells.changed.notify(1);
     }
 
     /// Publishes the tracked count on the scoreboard, if both exist.

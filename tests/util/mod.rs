@@ -166,7 +166,7 @@ impl Cluster {
             text.push_str("bake = 0\n");
         }
         let config = dir.path().join(format!("{tag}.conf"));
-        std::fs::write(&config, text).expect("write config");
+        std::fs::write(&config, &text).expect("write config");
         let log = dir.path().join("clusterd.log");
         let child = command
             .arg("-c")
@@ -184,7 +184,16 @@ impl Cluster {
             child: Some(child),
             exit: None,
         };
-        cluster.wait_event("started", |_| true);
+        // With `log_file` or JSON the harness cannot read "started" in its
+        // log: it waits for the control socket to answer instead.
+        let text_on_stderr = !text.contains("log_file") && !text.contains("log_format = json");
+        if text_on_stderr {
+            cluster.wait_event("started", |_| true);
+        } else {
+            wait_for("the control socket", || {
+                std::os::unix::net::UnixStream::connect(&cluster.control).ok()
+            });
+        }
         cluster
     }
 

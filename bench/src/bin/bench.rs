@@ -6,7 +6,7 @@
 //! ```
 //!
 //! It first builds what it measures (`cargo build --release --workspace --bins --examples`),
-//! then runs eight sections on this machine, over 127.0.0.1 only, printing as it goes, and
+//! then runs eleven sections on this machine, over 127.0.0.1 only, printing as it goes, and
 //! writes BENCHMARKS.md at the repository root (or `--out PATH`): machine facts, the exact
 //! commands, a table per section, and every target beside its measured figure with ✓ or ✗.
 //!
@@ -29,6 +29,13 @@
 //!    and without the bake; the bake's cost to a healthy restart.
 //! 9. `hostile`: `/healthz` and `clusterctl status` latency while 1,000 idle and slowloris
 //!    connections are held on the metrics port, the shop's port and the control socket.
+//! 10. `cross-check`: the shop under clusterd, `GET /products/1` with a new connection per
+//!     request (and keep-alive), measured by our loadgen and by wrk (`-H "Connection: close"`)
+//!     in turn: requests/s and errors of each (target: 0 errors from both). wrk is Debian's
+//!     package; without it the section is skipped with a note in the report, not failed.
+//! 11. `logs`: the lines per second clusterd passes on from a worker's pipe (`log_capture =
+//!     on`) and its CPU per million lines; the shop logging every request, with capture on
+//!     and off.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -61,7 +68,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak, bad-deploy, hostile
+                   soak, bad-deploy, hostile, cross-check, logs
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -159,6 +166,8 @@ fn main() -> ExitCode {
             "scale" => suite::scale::run(&ctx),
             "bad-deploy" => suite::bad_deploy::run(&ctx),
             "hostile" => suite::hostile::run(&ctx),
+            "cross-check" => suite::cross_check::run(&ctx),
+            "logs" => suite::logs::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

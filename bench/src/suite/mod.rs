@@ -8,9 +8,11 @@
 pub mod bad_deploy;
 pub mod balance;
 pub mod crash;
+pub mod cross_check;
 pub mod footprint;
 pub mod hostile;
 pub mod log;
+pub mod logs;
 pub mod machine;
 pub mod overhead;
 pub mod procs;
@@ -29,7 +31,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 9] = [
+pub const SECTIONS: [(&str, &str); 11] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -39,6 +41,8 @@ pub const SECTIONS: [(&str, &str); 9] = [
     ("soak", "7. Soak: a thousand rolling restarts"),
     ("bad-deploy", "8. Bad deploy: bake and rollback"),
     ("hostile", "9. Hostile clients"),
+    ("cross-check", "10. Cross-check: loadgen against wrk"),
+    ("logs", "11. Logs: worker output through clusterd"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
@@ -78,6 +82,9 @@ pub struct Params {
     pub soak_restarts: usize,
     /// Bad deploy: healthy restarts timed with and without the bake.
     pub bake_runs: usize,
+    /// Cross-check: one run of each client, and rounds per mode.
+    pub cross_run: Duration,
+    pub cross_reps: usize,
 }
 
 impl Params {
@@ -100,6 +107,8 @@ impl Params {
                 scale_workers: 64,
                 soak_restarts: 40,
                 bake_runs: 1,
+                cross_run: Duration::from_secs(1),
+                cross_reps: 1,
             }
         } else {
             Params {
@@ -119,6 +128,8 @@ impl Params {
                 scale_workers: 64,
                 soak_restarts: 1000,
                 bake_runs: 3,
+                cross_run: Duration::from_secs(5),
+                cross_reps: 3,
             }
         }
     }
