@@ -25,15 +25,21 @@
 //!   refused before allocating) must arrive within [`READ_TIMEOUT`]. Every
 //!   response frame must be written within [`WRITE_TIMEOUT`] or the client is
 //!   dropped, so a client that stops reading cannot pin memory.
-//! - At most [`MAX_CLIENTS`] clients at once. When a new client arrives and
-//!   all slots are taken, clients whose request has already arrived are read
-//!   first (a burst of `clusterctl` runs is served, not dropped); then the
-//!   oldest client that has sent nothing is dropped to make room, else the
-//!   oldest one whose request is still incomplete or unread (so a pile of
-//!   idle or stuck connections cannot lock the operator out). Each dropped
-//!   client is told which it was. If every slot holds a request being served
-//!   and none frees within [`BUSY_WAIT`], the new client gets a "busy" error
-//!   and is closed. A burst is logged once: `control.busy` when it starts,
+//! - At most [`MAX_CLIENTS`] clients at once (so at most that many file
+//!   descriptors and request buffers). When all slots are taken, no new
+//!   client is accepted until there is room: it waits in the kernel's listen
+//!   queue, which costs clusterd nothing, and a real client there has sent
+//!   its request by the time it is accepted. Room is made by dropping the
+//!   oldest client that has sent nothing, else the oldest that has sent only
+//!   part of a request; never one accepted less than [`GRACE`] ago (a real
+//!   client sends right after connecting, but may not have been scheduled
+//!   yet) and never one whose bytes wait unread (its task reads them first),
+//!   so a flood of idle or stuck connections that reconnect can slow the
+//!   operator's `clusterctl` down (each slot admits one client per
+//!   [`GRACE`]) but not lock it out. Each dropped client is told which it
+//!   was. If every slot holds a request being served and none frees within
+//!   [`BUSY_WAIT`], the next client gets a "busy" error and is closed. A
+//!   burst is logged once: `control.busy` when it starts,
 //!   `control.busy_end` with its counts after [`BUSY_QUIET`] without a
 //!   client dropped or refused.
 //! - [`ControlSocket::serve_while`] serves until the main loop's future ends,
@@ -92,6 +98,13 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long [`ControlSocket::bind`] waits for another clusterd's lock (held
 /// while it checks and binds its own socket).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client is never dropped to make room for another before it has been
+/// connected this long. A real client sends its request microseconds after
+/// connecting, unless it is not scheduled: this is that margin. It also sets
+/// the pace of a flood: each of the [`MAX_CLIENTS`] slots admits at most one
+/// new client per `GRACE` while none is free.
+pub const GRACE: Duration = Duration::from_millis(100);
 
 /// When every slot holds a request being served, how long a new client
 /// waits for one to free before it is told clusterd is busy.
@@ -304,19 +317,25 @@ impl ControlSocket {
         let mut next_id = 0u64;
         let mut accept_failing = false;
         let mut burst: Option<Burst> = None;
+        // A slot taken for a connection that was gone by the time it was to
+        // be accepted: the next one gets it.
+        let mut reserved: Option<SemaphoreGuardArc> = None;
         loop {
-            let accepted = match burst.as_ref().map(|b| b.last + BUSY_QUIET) {
+            // Wait for a connection in the listen queue; nothing is accepted
+            // before there is room for it (see `make_room`).
+            let listener = &self.listener;
+            let pending = match burst.as_ref().map(|b| b.last + BUSY_QUIET) {
                 Some(quiet) => {
-                    async { Some(self.listener.accept().await) }
+                    async { Some(listener.readable().await) }
                         .or(async {
                             Timer::at(quiet).await;
                             None
                         })
                         .await
                 }
-                None => Some(self.listener.accept().await),
+                None => Some(listener.readable().await),
             };
-            let Some(accepted) = accepted else {
+            let Some(pending) = pending else {
                 if let Some(b) = burst.take() {
                     log!(
                         info,
@@ -327,48 +346,23 @@ impl ControlSocket {
                 }
                 continue;
             };
-            let stream = match accepted {
-                Ok((stream, _)) => {
-                    if accept_failing {
-                        accept_failing = false;
-                        log!(info, "control.accept_recovered");
-                    }
-                    stream
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => {
-                    // EMFILE/ENFILE/ENOMEM: the pending connection stays queued
-                    // and the listener stays readable, so wait before retrying.
-                    if !accept_failing {
-                        accept_failing = true;
-                        log!(
-                            error,
-                            "control.accept_failed",
-                            error = e,
-                            retry_ms = ACCEPT_BACKOFF.as_millis()
-                        );
-                    }
-                    Timer::after(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
+            if let Err(e) = pending {
+                self.accept_failed(&mut accept_failing, e).await;
+                continue;
+            }
 
-            let slot = match slots.try_acquire_arc() {
-                Some(slot) => slot,
+            let slot = match reserved.take().or_else(|| slots.try_acquire_arc()) {
+                Some(slot) => Some(slot),
                 None => {
                     let b = burst.get_or_insert_with(|| {
                         log!(
                             warn,
                             "control.busy",
                             limit = MAX_CLIENTS,
-                            action = "dropping the oldest clients that have not sent a request, refusing new ones if none"
+                            action = format!(
+                                "new clients wait to be accepted; the oldest client silent for {} ms is dropped to make room for each",
+                                GRACE.as_millis()
+                            )
                         );
                         Burst {
                             evicted: 0,
@@ -379,20 +373,50 @@ impl ControlSocket {
                     let (slot, evicted) = make_room(&slots, &waiting).await;
                     b.last = Instant::now();
                     b.evicted += evicted;
-                    match slot {
-                        Some(slot) => slot,
-                        None => {
-                            b.refused += 1;
-                            try_send_error(
-                                &stream,
-                                format!(
-                                    "clusterd is busy: {MAX_CLIENTS} control requests are in progress; try again"
-                                ),
-                            );
-                            continue;
-                        }
-                    }
+                    slot
                 }
+            };
+
+            let stream = match listener.get_ref().accept() {
+                Ok((stream, _)) => {
+                    if accept_failing {
+                        accept_failing = false;
+                        log!(info, "control.accept_recovered");
+                    }
+                    stream
+                }
+                Err(e) => {
+                    reserved = slot;
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                    ) {
+                        self.accept_failed(&mut accept_failing, e).await;
+                    }
+                    continue;
+                }
+            };
+            let stream = match Async::new(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    reserved = slot;
+                    self.accept_failed(&mut accept_failing, e).await;
+                    continue;
+                }
+            };
+            let Some(slot) = slot else {
+                if let Some(b) = burst.as_mut() {
+                    b.refused += 1;
+                }
+                try_send_error(
+                    &stream,
+                    format!(
+                        "clusterd is busy: {MAX_CLIENTS} control requests are in progress; try again"
+                    ),
+                );
+                continue;
             };
 
             let id = next_id;
@@ -406,6 +430,7 @@ impl ControlSocket {
                     _evict: evict,
                     stream: stream.clone(),
                     got: got.clone(),
+                    since: Instant::now(),
                 },
             );
             let client = Client {
@@ -425,6 +450,23 @@ impl ControlSocket {
                 .detach();
         }
     }
+
+    /// `accept` failed with `EMFILE`, `ENFILE`, `ENOMEM`...: the pending
+    /// connection stays queued and the listener stays readable, so this
+    /// waits [`ACCEPT_BACKOFF`] before the next try (logged once until an
+    /// `accept` succeeds).
+    async fn accept_failed(&self, failing: &mut bool, e: io::Error) {
+        if !*failing {
+            *failing = true;
+            log!(
+                error,
+                "control.accept_failed",
+                error = e,
+                retry_ms = ACCEPT_BACKOFF.as_millis()
+            );
+        }
+        Timer::after(ACCEPT_BACKOFF).await;
+    }
 }
 
 /// Clients over the limit, since the burst began.
@@ -435,56 +477,151 @@ struct Burst {
     last: Instant,
 }
 
-/// How many times [`make_room`] lets the clients run, so that those whose
-/// request has arrived read it, before it drops one that has sent something.
+/// How many times in a row [`make_room`] lets the clients run when the only
+/// clients it could drop have bytes waiting unread (their tasks read them
+/// when they run), before it sleeps for [`RECHECK`].
 const READ_ROUNDS: usize = 3;
 
-/// Frees a slot for a new client when all are taken; returns it (`None`:
-/// the new client is to be refused) and how many clients were dropped.
+/// How often [`make_room`] looks again while the clients it could drop all
+/// have bytes waiting unread.
+const RECHECK: Duration = Duration::from_millis(10);
+
+/// Waits for room for a new client when all slots are taken; returns a slot
+/// (`None`: the new client is to be refused) and how many clients were
+/// dropped for it.
 ///
-/// In order: clients whose request is waiting unread get to read it; the
-/// oldest client that has sent nothing is dropped; else the oldest whose
-/// request is incomplete or unread; else a slot is awaited for
-/// [`BUSY_WAIT`] (every slot holds a request being served).
+/// A slot is freed by dropping the oldest client that has sent nothing for
+/// [`GRACE`] (see [`choose_victim`]), else the oldest one that has sent part
+/// of its request and nothing more for as long. A client younger than
+/// [`GRACE`] is never dropped, nor one whose bytes are waiting unread: while
+/// every slot holds such a client (or a request being served), this waits,
+/// and the new client with everyone behind it waits in the kernel's listen
+/// queue, where it costs clusterd neither a file descriptor nor memory. A
+/// client there has connected, so it has sent its request (if it is a real
+/// one) by the time it is accepted. Only when no slot frees within
+/// [`BUSY_WAIT`] (every slot holds a request being served) is the new client
+/// refused.
 async fn make_room(
     slots: &Arc<Semaphore>,
     waiting: &RefCell<BTreeMap<u64, Waiter>>,
 ) -> (Option<SemaphoreGuardArc>, u64) {
-    let mut victim = None;
-    for round in 0..=READ_ROUNDS {
+    let deadline = Instant::now() + BUSY_WAIT;
+    let mut reads = 0;
+    loop {
         if let Some(slot) = slots.try_acquire_arc() {
             return (Some(slot), 0);
         }
-        victim = {
+        let now = Instant::now();
+        let choice = {
             let list = waiting.borrow();
-            let idle = list.iter().find(|(_, w)| !w.has_sent()).map(|(&id, _)| id);
-            match idle {
-                Some(id) => Some(id),
-                None if round == READ_ROUNDS => list.keys().next().copied(),
-                None => None,
-            }
+            choose_victim(list.iter().map(|(&id, w)| (id, w.since)), now, |id| {
+                list[&id].sent()
+            })
         };
-        if victim.is_some() || round == READ_ROUNDS {
-            break;
+        if let Choice::Drop(id) = choice {
+            // Not borrowed across the wait: the client's task removes itself.
+            let waiter = waiting.borrow_mut().remove(&id);
+            if let Some(waiter) = waiter {
+                // Its task ends (and frees its slot) the next time it runs:
+                // it polls its eviction signal first.
+                drop(waiter);
+                let slot = async { Some(slots.acquire_arc().await) }
+                    .or(async {
+                        Timer::after(BUSY_WAIT).await;
+                        None
+                    })
+                    .await;
+                return (slot, 1);
+            }
+            continue;
         }
-        smol::future::yield_now().await;
-    }
-    let wait_for_slot = async {
-        async { Some(slots.acquire_arc().await) }
+        if now >= deadline {
+            return (None, 0);
+        }
+        let until = match choice {
+            Choice::Drop(_) => unreachable!(),
+            Choice::Unread if reads < READ_ROUNDS => {
+                reads += 1;
+                smol::future::yield_now().await;
+                continue;
+            }
+            Choice::Unread => now + RECHECK,
+            Choice::WaitUntil(ripe) => ripe,
+            Choice::None => deadline,
+        };
+        reads = 0;
+        let freed = async { Some(slots.acquire_arc().await) }
             .or(async {
-                Timer::after(BUSY_WAIT).await;
+                Timer::at(until.min(deadline)).await;
                 None
             })
-            .await
-    };
-    match victim.and_then(|id| waiting.borrow_mut().remove(&id)) {
-        Some(waiter) => {
-            // Its task ends (and frees its slot) the next time it runs: it
-            // polls its eviction signal first.
-            drop(waiter);
-            (wait_for_slot.await, 1)
+            .await;
+        if let Some(slot) = freed {
+            return (Some(slot), 0);
         }
-        None => (wait_for_slot.await, 0),
+    }
+}
+
+/// How much of its request a waiting client has sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// Nothing yet.
+    Nothing,
+    /// Bytes its task has read, and none waiting: an incomplete request.
+    Part,
+    /// Bytes waiting in the socket for its task to read.
+    Unread,
+}
+
+/// Which client [`make_room`] drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Choice {
+    /// This one.
+    Drop(u64),
+    /// None now; some have bytes waiting unread.
+    Unread,
+    /// None before this instant, when the oldest fresh client's grace ends.
+    WaitUntil(Instant),
+    /// None (no client is waiting for its request: all are being served).
+    None,
+}
+
+/// Chooses the client to drop for a newcomer among those that have not sent
+/// a whole request (`clients`: id and when it was accepted, oldest first;
+/// `sent` tells how much of its request one has sent): the oldest that has sent nothing
+/// since it was accepted [`GRACE`] ago, else the oldest of those that have
+/// sent part of a request. A client accepted less than [`GRACE`] ago is never
+/// chosen (a real client sends its request right after connecting, but it
+/// may not have been scheduled yet), nor one with bytes waiting unread.
+fn choose_victim(
+    clients: impl IntoIterator<Item = (u64, Instant)>,
+    now: Instant,
+    sent: impl Fn(u64) -> Sent,
+) -> Choice {
+    let mut part = None;
+    let mut unread = false;
+    for (id, since) in clients {
+        let ripe = since + GRACE;
+        if ripe > now {
+            // The list is in the order of acceptance: the rest are younger.
+            return match (part, unread) {
+                (Some(id), _) => Choice::Drop(id),
+                (None, true) => Choice::Unread,
+                (None, false) => Choice::WaitUntil(ripe),
+            };
+        }
+        match sent(id) {
+            Sent::Nothing => return Choice::Drop(id),
+            Sent::Part => {
+                part.get_or_insert(id);
+            }
+            Sent::Unread => unread = true,
+        }
+    }
+    match (part, unread) {
+        (Some(id), _) => Choice::Drop(id),
+        (None, true) => Choice::Unread,
+        (None, false) => Choice::None,
     }
 }
 
@@ -495,29 +632,35 @@ struct Waiter {
     stream: Rc<Async<UnixStream>>,
     /// Bytes of the request its task has read.
     got: Rc<Cell<usize>>,
+    /// When it was accepted.
+    since: Instant,
 }
 
 impl Waiter {
-    fn has_sent(&self) -> bool {
-        has_sent(&self.stream, &self.got)
+    fn sent(&self) -> Sent {
+        sent(&self.stream, &self.got)
     }
 }
 
-/// Whether a client has sent any of its request: read by its task already,
-/// or waiting in the socket.
-fn has_sent(stream: &Async<UnixStream>, got: &Cell<usize>) -> bool {
-    if got.get() > 0 {
-        return true;
-    }
+/// How much of its request a client has sent: bytes waiting in the socket,
+/// else bytes read by its task already.
+fn sent(stream: &Async<UnixStream>, got: &Cell<usize>) -> Sent {
     let mut byte = [0u8; 1];
-    matches!(
+    let waiting = matches!(
         rustix::net::recv(
             stream.get_ref(),
             &mut byte,
             rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT
         ),
         Ok((n, _)) if n > 0
-    )
+    );
+    if waiting {
+        Sent::Unread
+    } else if got.get() > 0 {
+        Sent::Part
+    } else {
+        Sent::Nothing
+    }
 }
 
 impl Drop for ControlSocket {
@@ -650,10 +793,17 @@ impl Client {
         let Some(request) = read.await else {
             // Evicted or shut down (rather than refused or failed).
             if evicted.is_closed() {
-                let why = if has_sent(&self.stream, &self.got) {
-                    "clusterd had not read all of this one's request yet; try again"
-                } else {
-                    "this one had not sent a request"
+                let why = match sent(&self.stream, &self.got) {
+                    // It arrived as the client was chosen: nothing of it
+                    // was acted on.
+                    Sent::Unread => {
+                        "clusterd had not read this one's request yet; try again".to_string()
+                    }
+                    Sent::Part => format!(
+                        "this one had sent only part of its request ({} bytes)",
+                        self.got.get()
+                    ),
+                    Sent::Nothing => "this one had not sent a request".to_string(),
                 };
                 try_send_error(
                     &self.stream,
@@ -1846,6 +1996,174 @@ mod tests {
             err.contains("CLUSTERD_SOCKET") && err.contains("control ="),
             "the fix is named: {err}"
         );
+    }
+
+    /// Connections that never send a whole request, reopened as soon as
+    /// clusterd closes them (as a script stuck in a reconnect loop would):
+    /// `idle` send nothing, `slow` send one byte of a frame each pass. At most
+    /// `idle + slow` open at once; stops (closing them all) on drop.
+    struct Flood {
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        opened: Arc<std::sync::atomic::AtomicU64>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Flood {
+        fn start(path: &Path, idle: usize, slow: usize) -> Flood {
+            use std::sync::atomic::{AtomicBool, AtomicU64};
+            let stop = Arc::new(AtomicBool::new(false));
+            let opened = Arc::new(AtomicU64::new(0));
+            let (s, o) = (stop.clone(), opened.clone());
+            let path = path.to_path_buf();
+            // A frame announcing 1,000 bytes, trickled and never finished.
+            let mut head = 1000u32.to_be_bytes().to_vec();
+            head.extend_from_slice(&[7; 1000]);
+            let thread = std::thread::spawn(move || {
+                let mut conns: Vec<Option<(UnixStream, usize)>> =
+                    (0..idle + slow).map(|_| None).collect();
+                while !s.load(Ordering::Relaxed) {
+                    for (i, slot) in conns.iter_mut().enumerate() {
+                        if let Some((c, _)) = slot {
+                            let mut buf = [0u8; 512];
+                            match c.read(&mut buf) {
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                                _ => *slot = None,
+                            }
+                        }
+                        if slot.is_none() {
+                            // Non-blocking: a unix connect blocks while the
+                            // listen queue is full.
+                            let Ok(c) = rustix::net::socket_with(
+                                AddressFamily::UNIX,
+                                SocketType::STREAM,
+                                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+                                None,
+                            ) else {
+                                continue;
+                            };
+                            let addr = SocketAddrUnix::new(&path).unwrap();
+                            if rustix::net::connect(&c, &addr).is_ok() {
+                                o.fetch_add(1, Ordering::Relaxed);
+                                *slot = Some((UnixStream::from(c), 0));
+                            }
+                        }
+                        if i >= idle {
+                            if let Some((c, sent)) = slot {
+                                if *sent < head.len() && c.write(&head[*sent..=*sent]).is_ok() {
+                                    *sent += 1;
+                                }
+                            }
+                        }
+                    }
+                    // Paced: one pass over the connections every 10 ms at most.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            Flood {
+                stop,
+                opened,
+                thread: Some(thread),
+            }
+        }
+
+        fn opened(&self) -> u64 {
+            self.opened.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Drop for Flood {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    #[test]
+    fn every_request_is_answered_while_idle_clients_reconnect() {
+        let dir = temp_dir("flood");
+        let server = Server::start(&dir);
+        let flood = Flood::start(&server.path, 100, 100);
+        // Wait until the flood churns: well over the slots reopened.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while flood.opened() < 400 {
+            assert!(
+                Instant::now() < deadline,
+                "only {} connections opened",
+                flood.opened()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for i in 0..20 {
+            let mut client = connect(&server.path);
+            if i % 2 == 1 {
+                // A client that is not scheduled right after it connects
+                // (a loaded machine), for well under GRACE.
+                std::thread::sleep(GRACE / 5);
+            }
+            // If it was dropped, the reply says why.
+            let _ = client.write_all(&proto::frame(&Request::Status));
+            assert_eq!(
+                read_all(&mut client),
+                [Response::Status(Box::new(status()))],
+                "request {i} ({} flood connections opened)",
+                flood.opened()
+            );
+        }
+        drop(flood);
+    }
+
+    #[test]
+    fn a_fresh_client_is_not_dropped_for_newer_ones() {
+        let dir = temp_dir("fresh");
+        let server = Server::start(&dir);
+        let mut first = connect(&server.path);
+        // As many silent clients as there are slots: the last one finds
+        // them all taken, and `first` the oldest that has sent nothing.
+        let idle: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| connect(&server.path)).collect();
+        // It is not scheduled again at once (a loaded machine), for well
+        // under GRACE: meanwhile clusterd sees every slot taken.
+        std::thread::sleep(GRACE / 5);
+        let _ = first.write_all(&proto::frame(&Request::Status));
+        assert_eq!(read_all(&mut first), [Response::Status(Box::new(status()))]);
+        drop(idle);
+    }
+
+    #[test]
+    fn the_victim_is_the_oldest_silent_client_past_its_grace() {
+        let now = Instant::now();
+        let old = now - GRACE * 3;
+        let choose = |clients: &[(Instant, Sent)]| {
+            choose_victim(
+                clients
+                    .iter()
+                    .enumerate()
+                    .map(|(id, &(since, _))| (id as u64, since)),
+                now,
+                |id| clients[id as usize].1,
+            )
+        };
+        let fresh = now - GRACE / 2;
+        use Sent::*;
+        // The oldest silent one, before an older one that sent part.
+        assert_eq!(
+            choose(&[(old, Part), (old, Unread), (old, Nothing), (old, Nothing)]),
+            Choice::Drop(2)
+        );
+        // Else the oldest that sent part; never one with bytes unread.
+        assert_eq!(
+            choose(&[(old, Unread), (old, Part), (old, Part)]),
+            Choice::Drop(1)
+        );
+        assert_eq!(choose(&[(old, Unread), (fresh, Nothing)]), Choice::Unread);
+        // A fresh one is never chosen: wait for its grace to end.
+        assert_eq!(
+            choose(&[(fresh, Nothing), (now, Nothing)]),
+            Choice::WaitUntil(fresh + GRACE)
+        );
+        assert_eq!(choose(&[(old, Part), (fresh, Nothing)]), Choice::Drop(0));
+        assert_eq!(choose(&[]), Choice::None);
     }
 
     #[test]
