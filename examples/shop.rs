@@ -53,6 +53,13 @@
 //! connection count untracked, so that it is neither shown in `clusterctl
 //! status` nor shared with the other workers on clusterd's scoreboard.
 //!
+//! Access log: with `SHOP_LOG_REQUESTS=1` (unset, empty or `0`: off) the shop
+//! prints one line per request to stdout, `METHOD PATH STATUS DURATION`
+//! (`GET /products/1 200 0.041ms`, the time to build the response), each in a
+//! single `write`; under clusterd's `log_capture = on` each becomes a
+//! `worker.output` line. The benchmark's `logs` section measures what that
+//! costs.
+//!
 //! One worker runs on one thread (clusterd runs one worker per core), so
 //! `/cpu` blocks this worker's other connections while it runs, as a
 //! CPU-bound request in Node.js would.
@@ -168,6 +175,7 @@ fn run(listen: &str) -> io::Result<()> {
     let in_flight = in_flight_from_env()?.with_idle_policy(IDLE);
     let stats = worker.stats();
     let scoreboard = std::env::var("SHOP_SCOREBOARD").map_or(true, |v| v != "off");
+    let log_requests = log_requests_from_env()?;
     if scoreboard {
         stats.track(&in_flight);
     }
@@ -198,6 +206,7 @@ fn run(listen: &str) -> io::Result<()> {
         shutdown: shutdown.clone(),
         in_flight: in_flight.clone(),
         orders: Cell::new(0),
+        log_requests,
     });
 
     let ex = LocalExecutor::new();
@@ -248,6 +257,8 @@ struct App {
     in_flight: InFlight,
     /// Orders confirmed by this worker, for order ids.
     orders: Cell<u64>,
+    /// `SHOP_LOG_REQUESTS=1`: an access-log line per request on stdout.
+    log_requests: bool,
 }
 /// Serves one connection's requests until it closes, errs, idles out or the
 /// drain begins. The in-flight slot (`guard`) is released however it ends,
@@ -307,6 +318,7 @@ async fn serve(mut conn: Accepted, app: Rc<App>) {
 
 impl App {
     async fn respond(&self, mut req: Request, stream: &Stream) -> Response {
+        let started = Instant::now();
         let client_closes = asks_to_close(&req);
         let path = req.url().path().to_owned();
         let mut res = match (req.method(), path.as_str()) {
@@ -332,6 +344,9 @@ impl App {
             // close), the worker is draining, or it holds more than its
             // share and lets the client move.
             res.insert_header("Connection", "close");
+        }
+        if self.log_requests {
+            access_log(req.method(), &path, res.status(), started.elapsed());
         }
         res
     }
@@ -370,6 +385,19 @@ impl App {
             serde_json::json!({ "orderId": order_id, "status": "confirmed" }).to_string(),
         )
     }
+}
+
+/// Prints `METHOD PATH STATUS DURATION` to stdout in one `write` (a line
+/// never interleaves with another process's). Blocks while the pipe to
+/// clusterd is full: a worker that logs faster than clusterd passes its lines
+/// on is slowed down, and nothing is dropped.
+fn access_log(method: Method, path: &str, status: StatusCode, took: Duration) {
+    let line = format!(
+        "{method} {path} {} {:.3}ms\n",
+        u16::from(status),
+        took.as_secs_f64() * 1e3
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), line.as_bytes());
 }
 
 /// Whether the request's `Connection` header lists `close`.
@@ -500,6 +528,22 @@ fn not_allowed(allow: &str) -> Response {
     let mut res = error(StatusCode::MethodNotAllowed, "method not allowed");
     res.insert_header("Allow", allow);
     res
+}
+
+/// `SHOP_LOG_REQUESTS`: `1` prints an access-log line per request; unset,
+/// empty or `0` does not.
+fn log_requests_from_env() -> io::Result<bool> {
+    match std::env::var("SHOP_LOG_REQUESTS") {
+        Err(_) => Ok(false),
+        Ok(v) => match v.trim() {
+            "" | "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("SHOP_LOG_REQUESTS must be 1 (on) or 0 (off), not {v:?}"),
+            )),
+        },
+    }
 }
 
 /// `SHOP_INFLIGHT_LIMIT`: the accept limit per worker (connections held at

@@ -154,6 +154,27 @@ pub enum Protocol {
     Clusterd,
     /// `LISTEN_FDS`, sd_notify (or `ready_after`) and SIGTERM.
     Systemd,
+    /// An unmodified Node.js server: the systemd protocol, spoken for it by
+    /// the adapter clusterd has Node load first (`NODE_OPTIONS=--require`),
+    /// plus Node's IPC channel for stats, heartbeats and status.
+    Node,
+}
+
+impl Protocol {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Clusterd => "clusterd",
+            Protocol::Systemd => "systemd",
+            Protocol::Node => "node",
+        }
+    }
+
+    /// Programs that know nothing of clusterd: listeners at fds 3..,
+    /// `LISTEN_FDS`, READY by the readiness pipe or sd_notify, SIGTERM.
+    pub fn is_socket_activation(self) -> bool {
+        matches!(self, Protocol::Systemd | Protocol::Node)
+    }
 }
 
 /// One problem in a config file.
@@ -772,9 +793,10 @@ impl Parser<'_> {
                 c.protocol = match value {
                     "clusterd" => Protocol::Clusterd,
                     "systemd" => Protocol::Systemd,
+                    "node" => Protocol::Node,
                     _ => {
                         return Err(format!(
-                            "expected \"clusterd\" or \"systemd\", found {}",
+                            "expected \"clusterd\", \"systemd\" or \"node\", found {}",
                             show(value)
                         ));
                     }
@@ -976,9 +998,9 @@ impl Parser<'_> {
         }
         if let (Some(after), Some(line)) = (self.config.ready_after, self.valid_line("ready_after"))
         {
-            let systemd = self.config.protocol == Protocol::Systemd;
+            let systemd = self.config.protocol.is_socket_activation();
             if !systemd && self.valid_line("protocol").is_some() {
-                let message = "ready_after: only works with \"protocol = systemd\" \
+                let message = "ready_after: only works with \"protocol = systemd\" or \"node\" \
                                (clusterd workers report READY themselves)";
                 self.error(line, message.into());
             }
@@ -1085,7 +1107,7 @@ impl Parser<'_> {
     /// (`LISTEN_PID` names the wrapper), so it fails to listen and the
     /// worker crash-loops.
     fn warn_about_wrappers(&mut self) {
-        if self.config.protocol != Protocol::Systemd {
+        if !self.config.protocol.is_socket_activation() {
             return;
         }
         let Some(line) = self.valid_line("exec") else {
@@ -2180,9 +2202,10 @@ log_buffer = 4M
 
         assert_eq!(with("protocol = clusterd").protocol, Protocol::Clusterd);
         assert_eq!(with("protocol = systemd").protocol, Protocol::Systemd);
+        assert_eq!(with("protocol = node").protocol, Protocol::Node);
         assert_eq!(
             err("protocol = sytemd"),
-            r#"protocol: expected "clusterd" or "systemd", found "sytemd""#
+            r#"protocol: expected "clusterd", "systemd" or "node", found "sytemd""#
         );
 
         assert_eq!(with("empty_pool = wait").empty_pool, EmptyPool::Wait);
@@ -2334,15 +2357,17 @@ log_buffer = 4M
         // ready_after only with protocol = systemd, and shorter than ready_timeout.
         assert_eq!(
             err("ready_after = 2s"),
-            r#"ready_after: only works with "protocol = systemd" (clusterd workers report READY themselves)"#
+            r#"ready_after: only works with "protocol = systemd" or "node" (clusterd workers report READY themselves)"#
         );
         assert_eq!(
             errs(&format!("{MIN}ready_after = 2s\nprotocol = clusterd\n")),
             [(
                 3,
-                r#"ready_after: only works with "protocol = systemd" (clusterd workers report READY themselves)"#.into()
+                r#"ready_after: only works with "protocol = systemd" or "node" (clusterd workers report READY themselves)"#.into()
             )]
         );
+        let c = ok(&format!("{MIN}ready_after = 2s\nprotocol = node\n"));
+        assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         let c = ok(&format!("{MIN}ready_after = 2s\nprotocol = systemd\n"));
         assert_eq!(c.ready_after, Some(Duration::from_secs(2)));
         assert_eq!(

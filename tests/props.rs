@@ -496,7 +496,7 @@ prop_compose! {
         ),
         backlog in proptest::option::of(1..=65535u32),
         control in proptest::option::of(path_text()),
-        protocol in proptest::option::of(select(&[Protocol::Clusterd, Protocol::Systemd][..])),
+        protocol in proptest::option::of(select(&[Protocol::Clusterd, Protocol::Systemd, Protocol::Node][..])),
     ) -> (Vec<String>, String, (Program, Vec<(String, u8)>), Option<Option<u32>>,
           Vec<(Option<String>, AddrGen, u8)>, Option<u32>, Option<PathText>, Option<Protocol>)
     {
@@ -634,10 +634,7 @@ fn build(p: Parts) -> Valid {
     }
 
     if let Some(protocol) = p.protocol {
-        let text = match protocol {
-            Protocol::Clusterd => "clusterd",
-            Protocol::Systemd => "systemd",
-        };
+        let text = protocol.as_str();
         queues.push(vec![line("protocol", text.into())]);
     }
 
@@ -664,11 +661,11 @@ fn build(p: Parts) -> Valid {
     duration_line(&mut queues, "restart_delay", has_delay.then_some(delay));
     duration_line(&mut queues, "restart_delay_max", has_max.then_some(max));
 
-    // ready_after: systemd only, and shorter than ready_timeout.
+    // ready_after: systemd and node only, and shorter than ready_timeout.
     let timeout = ready_timeout.unwrap_or(Duration::from_secs(10));
     let ready_after = p
         .ready_after
-        .filter(|_| p.protocol == Some(Protocol::Systemd))
+        .filter(|_| p.protocol.is_some_and(Protocol::is_socket_activation))
         .map(|n| Duration::from_millis(n % timeout.as_millis() as u64));
     duration_line(&mut queues, "ready_after", ready_after);
 

@@ -29,6 +29,9 @@ mod hostile;
 mod idle;
 /// Worker log capture: tags, whole lines, last words, a dead log reader.
 mod logs;
+/// `protocol = node`: unmodified Node.js apps (http, Express 4 and 5,
+/// Fastify, Socket.IO, ws) from the npm registry through the adapter.
+mod node;
 /// Operability: metrics and health, PID 1, systemd Type=notify, the static
 /// build in an empty root.
 mod ops;
@@ -37,5 +40,8 @@ mod ops;
 mod procs;
 /// Property tests: config, wire, control and sd_notify parsers never panic; codecs round-trip.
 mod props;
+/// The recipes for Python (http.server, gunicorn, uvicorn) and Go, as
+/// complete programs against the real runtimes: nothing lost across restarts.
+mod recipes;
 /// `protocol = systemd`: the Node.js shop and Python programs as workers.
 mod systemd;

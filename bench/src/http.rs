@@ -112,6 +112,11 @@ pub(crate) fn request_bytes(
         req.push_str("Connection: close\r\n");
     }
     if method == Method::Post {
+        // What a browser or an API client says of a JSON body; frameworks
+        // (Express, Fastify) parse it only then.
+        if body.first().is_some_and(|b| matches!(b, b'{' | b'[')) {
+            req.push_str("Content-Type: application/json\r\n");
+        }
         req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
@@ -545,6 +550,10 @@ mod tests {
         assert_eq!(
             request_bytes(Method::Post, addr, "/", b"hi", true),
             b"POST / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
+        );
+        assert_eq!(
+            request_bytes(Method::Post, addr, "/", b"{}", false),
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
         );
         let v6: SocketAddr = "[::1]:80".parse().unwrap();
         assert!(

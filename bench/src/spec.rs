@@ -50,7 +50,8 @@ pub struct Spec {
     pub method: Method,
     /// Request target, starting with `/`; may include a query. Default `/`.
     pub path: String,
-    /// The `POST` body, sent with `Content-Length`. Must be empty for `GET`.
+    /// The `POST` body, sent with `Content-Length` (and `Content-Type: application/json` when
+    /// it starts with `{` or `[`). Must be empty for `GET`.
     pub body: Vec<u8>,
     /// Time allowed for one request, from connecting (or reusing a connection) to the last
     /// byte of the response; a request that takes longer is a timeout. Default 10 s.

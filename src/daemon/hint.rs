@@ -35,6 +35,12 @@ pub enum Silence {
     NothingSent,
     /// `protocol = systemd`: no READY=1 by any of the three means.
     NoReady,
+    /// `protocol = node`: the adapter never said a word (Node did not load
+    /// it, or the program is not Node.js).
+    NodeSilent,
+    /// `protocol = node`: the adapter runs, but the app did not listen on
+    /// every listener.
+    NodeNotListening,
 }
 
 impl Silence {
@@ -43,6 +49,7 @@ impl Silence {
     pub fn of(protocol: Protocol, ipc: Option<BorrowedFd<'_>>) -> Silence {
         match protocol {
             Protocol::Systemd => Silence::NoReady,
+            Protocol::Node => Silence::NodeSilent,
             Protocol::Clusterd if ipc.is_some_and(|fd| unread_bytes(fd) > 0) => {
                 Silence::HelloUnread
             }
@@ -72,6 +79,15 @@ pub fn not_ready(id: u32, silence: Silence, missed: Option<Duration>) -> String 
              (sd_notify) or write \"READY=1\\n\" to the fd in $CLUSTERD_READY_FD, or set \
              ready_after = DURATION for a program that cannot; a wrapper (npm, a shell) \
              that runs the server as its child cannot pass on the listeners"
+        ),
+        Silence::NodeSilent => format!(
+            "worker {id} did not report READY {when}, and clusterd's Node adapter never \
+             spoke: is exec a Node.js program (18 or later), run directly (not through npm \
+             or a shell script)? The adapter is loaded with NODE_OPTIONS=--require"
+        ),
+        Silence::NodeNotListening => format!(
+            "worker {id} did not report READY {when}: the adapter reports READY once the \
+             app listens on every listener clusterd passes; listen(PORT) maps by port"
         ),
     }
 }
@@ -133,6 +149,12 @@ mod tests {
         assert!(not_ready(2, Silence::NothingSent, None).starts_with(
             "worker 2 sent nothing on fd 3 before it exited: a clusterd worker reports READY"
         ));
+        assert!(
+            not_ready(4, Silence::NodeSilent, t).contains("NODE_OPTIONS=--require"),
+            "{}",
+            not_ready(4, Silence::NodeSilent, t)
+        );
+        assert!(not_ready(5, Silence::NodeNotListening, None).contains("before it exited"));
         let systemd = not_ready(3, Silence::NoReady, t);
         for needle in [
             "within ready_timeout (10s)",

@@ -24,6 +24,7 @@ pub mod logcap;
 pub mod logsink;
 pub mod memory;
 pub mod metrics;
+pub mod node;
 pub mod notify;
 pub mod ready_pipe;
 pub mod spawn;
@@ -77,6 +78,8 @@ enum WorkerEvent {
     Bad(String),
     /// The worker closed its end of the channel.
     Closed,
+    /// What a node worker says about itself (`None`: nothing to say).
+    Note(Option<String>),
 }
 
 /// What clusterd knows about one running worker process beyond the state
@@ -95,6 +98,8 @@ struct Proc {
     output: Option<logcap::Capture>,
     /// Its process tree: group, cgroup, kill; dropped when it is reaped.
     tree: tree::Worker,
+    /// Node's IPC channel (`protocol = node`).
+    node: Option<node::Channel>,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -269,6 +274,9 @@ struct Daemon {
     memory_check: Option<Instant>,
     /// The last stderr line of each worker id's last crashed worker.
     last_words: HashMap<u32, String>,
+    /// `protocol = node`: the adapter, written at the first node worker's
+    /// spawn, removed when clusterd exits.
+    node_adapter: Option<node::AdapterFile>,
 }
 
 /// What one generation runs: its config (with the keys that only a new
@@ -401,6 +409,7 @@ impl Daemon {
             tree: tree::Tree::new(),
             memory_check: None,
             last_words: HashMap::new(),
+            node_adapter: None,
         }
     }
 
@@ -529,6 +538,7 @@ impl Daemon {
                     match self.pids.remove(&pid) {
                         Some(id) => {
                             self.read_last_records(id);
+                            self.read_node_channel(id);
                             // Its last words before the line of its exit.
                             if let Some(out) = self.procs.get(&id).and_then(|p| p.output.as_ref()) {
                                 out.drain();
@@ -610,6 +620,7 @@ impl Daemon {
             .collect();
         for id in starting {
             self.read_last_records(id);
+            self.read_node_channel(id);
         }
     }
 
@@ -716,6 +727,12 @@ impl Daemon {
                     p.ipc = None;
                 }
             }
+            WorkerEvent::Note(note) => {
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.note.clone_from(&note);
+                }
+                self.sup.noted(id, note);
+            }
         }
     }
 
@@ -817,9 +834,15 @@ impl Daemon {
                         pid = p.pid,
                         reason = reason.as_str()
                     );
-                    if reason == crate::lifecycle::KillReason::ReadyTimeout && p.stats.is_none() {
+                    let node = p.protocol == Protocol::Node;
+                    if reason == crate::lifecycle::KillReason::ReadyTimeout
+                        && (p.stats.is_none() || node)
+                    {
                         let ipc = p.ipc.as_ref().map(|ipc| ipc.get_ref().as_fd());
-                        let silence = hint::Silence::of(p.protocol, ipc);
+                        let mut silence = hint::Silence::of(p.protocol, ipc);
+                        if node && (p.stats.is_some() || p.note.is_some()) {
+                            silence = hint::Silence::NodeNotListening;
+                        }
                         hint::log_not_ready(slot, p.pid, silence, Some(self.config.ready_timeout));
                     }
                     p.tree.kill(&self.ex);
@@ -831,6 +854,14 @@ impl Daemon {
     }
 
     fn spawn(&mut self, instance: InstanceId, slot: u32, generation: u64) {
+        let adapter = match self
+            .gens
+            .get(&generation)
+            .map(|g| (g.spec.protocol, g.spec.uid))
+        {
+            Some((Protocol::Node, uid)) => self.node_adapter(uid),
+            _ => None,
+        };
         let Some(spec) = self.gens.get(&generation).map(|g| &g.spec) else {
             self.sup.spawn_failed(
                 Instant::now(),
@@ -840,6 +871,16 @@ impl Daemon {
             return;
         };
         let protocol = spec.protocol;
+        let with_adapter;
+        let spec = if protocol == Protocol::Node {
+            with_adapter = Spec {
+                node_adapter: adapter,
+                ..spec.clone()
+            };
+            &with_adapter
+        } else {
+            spec
+        };
         let inherit: Vec<spawn::Inherit<'_>> = self
             .listeners
             .iter()
@@ -850,7 +891,7 @@ impl Daemon {
             .collect();
         let cell = match protocol {
             Protocol::Clusterd => self.scoreboard.as_mut().and_then(Scoreboard::take),
-            Protocol::Systemd => None,
+            Protocol::Systemd | Protocol::Node => None,
         };
         let spawned = logcap::pipes(self.config.log_capture)
             .map_err(|e| {
@@ -941,7 +982,22 @@ impl Daemon {
                         }
                     }
                 }
+                let node = spawned
+                    .node_channel
+                    .and_then(|fd| match node::Channel::new(fd) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            log!(error, "worker.ipc_failed", id = slot, pid = pid, error = e);
+                            None
+                        }
+                    });
+                if let Some(channel) = &node {
+                    let reader =
+                        node::read(instance, channel.clone(), tree.reaped(), self.tx.clone());
+                    self.ex.spawn(reader).detach();
+                }
                 let proc = Proc {
+                    node,
                     pid,
                     protocol,
                     ipc,
@@ -969,6 +1025,39 @@ impl Daemon {
                 self.sup
                     .spawn_failed(Instant::now(), instance, e.to_string());
             }
+        }
+    }
+
+    /// The Node adapter's file (written at the first call), readable by a
+    /// worker running as `uid`; `None` if it cannot be written (logged).
+    fn node_adapter(&mut self, uid: Option<u32>) -> Option<std::path::PathBuf> {
+        if self.node_adapter.is_none() {
+            let mut parents = vec![std::env::temp_dir()];
+            parents.extend(self.config.control_path().parent().map(Into::into));
+            match node::AdapterFile::create(&parents) {
+                Ok(file) => {
+                    log!(info, "node.adapter", path = file.path().display());
+                    self.node_adapter = Some(file);
+                }
+                Err(e) => {
+                    log!(error, "node.adapter_failed", error = e);
+                    return None;
+                }
+            }
+        }
+        let file = self.node_adapter.as_mut()?;
+        file.allow(uid);
+        Some(file.path().to_path_buf())
+    }
+
+    /// Handles what a node worker sent on its channel that its reader task
+    /// has not read yet (before its exit, or before deadlines are judged).
+    fn read_node_channel(&mut self, id: InstanceId) {
+        let Some(channel) = self.procs.get(&id).and_then(|p| p.node.clone()) else {
+            return;
+        };
+        for event in channel.read_queued() {
+            self.worker_event(id, event);
         }
     }
 
@@ -1652,10 +1741,7 @@ impl Daemon {
             pid: rustix::process::getpid().as_raw_nonzero().get() as u32,
             uptime_ms: now.duration_since(self.started).as_millis() as u64,
             config: self.config.path.display().to_string(),
-            protocol: match self.config.protocol {
-                Protocol::Clusterd => "clusterd".into(),
-                Protocol::Systemd => "systemd".into(),
-            },
+            protocol: self.config.protocol.as_str().into(),
             listeners: self.listeners.iter().map(Listener::info).collect(),
             desired: self.sup.desired(),
             ready: self.sup.ready(),

@@ -20,6 +20,8 @@
 //!
 //! - `protocol = clusterd`: fd 3, the IPC channel.
 //! - `protocol = systemd`: the listeners at 3.., then the readiness pipe.
+//! - `protocol = node`: the same, then Node's IPC channel
+//!   (`NODE_CHANNEL_FD`, see [`super::node`]).
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -49,6 +51,12 @@ pub struct Spec {
     /// `watchdog`: passed as `WATCHDOG_USEC` (and `WATCHDOG_PID`, the
     /// worker's own pid), systemd's convention.
     pub watchdog: Option<std::time::Duration>,
+    /// `backlog` and `drain_timeout`, told to the Node adapter.
+    pub backlog: u32,
+    pub drain_timeout: std::time::Duration,
+    /// `protocol = node`: the adapter file clusterd wrote (set by the
+    /// daemon before each spawn).
+    pub node_adapter: Option<PathBuf>,
 }
 
 impl Spec {
@@ -63,6 +71,9 @@ impl Spec {
             gid: config.group.or(config.user.map(|(_, gid)| gid)),
             protocol: config.protocol,
             watchdog: config.watchdog,
+            backlog: config.backlog,
+            drain_timeout: config.drain_timeout,
+            node_adapter: None,
         }
     }
 }
@@ -80,8 +91,10 @@ pub struct Spawned {
     pub pid: u32,
     /// clusterd's end of the IPC channel (`protocol = clusterd`).
     pub ipc: Option<OwnedFd>,
-    /// The read end of the readiness pipe (`protocol = systemd`).
+    /// The read end of the readiness pipe (`protocol = systemd` and `node`).
     pub ready_pipe: Option<OwnedFd>,
+    /// clusterd's end of Node's IPC channel (`protocol = node`).
+    pub node_channel: Option<OwnedFd>,
 }
 
 /// The first fd number a worker inherits.
@@ -109,6 +122,7 @@ pub fn spawn(
         ("CLUSTERD_GENERATION".into(), generation.to_string()),
     ];
     let (inherit, ipc, ready_pipe, theirs);
+    let (mut node_channel, mut node_theirs) = (None, None);
     let listen_pid;
     match spec.protocol {
         Protocol::Clusterd => {
@@ -126,9 +140,25 @@ pub fn spawn(
             ready_pipe = None;
             listen_pid = false;
         }
-        Protocol::Systemd => {
+        Protocol::Systemd | Protocol::Node => {
             let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                 .map_err(|e| step(spec, "cannot create the readiness pipe", e.into()))?;
+            if spec.protocol == Protocol::Node {
+                // Node's IPC channel, after the readiness pipe.
+                let (ours, child) = rustix::net::socketpair(
+                    AddressFamily::UNIX,
+                    SocketType::STREAM,
+                    SocketFlags::CLOEXEC,
+                    None,
+                )
+                .map_err(|e| step(spec, "cannot create the Node IPC channel", e.into()))?;
+                let channel_fd = FIRST_FD + listeners.len() as RawFd + 1;
+                let node_env = super::node::worker_env(spec, listeners, channel_fd)
+                    .map_err(|e| step(spec, "", e))?;
+                env.extend(node_env);
+                node_channel = Some(ours);
+                node_theirs = Some(child);
+            }
             let names: Vec<&str> = listeners.iter().map(|l| l.name).collect();
             env.push(("LISTEN_FDS".into(), listeners.len().to_string()));
             env.push(("LISTEN_FDNAMES".into(), names.join(":")));
@@ -144,6 +174,7 @@ pub fn spawn(
                 .iter()
                 .map(|l| l.fd)
                 .chain([theirs.as_fd()])
+                .chain(node_theirs.as_ref().map(|c| c.as_fd()))
                 .collect();
             ipc = None;
             ready_pipe = Some(read);
@@ -165,6 +196,7 @@ pub fn spawn(
     let image = ExecImage::new(spec, &env, &pid_keys).map_err(|e| step(spec, "", e))?;
     drop(inherit);
     drop(theirs);
+    drop(node_theirs);
 
     let mut cmd = Command::new(&spec.program);
     cmd.current_dir(&spec.chdir).process_group(0);
@@ -200,6 +232,7 @@ pub fn spawn(
         pid: child.id(),
         ipc,
         ready_pipe,
+        node_channel,
     })
 }
 
@@ -282,16 +315,22 @@ impl ExecImage {
         for a in &spec.args {
             argv.push(cstring(a.as_bytes())?);
         }
+        // clusterd's own variables win over the config's `env` (which
+        // cannot name the reserved ones; NODE_OPTIONS gets the adapter
+        // appended), which wins over clusterd's environment.
+        let ours_has = |key: &[u8]| ours.iter().any(|(k, _)| k.as_bytes() == key);
         let overridden = |key: &OsStr| {
             let key = key.as_bytes();
             RESERVED_ENV.iter().any(|r| r.as_bytes() == key)
                 || spec.env.iter().any(|(k, _)| k.as_bytes() == key)
+                || ours_has(key)
         };
         let mut env: Vec<Vec<u8>> = Vec::new();
         for (k, v) in std::env::vars_os().filter(|(k, _)| !overridden(k)) {
             env.push([k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat());
         }
-        for (k, v) in spec.env.iter().chain(ours) {
+        let configured = spec.env.iter().filter(|(k, _)| !ours_has(k.as_bytes()));
+        for (k, v) in configured.chain(ours) {
             env.push([k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat());
         }
         if env.iter().any(|e| e[..e.len() - 1].contains(&0)) {

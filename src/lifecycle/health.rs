@@ -88,6 +88,14 @@ impl Supervisor {
         }
     }
 
+    /// What a worker says about itself (`None` or empty: nothing to say),
+    /// kept for the reason of a restart it fails.
+    pub fn noted(&mut self, id: InstanceId, note: Option<String>) {
+        if let Some(inst) = self.instances.get_mut(&id) {
+            inst.note = note.filter(|n| !n.is_empty());
+        }
+    }
+
     /// The worker asked to be treated as hung (`WATCHDOG=trigger`).
     pub fn watchdog_triggered(&mut self, now: Instant, id: InstanceId) {
         if self.instances.get(&id).is_some_and(|i| i.live()) {

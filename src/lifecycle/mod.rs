@@ -226,6 +226,10 @@ pub struct Instance {
     pub signalled: bool,
     /// Queued or being recycled (never twice).
     pub recycling: bool,
+    /// What the worker last said about itself (`protocol = node`: what the
+    /// app waits for, or the error that stopped it); a restart that fails
+    /// on this instance gives it in its reason.
+    pub note: Option<String>,
 }
 
 /// What a worker reports of the requests it answered (native workers that
@@ -846,14 +850,16 @@ impl Supervisor {
             match inst.state {
                 State::Starting => {
                     let (slot, pid) = (inst.slot, inst.pid);
+                    let said = inst.note.as_ref().map(|n| format!(": {n}"));
                     if self.is_replacement(id) {
                         let reason = format!(
-                            "the {} for worker {slot} ({}) did not report READY within {}",
+                            "the {} for worker {slot} ({}) did not report READY within {}{}",
                             self.rollout
                                 .as_ref()
                                 .map_or("replacement", Rollout::step_role),
                             pid_text(pid),
-                            human(self.timing.ready_timeout)
+                            human(self.timing.ready_timeout),
+                            said.unwrap_or_default()
                         );
                         self.rollout_failed(now, reason);
                     } else {
@@ -1019,6 +1025,7 @@ impl Supervisor {
                 hung: false,
                 signalled: false,
                 recycling: false,
+                note: None,
             },
         );
         self.actions.push(Action::Spawn {
@@ -1127,9 +1134,13 @@ impl Supervisor {
 
 /// `1.2s after READY`, or `before it was ready`.
 fn since_ready(inst: &Instance, now: Instant) -> String {
-    match inst.ready_at {
+    let when = match inst.ready_at {
         Some(t) => format!("{} after READY", seconds(now.saturating_duration_since(t))),
         None => "before it was ready".into(),
+    };
+    match &inst.note {
+        Some(note) => format!("{when}: {note}"),
+        None => when,
     }
 }
 

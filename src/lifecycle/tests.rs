@@ -437,6 +437,47 @@ fn a_replacement_that_never_reports_ready_is_killed_and_the_restart_aborts() {
 }
 
 #[test]
+fn what_a_failed_replacement_said_is_in_the_restart_reason() {
+    // Exited before READY, after saying why.
+    let mut s = Script::started(2);
+    s.sup.restart(s.now, 2).unwrap();
+    let new = s.spawn_all()[0];
+    s.sup.noted(
+        new,
+        Some("the app failed: Error: no DATABASE_URL (at server.js:3:9)".into()),
+    );
+    s.sup.exited(s.now, new, Exit::Code(1));
+    let reason = aborted_reason(&s.sup.take_actions()).expect("aborted");
+    assert!(
+        reason.ends_with(
+            "exit 1 before it was ready: the app failed: Error: no DATABASE_URL (at server.js:3:9)"
+        ),
+        "{reason}"
+    );
+    // Never ready, still saying what it waits for.
+    s.sup.restart(s.now, 3).unwrap();
+    let new = s.spawn_all()[0];
+    s.sup.noted(new, Some("waiting for listen()".into()));
+    s.sup.noted(new, Some("nothing listens on http yet".into()));
+    s.advance(10 * S);
+    let reason = aborted_reason(&s.sup.take_actions()).unwrap();
+    assert!(
+        reason.ends_with("did not report READY within 10s: nothing listens on http yet"),
+        "{reason}"
+    );
+    // An empty note is no note.
+    s.sup.exited(s.now, new, Exit::Signal(9));
+    s.sup.take_actions();
+    s.sup.restart(s.now, 4).unwrap();
+    let new = s.spawn_all()[0];
+    s.sup.noted(new, Some("waiting".into()));
+    s.sup.noted(new, Some(String::new()));
+    s.sup.exited(s.now, new, Exit::Code(0));
+    let reason = aborted_reason(&s.sup.take_actions()).unwrap();
+    assert!(reason.ends_with("exit 0 before it was ready"), "{reason}");
+}
+
+#[test]
 fn a_replacement_failing_midway_rolls_the_replaced_slots_back_ready_gated() {
     let mut s = Script::started(3);
     s.sup.restart(s.now, 2).unwrap();

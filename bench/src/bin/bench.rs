@@ -34,7 +34,10 @@
 //!     request (and keep-alive), measured by our loadgen and by wrk (`-H "Connection: close"`)
 //!     in turn: requests/s and errors of each (target: 0 errors from both). wrk is Debian's
 //!     package; without it the section is skipped with a note in the report, not failed.
-//! 11. `fleet`: three hosts (network namespaces) behind HAProxy: failed requests at the load
+//! 11. `logs`: the lines per second clusterd passes on from a worker's pipe (`log_capture =
+//!     on`) and its CPU per million lines; the shop logging every request, with capture on
+//!     and off.
+//! 12. `fleet`: three hosts (network namespaces) behind HAProxy: failed requests at the load
 //!     balancer for a rolling restart and a replacement of every host, with and without
 //!     `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
 //!     `ip` and `haproxy`).
@@ -70,7 +73,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --quick          a 1-2 minute smoke run: short runs, few repetitions, no static build
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
-                   soak, bad-deploy, hostile, cross-check,
+                   soak, bad-deploy, hostile, cross-check, logs,
                    fleet (root, ip, haproxy)
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
@@ -170,6 +173,7 @@ fn main() -> ExitCode {
             "bad-deploy" => suite::bad_deploy::run(&ctx),
             "hostile" => suite::hostile::run(&ctx),
             "cross-check" => suite::cross_check::run(&ctx),
+            "logs" => suite::logs::run(&ctx),
             "fleet" => suite::fleet::run(&ctx),
             _ => suite::soak::run(&ctx),
         };

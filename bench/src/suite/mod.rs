@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod footprint;
 pub mod hostile;
 pub mod log;
+pub mod logs;
 pub mod machine;
 pub mod overhead;
 pub mod procs;
@@ -31,7 +32,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 11] = [
+pub const SECTIONS: [(&str, &str); 12] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -42,7 +43,8 @@ pub const SECTIONS: [(&str, &str); 11] = [
     ("bad-deploy", "8. Bad deploy: bake and rollback"),
     ("hostile", "9. Hostile clients"),
     ("cross-check", "10. Cross-check: loadgen against wrk"),
-    ("fleet", "11. Fleet: three hosts behind HAProxy"),
+    ("logs", "11. Logs: worker output through clusterd"),
+    ("fleet", "12. Fleet: three hosts behind HAProxy"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).

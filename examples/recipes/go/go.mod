@@ -1,0 +1,3 @@
+module clusterd.example/shop
+
+go 1.19
