@@ -422,22 +422,9 @@ pub(super) async fn read(
 ) {
     let mut buf = vec![0u8; 4096];
     loop {
-        let read = smol::future::or(
-            async {
-                let r = channel
-                    .fd
-                    .read_with(|fd| rustix::io::read(fd, &mut buf).map_err(io::Error::from));
-                Some(r.await)
-            },
-            async {
-                let _ = reaped.recv().await;
-                None
-            },
-        )
-        .await;
-        let n = match read {
-            None | Some(Ok(0)) | Some(Err(_)) => return,
-            Some(Ok(n)) => n,
+        let Some(n) = super::ready_pipe::read_until_reaped(&channel.fd, &mut buf, &reaped).await
+        else {
+            return;
         };
         let messages = channel.lines.borrow_mut().feed(&buf[..n]);
         for event in messages.into_iter().flat_map(events_of) {

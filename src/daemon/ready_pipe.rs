@@ -79,22 +79,9 @@ pub(super) async fn read(
     let mut scanner = Scanner::default();
     let mut buf = [0u8; 4096];
     let verdict = loop {
-        let read = smol::future::or(
-            async {
-                let read =
-                    pipe.read_with(|fd| rustix::io::read(fd, &mut buf).map_err(io::Error::from));
-                Some(read.await)
-            },
-            async {
-                let _ = reaped.recv().await;
-                None
-            },
-        )
-        .await;
-        let n = match read {
-            // Reaped, or EOF (no writer is left): the fd goes.
-            None | Some(Ok(0)) | Some(Err(_)) => return,
-            Some(Ok(n)) => n,
+        // Reaped, or EOF (no writer is left): the fd goes.
+        let Some(n) = read_until_reaped(&pipe, &mut buf, &reaped).await else {
+            return;
         };
         if let Some(v) = scanner.feed(&buf[..n]) {
             break v;
@@ -110,6 +97,33 @@ pub(super) async fn read(
     // Not polled any more; the fd is kept until the worker is reaped.
     let _ = reaped.recv().await;
     drop(pipe);
+}
+
+/// The next read of `fd` into `buf`: the byte count, or `None` at end of
+/// file, on an error, or once `reaped` says the worker was reaped (the
+/// caller then drops the fd, whoever else still holds its other end).
+pub(super) async fn read_until_reaped(
+    fd: &Async<OwnedFd>,
+    buf: &mut [u8],
+    reaped: &Receiver<()>,
+) -> Option<usize> {
+    let read = smol::future::or(
+        async {
+            Some(
+                fd.read_with(|fd| rustix::io::read(fd, &mut *buf).map_err(io::Error::from))
+                    .await,
+            )
+        },
+        async {
+            let _ = reaped.recv().await;
+            None
+        },
+    )
+    .await;
+    match read {
+        None | Some(Ok(0)) | Some(Err(_)) => None,
+        Some(Ok(n)) => Some(n),
+    }
 }
 
 #[cfg(test)]
