@@ -112,6 +112,106 @@ pub struct Config {
     /// `empty_pool`: what new connections get once no worker has been ready
     /// for `ready_timeout`.
     pub empty_pool: EmptyPool,
+    /// `dispatch`: how new connections reach the workers.
+    pub dispatch: Dispatch,
+    /// `balance` (`dispatch = clusterd`): which worker gets a connection
+    /// that belongs to no session.
+    pub balance: Balance,
+    /// `sticky` (`dispatch = clusterd`): what makes requests one session
+    /// that stays on one worker.
+    pub sticky: Option<Sticky>,
+}
+
+/// `dispatch`: how new connections reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dispatch {
+    /// Every worker accepts from the one listening socket (the default).
+    #[default]
+    Shared,
+    /// clusterd accepts, peeks at the request head, chooses a worker and
+    /// passes it the connection (`SCM_RIGHTS`). Native and node workers.
+    Clusterd,
+    /// One `SO_REUSEPORT` listening socket per worker slot, kept by
+    /// clusterd for the slot's whole life and handed to each replacement.
+    Reuseport,
+}
+
+impl Dispatch {
+    /// The word the config file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dispatch::Shared => "shared",
+            Dispatch::Clusterd => "clusterd",
+            Dispatch::Reuseport => "reuseport",
+        }
+    }
+}
+
+/// `balance`: how `dispatch = clusterd` picks a worker for a connection that
+/// no session ties to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// The ready worker holding the fewest open connections (the default).
+    #[default]
+    LeastConnections,
+    /// Ready workers in turn.
+    RoundRobin,
+}
+
+/// `sticky`: what ties a request to the worker that served its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    /// engine.io's `sid` query parameter (Socket.IO).
+    SocketIo,
+    /// A cookie, by name.
+    Cookie(String),
+    /// A request header, by name (lower case).
+    Header(String),
+    /// A query parameter, by name.
+    Query(String),
+    /// The client's IP address (nothing is peeked: works for TLS too).
+    Ip,
+}
+
+impl std::fmt::Display for Sticky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sticky::SocketIo => f.write_str("socket.io"),
+            Sticky::Cookie(n) => write!(f, "cookie:{n}"),
+            Sticky::Header(n) => write!(f, "header:{n}"),
+            Sticky::Query(n) => write!(f, "query:{n}"),
+            Sticky::Ip => f.write_str("ip"),
+        }
+    }
+}
+
+/// Parses a `sticky` value.
+fn parse_sticky(value: &str) -> Result<Sticky, String> {
+    let expected =
+        "expected \"socket.io\", \"cookie:NAME\", \"header:NAME\", \"query:NAME\" or \"ip\"";
+    match value {
+        "socket.io" => return Ok(Sticky::SocketIo),
+        "ip" => return Ok(Sticky::Ip),
+        _ => {}
+    }
+    let Some((kind, name)) = value.split_once(':') else {
+        return Err(format!("{expected}, found {}", show(value)));
+    };
+    // RFC 9110 tokens: what a header or cookie name may be made of; a query
+    // parameter name is held to the same so that it needs no decoding.
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || name.len() > 64 || !name.chars().all(token) {
+        return Err(format!(
+            "{kind}: the name must be 1 to 64 letters, digits or !#$%&'*+-.^_`|~, found {}",
+            show(name)
+        ));
+    }
+    match kind {
+        "cookie" => Ok(Sticky::Cookie(name.to_string())),
+        "header" => Ok(Sticky::Header(name.to_ascii_lowercase())),
+        "query" => Ok(Sticky::Query(name.to_string())),
+        _ => Err(format!("{expected}, found {}", show(value))),
+    }
 }
 
 /// `empty_pool`: what clusterd does with new connections once the pool has
@@ -361,6 +461,9 @@ pub const KEYS: &[&str] = &[
     "bake",
     "rollback",
     "empty_pool",
+    "dispatch",
+    "balance",
+    "sticky",
     "log_capture",
     "watchdog",
     "watchdog_signal",
@@ -620,6 +723,9 @@ fn parse<'a>(text: &str, path: &'a Path) -> Parser<'a> {
             bake: DEFAULT_BAKE,
             rollback: true,
             empty_pool: EmptyPool::Wait,
+            dispatch: Dispatch::Shared,
+            balance: Balance::LeastConnections,
+            sticky: None,
             log_capture: true,
             watchdog: None,
             watchdog_signal: Signal::ABRT,
@@ -851,6 +957,32 @@ impl Parser<'_> {
                     }
                 }
             }
+            "dispatch" => {
+                c.dispatch = match value {
+                    "shared" => Dispatch::Shared,
+                    "clusterd" => Dispatch::Clusterd,
+                    "reuseport" => Dispatch::Reuseport,
+                    _ => {
+                        return Err(format!(
+                            "expected \"shared\", \"clusterd\" or \"reuseport\", found {}",
+                            show(value)
+                        ));
+                    }
+                }
+            }
+            "balance" => {
+                c.balance = match value {
+                    "least-connections" => Balance::LeastConnections,
+                    "round-robin" => Balance::RoundRobin,
+                    _ => {
+                        return Err(format!(
+                            "expected \"least-connections\" or \"round-robin\", found {}",
+                            show(value)
+                        ));
+                    }
+                }
+            }
+            "sticky" => c.sticky = Some(parse_sticky(value)?),
             "watchdog" => c.watchdog = Some(positive(parse_duration(value)?)?),
             "watchdog_signal" => c.watchdog_signal = Signal::parse(value)?,
             "max_memory" => c.max_memory = Some(parse_size(value)?),
@@ -1015,12 +1147,40 @@ impl Parser<'_> {
                 self.error(line.max(t), message);
             }
         }
+        self.check_dispatch();
         if let (Some(metrics), Some(line)) = (self.config.metrics, self.valid_line("metrics")) {
             let mut listeners = self.config.listen.iter().zip(&self.listen_lines);
             let clash = listeners.find(|(l, _)| l.addr == ListenAddr::Tcp(metrics));
             if let Some((_, at)) = clash.filter(|_| metrics.port() != 0) {
                 let message = format!("metrics: {metrics} is also a listener (line {at})");
                 self.error(line, message);
+            }
+        }
+    }
+
+    /// `dispatch`, `balance` and `sticky` together with `protocol`.
+    fn check_dispatch(&mut self) {
+        let dispatch = self.config.dispatch;
+        if let Some(line) = self.valid_line("dispatch").filter(|&l| l > 0) {
+            if dispatch == Dispatch::Clusterd && self.config.protocol == Protocol::Systemd {
+                let message = "dispatch = clusterd: a \"protocol = systemd\" program takes \
+                               listening sockets and cannot be handed connections; use \
+                               \"dispatch = reuseport\" for balance, or protocol = clusterd \
+                               or node";
+                let at = self.valid_line("protocol").map_or(line, |p| p.max(line));
+                self.error(at, message.into());
+            }
+        }
+        for key in ["balance", "sticky"] {
+            if let Some(line) = self.valid_line(key).filter(|&l| l > 0) {
+                if dispatch != Dispatch::Clusterd {
+                    let message = format!(
+                        "{key}: only works with \"dispatch = clusterd\" (clusterd chooses the \
+                         worker only when it hands out the connections), found dispatch = {}",
+                        dispatch.as_str()
+                    );
+                    self.error(line, message);
+                }
             }
         }
     }
@@ -1739,6 +1899,9 @@ mod tests {
                 bake: Duration::from_secs(5),
                 rollback: true,
                 empty_pool: EmptyPool::Wait,
+                dispatch: Dispatch::Shared,
+                balance: Balance::LeastConnections,
+                sticky: None,
                 log_capture: true,
                 watchdog: None,
                 watchdog_signal: Signal::ABRT,
@@ -1765,7 +1928,7 @@ listen = 127.0.0.1:8080
 listen = admin=unix:admin.sock
 backlog = 511
 control = /run/shop.sock
-protocol = systemd
+protocol = node
 ready_timeout = 20s
 drain_timeout = 1m
 restart_delay = 250ms
@@ -1781,6 +1944,9 @@ metrics = localhost:9100
 bake = 1500ms
 rollback = off
 empty_pool = 503
+dispatch = clusterd
+balance = round-robin
+sticky = socket.io
 log_capture = off
 watchdog = 10s
 watchdog_signal = QUIT
@@ -1817,7 +1983,7 @@ log_buffer = 4M
         assert_eq!(c.backlog, 511);
         assert_eq!(c.control, Some("/run/shop.sock".into()));
         assert_eq!(c.control_path(), PathBuf::from("/run/shop.sock"));
-        assert_eq!(c.protocol, Protocol::Systemd);
+        assert_eq!(c.protocol, Protocol::Node);
         assert_eq!(c.ready_timeout, Duration::from_secs(20));
         assert_eq!(c.drain_timeout, Duration::from_secs(60));
         assert_eq!(c.restart_delay, Duration::from_millis(250));
@@ -1854,6 +2020,9 @@ log_buffer = 4M
             r#"log_capture: expected "on" or "off", found "yes""#
         );
         assert_eq!(c.empty_pool, EmptyPool::Http503);
+        assert_eq!(c.dispatch, Dispatch::Clusterd);
+        assert_eq!(c.balance, Balance::RoundRobin);
+        assert_eq!(c.sticky, Some(Sticky::SocketIo));
         assert_eq!(c.bake, Duration::from_millis(1500));
         assert!(!c.rollback);
     }
@@ -2353,6 +2522,77 @@ log_buffer = 4M
                     .into()
             )]
         );
+
+        // dispatch, balance and sticky.
+        assert_eq!(with("dispatch = clusterd").dispatch, Dispatch::Clusterd);
+        assert_eq!(with("dispatch = reuseport").dispatch, Dispatch::Reuseport);
+        assert_eq!(with("dispatch = shared").dispatch, Dispatch::Shared);
+        assert_eq!(
+            err("dispatch = fd"),
+            r#"dispatch: expected "shared", "clusterd" or "reuseport", found "fd""#
+        );
+        let c = ok(&format!(
+            "{MIN}dispatch = clusterd\nbalance = round-robin\nsticky = cookie:SID\n"
+        ));
+        assert_eq!(c.balance, Balance::RoundRobin);
+        assert_eq!(c.sticky, Some(Sticky::Cookie("SID".into())));
+        for (text, sticky) in [
+            ("socket.io", Sticky::SocketIo),
+            ("ip", Sticky::Ip),
+            ("header:X-Session", Sticky::Header("x-session".into())),
+            ("query:room", Sticky::Query("room".into())),
+        ] {
+            let c = ok(&format!("{MIN}dispatch = clusterd\nsticky = {text}\n"));
+            assert_eq!(c.sticky.as_ref(), Some(&sticky));
+            assert_eq!(
+                sticky.to_string().to_ascii_lowercase(),
+                text.to_ascii_lowercase()
+            );
+        }
+        assert_eq!(
+            errs(&format!("{MIN}dispatch = clusterd\nsticky = cookie:\n")),
+            [(
+                4,
+                "sticky: cookie: the name must be 1 to 64 letters, digits or !#$%&'*+-.^_`|~, found \"\""
+                    .into()
+            )]
+        );
+        assert_eq!(
+            errs(&format!("{MIN}dispatch = clusterd\nsticky = session\n")),
+            [(
+                4,
+                r#"sticky: expected "socket.io", "cookie:NAME", "header:NAME", "query:NAME" or "ip", found "session""#
+                    .into()
+            )]
+        );
+        assert_eq!(
+            errs(&format!("{MIN}sticky = ip\n")),
+            [(
+                3,
+                r#"sticky: only works with "dispatch = clusterd" (clusterd chooses the worker only when it hands out the connections), found dispatch = shared"#
+                    .into()
+            )]
+        );
+        assert_eq!(
+            errs(&format!("{MIN}dispatch = reuseport\nbalance = round-robin\n")),
+            [(
+                4,
+                r#"balance: only works with "dispatch = clusterd" (clusterd chooses the worker only when it hands out the connections), found dispatch = reuseport"#
+                    .into()
+            )]
+        );
+        assert_eq!(
+            errs(&format!("{MIN}protocol = systemd\ndispatch = clusterd\n")),
+            [(
+                4,
+                r#"dispatch = clusterd: a "protocol = systemd" program takes listening sockets and cannot be handed connections; use "dispatch = reuseport" for balance, or protocol = clusterd or node"#
+                    .into()
+            )]
+        );
+        ok(&format!("{MIN}protocol = systemd\ndispatch = reuseport\n"));
+        ok(&format!(
+            "{MIN}protocol = node\ndispatch = clusterd\nsticky = socket.io\n"
+        ));
 
         // ready_after only with protocol = systemd, and shorter than ready_timeout.
         assert_eq!(
