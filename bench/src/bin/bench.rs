@@ -41,6 +41,9 @@
 //!     balancer for a rolling restart and a replacement of every host, with and without
 //!     `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
 //!     `ip` and `haproxy`).
+//! 13. `health`: a hung worker (`watchdog`) to its replacement READY, a worker leaking
+//!     50 MiB/s under `max_memory = 256M` (its peak, failed requests), and 50 recycles each of
+//!     `max_requests` and `max_age` under load (failed requests).
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -74,7 +77,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
-                   fleet (root, ip, haproxy)
+                   fleet (root, ip, haproxy), health
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -175,6 +178,7 @@ fn main() -> ExitCode {
             "cross-check" => suite::cross_check::run(&ctx),
             "logs" => suite::logs::run(&ctx),
             "fleet" => suite::fleet::run(&ctx),
+            "health" => suite::health::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();
