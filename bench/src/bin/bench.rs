@@ -44,6 +44,9 @@
 //! 13. `health`: a hung worker (`watchdog`) to its replacement READY, a worker leaking
 //!     50 MiB/s under `max_memory = 256M` (its peak, failed requests), and 50 recycles each of
 //!     `max_requests` and `max_age` under load (failed requests).
+//! 14. `node`: the unmodified Express shop under clusterd (`protocol = node`), PM2 cluster
+//!     mode (PM2 from bench/node's lock file, `npm ci`) and a Node `cluster` master:
+//!     throughput, failed requests over 20 restarts in four loads, crash recovery, RSS.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -77,7 +80,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
-                   fleet (root, ip, haproxy), health
+                   fleet (root, ip, haproxy), health, node
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -179,6 +182,7 @@ fn main() -> ExitCode {
             "logs" => suite::logs::run(&ctx),
             "fleet" => suite::fleet::run(&ctx),
             "health" => suite::health::run(&ctx),
+            "node" => suite::node::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

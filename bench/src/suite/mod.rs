@@ -16,6 +16,7 @@ pub mod hostile;
 pub mod log;
 pub mod logs;
 pub mod machine;
+pub mod node;
 pub mod overhead;
 pub mod procs;
 pub mod report;
@@ -33,7 +34,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 13] = [
+pub const SECTIONS: [(&str, &str); 14] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -47,6 +48,7 @@ pub const SECTIONS: [(&str, &str); 13] = [
     ("logs", "11. Logs: worker output through clusterd"),
     ("fleet", "12. Fleet: three hosts behind HAProxy"),
     ("health", "13. Worker health"),
+    ("node", "14. Node.js app"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
