@@ -154,6 +154,15 @@ fn npm_ci(ctx: &Ctx, from: &Path, to: &str) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// The version of PM2 `npm ci` installed under `tools`.
+fn pm2_version(tools: &Path) -> String {
+    std::fs::read_to_string(tools.join("node_modules/pm2/package.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["version"].as_str().map(String::from))
+        .unwrap_or_else(|| "(version unknown)".into())
+}
+
 /// The node processes running the app below `pid` (its children whose command line names
 /// server.js), zombies left out.
 fn app_children(pid: u32) -> Vec<u32> {
@@ -530,7 +539,7 @@ pub fn run(ctx: &Ctx) -> Section {
          Node's docs write it (fork a new worker, once it listens `disconnect()` an old one, \
          which closes its server, and `kill()` it if it has not exited 2 s later). clusterd \
          runs with `bake = 0` (as in section 2: the bake is waiting, measured in section 8).\n",
-        pm2 = "7.0.4"
+        pm2 = pm2_version(&inst.tools)
     ));
 
     // Summary table.
