@@ -55,28 +55,34 @@ enum Kind {
     Clusterd,
     Pm2,
     Cluster,
+    /// The cluster master restarting as the Black Friday tutorial does.
+    Tutorial,
 }
+
+/// Every supervisor the section compares, in the order of its rows.
+const KINDS: [Kind; 4] = [Kind::Clusterd, Kind::Pm2, Kind::Cluster, Kind::Tutorial];
 
 impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Clusterd => "clusterd (`protocol = node`)",
             Kind::Pm2 => "PM2 cluster mode",
-            Kind::Cluster => "Node `cluster` master",
+            Kind::Cluster => "Node `cluster` master (docs)",
+            Kind::Tutorial => "Node `cluster` master (tutorial)",
         }
     }
     fn supervisor(self) -> &'static str {
         match self {
             Kind::Clusterd => "clusterd",
             Kind::Pm2 => "PM2 God daemon",
-            Kind::Cluster => "the cluster primary",
+            Kind::Cluster | Kind::Tutorial => "the cluster primary",
         }
     }
     fn restart(self) -> &'static str {
         match self {
             Kind::Clusterd => "`clusterctl restart`",
             Kind::Pm2 => "`pm2 reload shop`",
-            Kind::Cluster => "SIGHUP to the primary",
+            Kind::Cluster | Kind::Tutorial => "SIGHUP to the primary",
         }
     }
 }
@@ -253,7 +259,7 @@ impl Sup {
                 let sup = Sup::Pm2 { god, pm2, home };
                 Ok((sup, ([127, 0, 0, 1], port).into()))
             }
-            Kind::Cluster => {
+            Kind::Cluster | Kind::Tutorial => {
                 let dir = TempDir::new("node-cluster")?;
                 let port = free_port()?;
                 let out = dir.path().join("primary.log");
@@ -267,6 +273,14 @@ impl Sup {
                         .arg(inst.master())
                         .arg(inst.server())
                         .env("WORKERS", workers.to_string())
+                        .env(
+                            "STYLE",
+                            if kind == Kind::Tutorial {
+                                "tutorial"
+                            } else {
+                                "docs"
+                            },
+                        )
                         .env("BENCH_PORT", port.to_string())
                         .current_dir(&inst.app)
                         .stdin(Stdio::null())
@@ -503,8 +517,8 @@ pub fn run(ctx: &Ctx) -> Section {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let kinds = [Kind::Clusterd, Kind::Pm2, Kind::Cluster];
-    // All three run at once (the idle ones cost no CPU) so that the throughput runs can be
+    let kinds = KINDS;
+    // All of them run at once (the idle ones cost no CPU) so that the throughput runs can be
     // interleaved: this machine's background load moves, and each gets the median of its runs.
     let mut running: Vec<Running> = Vec::new();
     for kind in kinds {
@@ -537,7 +551,10 @@ pub fn run(ctx: &Ctx) -> Section {
          and is stopped with `pm2 kill`. The cluster master is bench/node/cluster-master.js: \
          one worker per CPU, a new one when one dies, and on SIGHUP a rolling restart as \
          Node's docs write it (fork a new worker, once it listens `disconnect()` an old one, \
-         which closes its server, and `kill()` it if it has not exited 2 s later). clusterd \
+         which closes its server, and `kill()` it if it has not exited 2 s later); the \
+         *tutorial* row is the same file with `STYLE=tutorial`, restarting as the popular \
+         Black Friday tutorial does: each worker in turn gets a `shutdown` message, calls \
+         `server.close()` and exits (after 10 s at the latest, the tutorials' force-exit timer), and only then is its replacement forked. clusterd \
          runs with `bake = 0` (as in section 2: the bake is waiting, measured in section 8).\n",
         pm2 = pm2_version(&inst.tools)
     ));
@@ -660,7 +677,7 @@ pub fn run(ctx: &Ctx) -> Section {
         conns = super::CONNECTIONS,
         n = p.restarts,
         gap = RESTART_GAP,
-        restarts = [Kind::Clusterd, Kind::Pm2, Kind::Cluster]
+        restarts = KINDS
             .iter()
             .map(|k| format!("{}: {}", k.label(), k.restart()))
             .collect::<Vec<_>>()
@@ -749,7 +766,7 @@ pub fn run(ctx: &Ctx) -> Section {
          (by requests/s) is shown, and the supervisor's CPU time over its runs. The \
          supervisor's RSS is read from /proc once its workers \
          are ready (idle), and its `VmHWM` at the end of its runs. *Supervisor*: {}.\n",
-        [Kind::Clusterd, Kind::Pm2, Kind::Cluster]
+        KINDS
             .iter()
             .map(|k| format!("{}: {}", k.label(), k.supervisor()))
             .collect::<Vec<_>>()
