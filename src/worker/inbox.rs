@@ -142,3 +142,104 @@ fn stream(fd: OwnedFd) -> io::Result<(Stream, String)> {
         _ => Err(aborted()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::super::{Acceptor, InFlight, Worker};
+    use super::*;
+    use crate::proto::ToWorker;
+    use std::io::{Read, Write};
+
+    /// A dispatched worker: it announces one inbox for its one listener;
+    /// returns it with the fake clusterd and clusterd's end of the inbox.
+    fn dispatched() -> (Worker, Clusterd, OwnedFd) {
+        let (ours, theirs) = pair();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        fdpass::send_with_fds(&ours, &hello_record(&listener), &[listener.as_fd()]).unwrap();
+        let worker = Worker::from_fd_dispatched(theirs).unwrap();
+        let mut buf = vec![0u8; proto::MAX_IPC_RECORD];
+        let got = fdpass::recv_with_fds(&ours, &mut buf, RecvFlags::empty()).unwrap();
+        assert_eq!(
+            proto::decode::<FromWorker>(&buf[..got.len], proto::MAX_IPC_RECORD).unwrap(),
+            FromWorker::TakesConnections { listeners: 1 }
+        );
+        let mut fds = got.fds;
+        assert_eq!(fds.len(), 1);
+        let inbox = fds.pop().unwrap();
+        (worker, Clusterd { fd: ours, listener }, inbox)
+    }
+
+    /// clusterd's side: accepts a client on the listener and passes it.
+    fn pass(clusterd: &Clusterd, inbox: &OwnedFd) -> std::net::TcpStream {
+        let address = clusterd.listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(address).unwrap();
+        let (conn, _) = clusterd.listener.accept().unwrap();
+        let record = proto::encode(&ToWorker::Connection);
+        fdpass::send_with_fds(inbox, &record, &[conn.as_fd()]).unwrap();
+        client // clusterd's copy of the connection closes here
+    }
+
+    #[test]
+    fn passed_connections_are_yielded_like_accepted_ones_bytes_untouched() {
+        let (mut worker, clusterd, inbox) = dispatched();
+        let listener = worker.take_listener("http").unwrap();
+        assert!(listener.is_dispatched());
+        assert_eq!(
+            listener.local_addr().unwrap(),
+            clusterd.listener.local_addr().unwrap().to_string()
+        );
+        let mut client = pass(&clusterd, &inbox);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\nrest").unwrap();
+        let (mut stream, peer) = within(listener.accept()).unwrap();
+        assert_eq!(peer, client.local_addr().unwrap().to_string());
+        let mut buf = [0u8; 22];
+        within(smol::io::AsyncReadExt::read_exact(&mut stream, &mut buf)).unwrap();
+        assert_eq!(&buf, b"GET / HTTP/1.1\r\n\r\nrest");
+        within(smol::io::AsyncWriteExt::write_all(&mut stream, b"ok")).unwrap();
+        drop(stream);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "ok");
+        // A record without a connection is skipped, not fatal.
+        fdpass::send_with_fds(&inbox, b"junk", &[]).unwrap();
+        assert!(listener.try_accept().is_err());
+    }
+
+    /// Connections clusterd passed before it sent the drain are served:
+    /// the acceptor yields them before it ends.
+    #[test]
+    fn a_drain_yields_what_is_already_in_the_inbox_first() {
+        let (mut worker, clusterd, inbox) = dispatched();
+        let in_flight = InFlight::default();
+        let mut acceptor = Acceptor::new(
+            worker.take_listener("http").unwrap(),
+            in_flight.clone(),
+            worker.shutdown(),
+        );
+        let _clients: Vec<_> = (0..3).map(|_| pass(&clusterd, &inbox)).collect();
+        clusterd.send(&proto::encode(&ToWorker::Drain { timeout_ms: 1000 }));
+        within(worker.shutdown());
+        let mut served = Vec::new();
+        while let Some(conn) = within(acceptor.accept()).unwrap() {
+            served.push(conn);
+        }
+        assert_eq!(served.len(), 3);
+        assert_eq!(in_flight.active(), 3);
+        assert!(acceptor.is_closed());
+    }
+
+    #[test]
+    fn without_dispatch_nothing_is_announced() {
+        let (_worker, clusterd) = connected();
+        // The next record would be the announcement: there is none.
+        rustix::net::sockopt::set_socket_timeout(
+            &clusterd.fd,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(std::time::Duration::from_millis(50)),
+        )
+        .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(fdpass::recv_with_fds(&clusterd.fd, &mut buf, RecvFlags::empty()).is_err());
+    }
+}
