@@ -406,6 +406,7 @@ fn long_lived_connections_are_spread_evenly() {
 fn hostile_heads_neither_crash_nor_block_clusterd() {
     let cluster = shop("dispatch-hostile", 2, "sticky = cookie:sid");
     let addr = cluster.addr();
+    let fds_before = fds(cluster.pid()).len();
     let mut junk: Vec<Vec<u8>> = vec![
         (0..=255u8).cycle().take(20_000).collect(),
         b"\r\n\r\n".to_vec(),
@@ -430,6 +431,15 @@ fn hostile_heads_neither_crash_nor_block_clusterd() {
         worker_for(addr, "/products/1", "Cookie: sid=a\r\n")
     );
     assert!(alive(cluster.pid()));
+    // clusterd keeps no copy of a connection it passed or dropped.
+    for _ in 0..100 {
+        worker_for(addr, "/products/1", "");
+    }
+    assert!(
+        eventually(DEADLINE, || fds(cluster.pid()).len() <= fds_before),
+        "clusterd holds more fds than before: {:?}",
+        fds(cluster.pid())
+    );
 }
 
 #[test]

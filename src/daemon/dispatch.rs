@@ -71,16 +71,23 @@ pub const MAX_PEEKING: usize = 1024;
 pub const MAX_HELD: usize = 4096;
 
 /// Connections passed to a worker, passes that failed and went to another
-/// worker, heads that were not complete in time, since clusterd started.
-static COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// worker, heads that were not complete in time, since clusterd started;
+/// and the connections held now.
+static COUNTS: [AtomicU64; 4] = [
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+    AtomicU64::new(0),
+];
 
 /// `(connections passed, sends retried on another worker, peeks that
-/// timed out)` since clusterd started.
-pub fn counts() -> (u64, u64, u64) {
+/// timed out, connections held now)`.
+pub fn counts() -> (u64, u64, u64, u64) {
     (
         COUNTS[0].load(Ordering::Relaxed),
         COUNTS[1].load(Ordering::Relaxed),
         COUNTS[2].load(Ordering::Relaxed),
+        COUNTS[3].load(Ordering::Relaxed),
     )
 }
 
@@ -328,11 +335,6 @@ impl Dispatcher {
             self.shared.changed.notify(usize::MAX);
         }
     }
-
-    /// Connections held for want of a ready worker, and heads being peeked.
-    pub fn held(&self) -> (usize, usize) {
-        (self.shared.held.get(), self.shared.peeking.get())
-    }
 }
 
 /// The bytes one [`ToWorker::Connection`] record with an fd attached takes
@@ -466,6 +468,7 @@ impl Shared {
         let release = |holding: bool| {
             if holding {
                 self.held.set(self.held.get() - 1);
+                COUNTS[3].fetch_sub(1, Ordering::Relaxed);
                 self.room.notify(1);
             }
         };
@@ -479,6 +482,7 @@ impl Shared {
             if !holding {
                 holding = true;
                 self.held.set(self.held.get() + 1);
+                COUNTS[3].fetch_add(1, Ordering::Relaxed);
             }
             let mode = self.empty_pool.get();
             let give_up = accepted + self.ready_timeout.get();
