@@ -400,6 +400,27 @@ fn long_lived_connections_are_spread_evenly() {
     }
 }
 
+/// Node workers share no scoreboard: clusterd counts what it passed and
+/// what the adapter reports. 30 long-lived connections over 3 workers.
+#[test]
+fn node_long_lived_connections_are_spread_evenly() {
+    let cluster = node("dispatch-balance-node", 3, "");
+    let addr = cluster.addr();
+    let mut conns = Vec::new();
+    let mut per: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..30 {
+        let mut s = connect(addr);
+        s.write_all(&request("GET", "/x", b"", false)).unwrap();
+        let resp = read_response(&mut s).expect("response");
+        *per.entry(resp.header("x-worker").unwrap().to_string())
+            .or_default() += 1;
+        conns.push(s);
+    }
+    assert_eq!(per.len(), 3, "{per:?}");
+    let (min, max) = (per.values().min().unwrap(), per.values().max().unwrap());
+    assert!(max - min <= 2, "{per:?}");
+}
+
 /// Heads of garbage, heads too long to peek whole, and clients that close
 /// at once: clusterd stays up and serves the next request.
 #[test]

@@ -618,6 +618,22 @@ fn handle(conn: OwnedFd, listener: u32, shared: &Rc<Shared>, ex: &Rc<LocalExecut
                 }
                 return;
             }
+            // Often the head is there by the time the connection is
+            // accepted: then no task, no wait.
+            let mut buf = [0u8; MAX_PEEK];
+            if let Peeked::Whole(n) = peek_now(&conn, &mut buf) {
+                let key = dispatch::key(&sticky, &buf[..n]);
+                if let Some(conn) = try_now(shared, conn, listener, &key) {
+                    let head = buf[..n].to_vec();
+                    let shared = shared.clone();
+                    ex.spawn(async move {
+                        let key = dispatch::key(&sticky, &head);
+                        shared.dispatch(conn, listener, key).await;
+                    })
+                    .detach();
+                }
+                return;
+            }
             shared.peeking.set(shared.peeking.get() + 1);
             let shared = shared.clone();
             ex.spawn(async move {
@@ -672,31 +688,48 @@ fn peer_ip(conn: &OwnedFd) -> Option<Vec<u8>> {
 
 /// The request head as far as it came within [`PEEK_TIMEOUT`] and
 /// [`MAX_PEEK`] bytes, peeked (the bytes stay in the socket).
+/// What one look at a connection's head found.
+enum Peeked {
+    /// `n` bytes that are all there is to look at: the whole head, the
+    /// most peeked, or all the client sent before it closed or failed.
+    Whole(usize),
+    /// `n` bytes of a head still coming (0: nothing yet).
+    Partial(usize),
+}
+
+/// Peeks at what `conn` holds now, without waiting or consuming.
+fn peek_now(conn: &OwnedFd, buf: &mut [u8]) -> Peeked {
+    match rustix::net::recv(conn, &mut *buf, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((0, _)) => Peeked::Whole(0), // closed: nothing is coming
+        Ok((n, _)) if n >= buf.len() || dispatch::head_complete(&buf[..n]) => Peeked::Whole(n),
+        Ok((n, _)) => Peeked::Partial(n),
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Peeked::Partial(0),
+        Err(_) => Peeked::Whole(0),
+    }
+}
+
 async fn peek(conn: &OwnedFd) -> Vec<u8> {
     let mut buf = vec![0u8; MAX_PEEK];
     let deadline = Instant::now() + PEEK_TIMEOUT;
     let mut seen = 0usize;
     let mut tick = Duration::from_millis(1);
-    // A copy to wait on (the connection itself stays ours whatever
-    // happens); without one, the pauses below do.
-    let watched = conn.try_clone().and_then(Async::new).ok();
+    // A copy to wait on, made when first needed (the connection itself
+    // stays ours whatever happens); without one, the pauses below do.
+    let mut watched: Option<Option<Async<OwnedFd>>> = None;
     loop {
-        match rustix::net::recv(conn, &mut buf, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-            Ok((0, _)) => break, // the client closed: what came is all
-            Ok((n, _)) => {
-                seen = n;
-                if n >= MAX_PEEK || dispatch::head_complete(&buf[..n]) {
-                    break;
-                }
+        match peek_now(conn, &mut buf) {
+            Peeked::Whole(n) => {
+                seen = n.max(seen);
+                break;
             }
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
-            Err(_) => break,
+            Peeked::Partial(n) => seen = n.max(seen),
         }
         let now = Instant::now();
         if now >= deadline {
             COUNTS[2].fetch_add(1, Ordering::Relaxed);
             break;
         }
+        let watched = watched.get_or_insert_with(|| conn.try_clone().and_then(Async::new).ok());
         if let (0, Some(watched)) = (seen, &watched) {
             // Nothing yet: the first bytes wake us.
             let readable = async {
