@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use super::balance::{max_min, per_worker};
 use super::procs::cpu_sample;
-use super::{Check, Ctx, Route, Section, Table, fmt_ms, loadgen_command, mode, ms, thousands};
+use super::{
+    Check, Ctx, Route, Section, Table, fmt_ms, loadgen_command, median, mode, ms, thousands,
+};
 
 /// Clock ticks per second of /proc/PID/stat (`USER_HZ`, 100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
@@ -27,79 +29,114 @@ const SETUPS: [(&str, &str); 3] = [
     ),
 ];
 
+/// One measured run of one load against one setup.
+struct Run {
+    rate: f64,
+    p99_ms: f64,
+    counts: Vec<u64>,
+    cpu_secs: f64,
+    connections: u64,
+}
+
 pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("dispatch");
     let p = &ctx.p;
     let workers = ctx.workers();
+    let reps = p.overhead_reps.clamp(1, 3);
     let mut table = Table::new(&[
         "load",
         "dispatch",
-        "requests/s",
-        "p99",
-        "requests per worker",
+        "requests/s (median)",
+        "p99 (median)",
+        "requests per worker (all runs)",
         "max/min",
-        "clusterd CPU",
         "clusterd CPU per 10,000 connections",
     ]);
-    let mut rates: Vec<(String, bool, f64)> = Vec::new();
+    // Every setup runs at once (idle between its loads), and the loads take turns, so
+    // that the noise of a shared machine falls on all of them alike.
+    let mut daemons = Vec::new();
     for (i, (label, extra)) in SETUPS.iter().enumerate() {
-        println!("  -- dispatch: {label}");
-        let daemon = ctx.ready_shop_daemon(&format!("dispatch-{i}"), &workers.to_string(), extra);
-        let daemon = match daemon.and_then(|d| d.addr().map(|a| (d, a))) {
-            Ok(d) => d,
+        let daemon = ctx
+            .ready_shop_daemon(&format!("dispatch-{i}"), &workers.to_string(), extra)
+            .and_then(|d| d.addr().map(|a| (d, a)));
+        match daemon {
+            Ok(d) => daemons.push(Some(d)),
             Err(e) => {
                 s.fail(label, &e);
+                daemons.push(None);
+            }
+        }
+    }
+    let mut runs: Vec<Vec<Run>> = (0..SETUPS.len() * 2).map(|_| Vec::new()).collect();
+    for rep in 0..reps {
+        for (i, (label, _)) in SETUPS.iter().enumerate() {
+            let Some((daemon, addr)) = &daemons[i] else {
+                continue;
+            };
+            for (k, keep_alive) in [false, true].into_iter().enumerate() {
+                let load = format!("{} {}", Route::Products.label(), mode(keep_alive));
+                println!("  -- {label}, {load}, run {}/{reps}", rep + 1);
+                let mut spec = Route::Products.spec(*addr, keep_alive);
+                spec.duration = Some(p.balance_run);
+                let before = cpu_sample(daemon.pid()).map(|c| c.ticks);
+                let report = match clusterd_bench::run(&spec) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        s.fail(&format!("{load}, {label}"), &e.to_string());
+                        continue;
+                    }
+                };
+                let after = cpu_sample(daemon.pid()).map(|c| c.ticks);
+                if report.failed() > 0 {
+                    s.fail(
+                        &format!("{load}, {label}"),
+                        &format!(
+                            "{} requests failed ({})",
+                            report.failed(),
+                            super::failure_classes(&report)
+                        ),
+                    );
+                }
+                runs[i * 2 + k].push(Run {
+                    rate: report.ok as f64 / report.elapsed.as_secs_f64().max(1e-9),
+                    p99_ms: ms(report.latency.quantile(0.99)),
+                    counts: per_worker(&report, workers),
+                    cpu_secs: match (before, after) {
+                        (Some(b), Some(a)) => a.saturating_sub(b) as f64 / TICKS_PER_SEC,
+                        _ => f64::NAN,
+                    },
+                    // New connections: one per request; keep-alive: the run's 64.
+                    connections: if keep_alive {
+                        report.connections.values().sum::<u64>()
+                    } else {
+                        report.total
+                    },
+                });
+            }
+        }
+    }
+    for (i, (label, _)) in SETUPS.iter().enumerate() {
+        for (k, keep_alive) in [false, true].into_iter().enumerate() {
+            let r = &runs[i * 2 + k];
+            if r.is_empty() {
                 continue;
             }
-        };
-        let (daemon, addr) = daemon;
-        for keep_alive in [false, true] {
-            let load = format!("{} {}", Route::Products.label(), mode(keep_alive));
-            let mut spec = Route::Products.spec(addr, keep_alive);
-            spec.duration = Some(p.balance_run);
-            let before = cpu_sample(daemon.pid()).map(|c| c.ticks);
-            let report = match clusterd_bench::run(&spec) {
-                Ok(r) => r,
-                Err(e) => {
-                    s.fail(&load, &e.to_string());
-                    continue;
+            let rates: Vec<f64> = r.iter().map(|r| r.rate).collect();
+            let p99s: Vec<f64> = r.iter().map(|r| r.p99_ms).collect();
+            let mut counts = vec![0u64; workers as usize];
+            for run in r {
+                for (c, n) in counts.iter_mut().zip(&run.counts) {
+                    *c += n;
                 }
-            };
-            let after = cpu_sample(daemon.pid()).map(|c| c.ticks);
-            let cpu = match (before, after) {
-                (Some(b), Some(a)) => a.saturating_sub(b) as f64 / TICKS_PER_SEC,
-                _ => f64::NAN,
-            };
-            let rate = report.ok as f64 / report.elapsed.as_secs_f64().max(1e-9);
-            let counts = per_worker(&report, workers);
-            let ratio = max_min(&counts);
-            // New connections: one per request; keep-alive: the 64 of the run.
-            let connections = if keep_alive {
-                report.connections.values().sum::<u64>()
-            } else {
-                report.total
-            };
-            let per_10k = if !keep_alive && connections > 0 {
-                fmt_ms(cpu * 1e3 * 10_000.0 / connections as f64)
-            } else {
-                "–".into()
-            };
-            if report.failed() > 0 {
-                s.fail(
-                    &format!("{load}, {label}"),
-                    &format!(
-                        "{} requests failed ({})",
-                        report.failed(),
-                        super::failure_classes(&report)
-                    ),
-                );
             }
-            rates.push((label.to_string(), keep_alive, rate));
+            let cpu: f64 = r.iter().map(|r| r.cpu_secs).sum();
+            let connections: u64 = r.iter().map(|r| r.connections).sum();
+            let ratio = max_min(&counts);
             table.row(vec![
-                load,
+                format!("{} {}", Route::Products.label(), mode(keep_alive)),
                 label.to_string(),
-                thousands(rate as u64),
-                fmt_ms(ms(report.latency.quantile(0.99))),
+                thousands(median(&rates) as u64),
+                fmt_ms(median(&p99s)),
                 counts
                     .iter()
                     .map(|&c| thousands(c))
@@ -110,19 +147,22 @@ pub fn run(ctx: &Ctx) -> Section {
                 } else {
                     "∞".into()
                 },
-                format!("{:.2} s", cpu),
-                per_10k,
+                if !keep_alive && connections > 0 {
+                    fmt_ms(cpu * 1e3 * 10_000.0 / connections as f64)
+                } else {
+                    format!("– ({cpu:.2} s in all)")
+                },
             ]);
         }
+    }
+    for (daemon, _) in daemons.into_iter().flatten() {
         let _ = daemon.stop(Duration::from_secs(30));
     }
-    let rate = |label: &str, keep_alive: bool| {
-        rates
-            .iter()
-            .find(|(l, k, _)| l == label && *k == keep_alive)
-            .map(|r| r.2)
+    let rate = |i: usize| {
+        let r: Vec<f64> = runs[i * 2].iter().map(|r| r.rate).collect();
+        (!r.is_empty()).then(|| median(&r))
     };
-    if let (Some(shared), Some(passed)) = (rate(SETUPS[0].0, false), rate(SETUPS[1].0, false)) {
+    if let (Some(shared), Some(passed)) = (rate(0), rate(1)) {
         s.check(Check::new(
             "new connections/s through dispatch = clusterd, against shared",
             "report",
@@ -131,8 +171,9 @@ pub fn run(ctx: &Ctx) -> Section {
         ));
     }
     s.md(&format!(
-        "clusterd with {workers} shop workers; each load runs {run:?} with {conns} \
-         connections. *shared*: the default, every worker accepts from the one listening \
+        "clusterd with {workers} shop workers per setup; each load runs {run:?} with \
+         {conns} connections, {reps} times, the setups and loads taking turns (all three \
+         clusterds run at once, idle but for the load of the moment). *shared*: the default, every worker accepts from the one listening \
          socket (balanced by the scoreboard). *clusterd*: clusterd accepts each connection \
          and passes it (`SCM_RIGHTS`) to the worker holding the fewest connections. \
          *sticky = cookie:sid*: the same, after peeking at each request head (`MSG_PEEK`; \
@@ -141,6 +182,7 @@ pub fn run(ctx: &Ctx) -> Section {
          new-connection load, where every request is a connection clusterd passed.\n",
         run = p.balance_run,
         conns = super::CONNECTIONS,
+        reps = reps,
     ));
     s.table(&table);
     let addr = ([127, 0, 0, 1], 0).into();
