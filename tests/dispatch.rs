@@ -154,6 +154,22 @@ fn a_crash_loses_only_what_the_crashed_worker_held() {
     }
 }
 
+/// With its only worker dead, a connection clusterd accepts is held (not
+/// reset) until the replacement is ready, then served.
+#[test]
+fn a_connection_with_no_worker_ready_waits_for_one() {
+    let cluster = shop("dispatch-held", 1, "restart_delay = 500ms");
+    let addr = cluster.addr();
+    let victim = cluster.ready_pid(1, 1);
+    kill(victim, rustix::process::Signal::KILL);
+    cluster.wait_event("worker.crash", |l| l.num("pid") == u64::from(victim));
+    // No worker now: the replacement comes after restart_delay.
+    let resp = exchange(addr, &request("GET", "/products/1", b"", true)).expect("served");
+    assert_eq!(resp.status, 200);
+    let ready = cluster.events("worker.ready");
+    assert_eq!(ready.len(), 2, "served by the replacement");
+}
+
 /// Every key goes to one worker id every time; the keys spread over the
 /// workers.
 fn assert_sticky(addr: SocketAddr, request: impl Fn(usize) -> (String, String)) {

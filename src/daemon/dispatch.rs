@@ -70,6 +70,18 @@ pub const MAX_PEEKING: usize = 1024;
 /// stops accepting and the kernel's backlog queues.
 pub const MAX_HELD: usize = 4096;
 
+/// How soon a connection every ready worker refused (their queues were
+/// full) is offered again.
+const RETRY_FULL: Duration = Duration::from_millis(20);
+
+/// Why [`Shared::try_send`] sent nothing.
+enum NotSent {
+    /// No worker is ready.
+    NoneReady,
+    /// Ready workers could not take it (full, or gone meanwhile).
+    Refused,
+}
+
 /// Connections passed to a worker, passes that failed and went to another
 /// worker, heads that were not complete in time, since clusterd started;
 /// and the connections held now.
@@ -441,8 +453,9 @@ impl Shared {
     }
 
     /// Sends `conn` to the worker `key` and the balance choose, or to the
-    /// next one while sends fail; `Err` when no worker took it.
-    fn try_send(&self, conn: &OwnedFd, listener: u32, key: &Key<'_>) -> Result<(), ()> {
+    /// next one while sends fail; `Err` when no worker took it, saying
+    /// whether one could have (and was full or failed) or none is ready.
+    fn try_send(&self, conn: &OwnedFd, listener: u32, key: &Key<'_>) -> Result<(), NotSent> {
         let mut failed = Vec::new();
         loop {
             let candidates = self.candidates(listener, &failed);
@@ -450,7 +463,14 @@ impl Shared {
             let mut turn = self.turn.get();
             let chosen = dispatch::choose(&pool, key, self.balance.get(), &mut turn);
             self.turn.set(turn);
-            let id = candidates[chosen.ok_or(())?].1;
+            let Some(i) = chosen else {
+                return Err(if failed.is_empty() {
+                    NotSent::NoneReady
+                } else {
+                    NotSent::Refused
+                });
+            };
+            let id = candidates[i].1;
             if self.send(id, listener, conn).is_ok() {
                 COUNTS[0].fetch_add(1, Ordering::Relaxed);
                 return Ok(());
@@ -474,10 +494,14 @@ impl Shared {
         };
         loop {
             let changed = self.changed.listen();
-            if self.try_send(&conn, listener, &key).is_ok() {
-                release(holding);
-                return; // our copy of the fd closes here
-            }
+            let refused = match self.try_send(&conn, listener, &key) {
+                Ok(()) => {
+                    release(holding);
+                    return; // our copy of the fd closes here
+                }
+                Err(NotSent::Refused) => true,
+                Err(NotSent::NoneReady) => false,
+            };
             // No worker could take it: held until one is ready.
             if !holding {
                 holding = true;
@@ -485,17 +509,21 @@ impl Shared {
                 COUNTS[3].fetch_add(1, Ordering::Relaxed);
             }
             let mode = self.empty_pool.get();
-            let give_up = accepted + self.ready_timeout.get();
-            if mode == EmptyPool::Wait {
-                // Full inboxes drain without an event: look again soon.
-                let _ = super::fallback::within(Duration::from_millis(50), changed).await;
-            } else if Instant::now() >= give_up {
+            let now = Instant::now();
+            let give_up = (mode != EmptyPool::Wait).then(|| accepted + self.ready_timeout.get());
+            if give_up.is_some_and(|t| now >= t) {
                 release(holding);
                 super::fallback::take(conn, mode).await;
                 return;
-            } else {
-                let next = give_up.min(Instant::now() + Duration::from_millis(50));
-                let _ = super::fallback::within(next - Instant::now(), changed).await;
+            }
+            // A worker becoming ready says so; full queues drain without a
+            // word, so then look again soon.
+            let poll = refused.then(|| now + RETRY_FULL);
+            match [give_up, poll].into_iter().flatten().min() {
+                Some(at) => {
+                    let _ = super::fallback::within(at - now, changed).await;
+                }
+                None => changed.await,
             }
         }
     }
