@@ -170,6 +170,21 @@ fn a_connection_with_no_worker_ready_waits_for_one() {
     assert_eq!(ready.len(), 2, "served by the replacement");
 }
 
+/// No worker ever ready, `empty_pool = 503`: a connection clusterd holds
+/// gets the 503 once it has waited `ready_timeout`, like one in the queue.
+#[test]
+fn a_held_connection_gets_empty_pool_after_ready_timeout() {
+    let cluster = Cluster::testworkers(
+        "dispatch-empty-pool",
+        1,
+        "never-ready",
+        "dispatch = clusterd\nempty_pool = 503\nready_timeout = 1s\nrestart_delay = 100ms",
+    );
+    let resp = exchange(cluster.addr(), &request("GET", "/", b"", true)).expect("an answer");
+    assert_eq!(resp.status, 503);
+    assert!(resp.header("retry-after").is_some());
+}
+
 /// Every key goes to one worker id every time; the keys spread over the
 /// workers.
 fn assert_sticky(addr: SocketAddr, request: impl Fn(usize) -> (String, String)) {
