@@ -1,4 +1,4 @@
-//! 13. Dispatch: `dispatch = clusterd` against the shared queue (native shop).
+//! 15. Dispatch: `dispatch = clusterd` against the shared queue (native shop).
 //!
 //! The same loads against the same shop workers, once with the default `dispatch =
 //! shared` (every worker accepts from the one listening socket) and once with `dispatch =
