@@ -47,6 +47,10 @@
 //! 14. `node`: the unmodified Express shop under clusterd (`protocol = node`), PM2 cluster
 //!     mode (PM2 from bench/node's lock file, `npm ci`) and a Node `cluster` master:
 //!     throughput, failed requests over 20 restarts in four loads, crash recovery, RSS.
+//! 15. `dispatch`: `dispatch = clusterd` (clusterd accepts and passes each connection)
+//!     against the shared queue, native shop, new connections and keep-alive: requests/s,
+//!     p99, requests per worker (max/min), clusterd's CPU per 10,000 passed connections;
+//!     and with `sticky = cookie:sid` (every head peeked).
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -80,7 +84,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
-                   fleet (root, ip, haproxy), health, node
+                   fleet (root, ip, haproxy), health, node, dispatch
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -183,6 +187,7 @@ fn main() -> ExitCode {
             "fleet" => suite::fleet::run(&ctx),
             "health" => suite::health::run(&ctx),
             "node" => suite::node::run(&ctx),
+            "dispatch" => suite::dispatch::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

@@ -9,6 +9,7 @@ pub mod bad_deploy;
 pub mod balance;
 pub mod crash;
 pub mod cross_check;
+pub mod dispatch;
 pub mod fleet;
 pub mod footprint;
 pub mod health;
@@ -34,7 +35,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 14] = [
+pub const SECTIONS: [(&str, &str); 15] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -49,6 +50,7 @@ pub const SECTIONS: [(&str, &str); 14] = [
     ("fleet", "12. Fleet: three hosts behind HAProxy"),
     ("health", "13. Worker health"),
     ("node", "14. Node.js app"),
+    ("dispatch", "15. Dispatch: clusterd passes the connections"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
