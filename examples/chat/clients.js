@@ -18,7 +18,7 @@
 //                 that some client has not received (yet)
 //       status    -> {"event":"status","connected":C,"websocket":W}
 //     Clients reconnect by themselves (Socket.IO's defaults). Ends when stdin
-//     closes.
+//     closes. CHAT_TRANSPORTS=polling (or websocket) limits the transports.
 //
 //   node clients.js handshakes URL SECONDS CONCURRENCY
 //     For SECONDS, CONCURRENCY loops each connect a client, wait until it is
@@ -39,10 +39,12 @@ function workerOf(sid) {
 }
 
 function chat(n) {
+  // CHAT_TRANSPORTS=polling or =websocket: one transport only (for tests).
+  const transports = process.env.CHAT_TRANSPORTS ? process.env.CHAT_TRANSPORTS.split(',') : null;
   const clients = [];
   const sent = new Map(); // round -> senders
   for (let i = 0; i < n; i++) {
-    const socket = io(url, { forceNew: true });
+    const socket = io(url, transports ? { forceNew: true, transports } : { forceNew: true });
     const c = { socket, got: new Map(), sid: null }; // got: round -> Set of senders received
     clients.push(c);
     socket.on('connect', () => {
