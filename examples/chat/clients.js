@@ -23,7 +23,8 @@
 //   node clients.js handshakes URL SECONDS CONCURRENCY
 //     For SECONDS, CONCURRENCY loops each connect a client, wait until it is
 //     upgraded to WebSocket, and disconnect it; prints
-//       {"handshakes":N,"errors":E,"seconds":S}
+//       {"handshakes":N,"errors":{WHAT:COUNT...},"seconds":S,"rate":N/S}
+//     (N: the clients upgraded within the SECONDS)
 'use strict';
 const { io } = require('socket.io-client');
 
@@ -111,53 +112,60 @@ function chat(n) {
 }
 
 function handshakes(seconds, concurrency) {
-  const end = Date.now() + seconds * 1000;
-  let done = 0;
-  let errors = 0;
-  let running = 0;
   const started = Date.now();
+  const end = started + seconds * 1000;
+  let done = 0; // upgraded within the window
+  const errors = {}; // what went wrong -> how many times
+  let running = 0;
+  const finishAll = () => {
+    out({ handshakes: done, errors, seconds, rate: done / seconds });
+    process.exit(0);
+  };
   const one = () => {
     if (Date.now() >= end) {
       running -= 1;
       if (running === 0) {
-        out({ handshakes: done, errors, seconds: (Date.now() - started) / 1000 });
-        process.exit(0);
+        finishAll();
       }
       return;
     }
     const socket = io(url, { forceNew: true, reconnection: false });
     let finished = false;
-    const finish = (ok) => {
+    const finish = (error) => {
       if (finished) {
         return;
       }
       finished = true;
       clearTimeout(timer);
-      if (ok) {
-        done += 1;
+      if (error === null) {
+        if (Date.now() <= end) {
+          done += 1;
+        }
       } else {
-        errors += 1;
+        errors[error] = (errors[error] || 0) + 1;
       }
       socket.disconnect();
       setImmediate(one);
     };
-    const timer = setTimeout(() => finish(false), 10000);
+    const timer = setTimeout(() => finish('no upgrade within 10 s'), 10000);
     socket.on('connect', () => {
       const engine = socket.io.engine;
       if (engine.transport.name === 'websocket') {
-        finish(true);
+        finish(null);
       } else {
-        engine.once('upgrade', () => finish(true));
-        engine.once('upgradeError', () => finish(false));
+        engine.once('upgrade', () => finish(null));
+        engine.once('upgradeError', (e) => finish(`upgrade error: ${e && e.message}`));
       }
     });
-    socket.on('connect_error', () => finish(false));
-    socket.on('disconnect', () => finish(false));
+    socket.on('connect_error', (e) => finish(`connect_error: ${e && e.message}`));
+    socket.on('disconnect', (reason) => finish(`disconnect: ${reason}`));
   };
   for (let i = 0; i < concurrency; i++) {
     running += 1;
     one();
   }
+  // Stragglers past the window do not hold the report for long.
+  setTimeout(finishAll, seconds * 1000 + 12000).unref();
 }
 
 if (mode === 'chat') {
