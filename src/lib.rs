@@ -6,6 +6,9 @@
 //!   every error at once as `FILE:LINE: message`).
 //! - [`proto`]: the wire protocols, clusterd ↔ worker and clusterctl ↔
 //!   clusterd: bincode records with a version header and a size cap (pure).
+//! - [`dispatch`]: `dispatch = clusterd`'s choice of a worker for a
+//!   connection: the session key in a request head, balance and sticky
+//!   routing (pure).
 //! - [`fdpass`]: records with file descriptors attached (`SCM_RIGHTS`).
 //! - [`lifecycle`]: the supervisor as a pure state machine. Events and the time
 //!   go in, actions come out: spawn, drain, kill, log. Worker lifecycle, crash
@@ -23,6 +26,7 @@
 //!   `listener`, `stream`, `acceptor`).
 
 pub mod config;
+pub mod dispatch;
 pub mod fdpass;
 pub mod lifecycle;
 pub mod proto;

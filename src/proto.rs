@@ -72,7 +72,18 @@ pub enum ToWorker {
     /// Stop accepting, finish in-flight work, report [`FromWorker::Drained`]
     /// and exit. clusterd sends SIGKILL after `timeout_ms`.
     Drain { timeout_ms: u64 },
+    /// `dispatch = clusterd`: a connection clusterd accepted, attached,
+    /// bytes untouched. Sent on the worker's inbox for that listener (see
+    /// [`FromWorker::TakesConnections`]), never on the IPC channel itself.
+    /// Appended: older workers never announce an inbox, so never get one.
+    Connection,
 }
+
+/// The environment variable clusterd sets to `clusterd` for the workers of
+/// a `dispatch = clusterd` pool: a worker library that can take connections
+/// from clusterd announces its inboxes ([`FromWorker::TakesConnections`])
+/// and no longer accepts from the listeners itself.
+pub const ENV_DISPATCH: &str = "CLUSTERD_DISPATCH";
 
 /// What a worker learns when it starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +131,14 @@ pub enum FromWorker {
     /// `WATCHDOG_USEC` in the environment gives; send at least twice per
     /// period).
     Heartbeat,
+    /// `dispatch = clusterd` (the worker saw [`ENV_DISPATCH`]): the worker
+    /// takes connections clusterd accepted. One unix `SOCK_SEQPACKET`
+    /// socket per listener is attached, in the order of `Hello`'s
+    /// listeners: the worker keeps the other end of each pair, its inbox,
+    /// where clusterd sends [`ToWorker::Connection`] records. Sent right
+    /// after `Hello` (before `Ready`); a worker that never sends it (an
+    /// older library) accepts from the shared listeners as before.
+    TakesConnections { listeners: u32 },
 }
 
 // ---------------------------------------------------------------------------
@@ -438,7 +457,11 @@ mod tests {
 
     #[test]
     fn ipc_round_trip() {
-        for msg in [hello(), ToWorker::Drain { timeout_ms: 30_000 }] {
+        for msg in [
+            hello(),
+            ToWorker::Drain { timeout_ms: 30_000 },
+            ToWorker::Connection,
+        ] {
             assert_eq!(
                 decode::<ToWorker>(&encode(&msg), MAX_IPC_RECORD).unwrap(),
                 msg
@@ -456,6 +479,7 @@ mod tests {
                 active: 2,
                 failed: 1,
             },
+            FromWorker::TakesConnections { listeners: 2 },
         ] {
             assert_eq!(
                 decode::<FromWorker>(&encode(&msg), MAX_IPC_RECORD).unwrap(),

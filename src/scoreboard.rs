@@ -199,6 +199,14 @@ impl Board {
         Board { cells, mine }
     }
 
+    /// What cell `cell` holds (a count, [`VACANT`] or [`WITHDRAWN`]);
+    /// [`VACANT`] out of range. clusterd reads the workers' counts so.
+    pub fn load(&self, cell: u32) -> u32 {
+        self.cells
+            .get(cell as usize)
+            .map_or(VACANT, |c| c.load(Ordering::Acquire))
+    }
+
     fn cell(&self) -> &AtomicU32 {
         &self.cells[self.mine]
     }

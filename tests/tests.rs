@@ -19,6 +19,7 @@ mod core;
 /// Deploy targets for real: the scratch image under dockerd, a fleet of
 /// network namespaces behind HAProxy, the systemd unit and its notifications.
 mod deploy;
+mod dispatch;
 /// The man pages and the README checked against the code: the docs cannot drift.
 mod docs;
 /// Faults and leaks: bad programs, misbehaving workers, rlimits, HUP storms, 200 restarts.

@@ -285,6 +285,19 @@ async fn accept(listener: Rc<Async<OwnedFd>>, shared: Rc<Shared>, ex: Rc<LocalEx
     }
 }
 
+/// `empty_pool` for a connection `dispatch = clusterd` held for
+/// `ready_timeout` without a worker to take it: a 503 or a reset (`wait`
+/// never gives up, so never comes here).
+pub(super) async fn take(conn: OwnedFd, mode: EmptyPool) {
+    if mode == EmptyPool::Http503 {
+        ANSWERED[0].fetch_add(1, Ordering::Relaxed);
+        let _ = answer(conn).await;
+    } else {
+        ANSWERED[1].fetch_add(1, Ordering::Relaxed);
+        reset(conn);
+    }
+}
+
 /// Closes `conn` with a reset (for TCP; a unix socket is just closed).
 fn reset(conn: OwnedFd) {
     let _ = rustix::net::sockopt::set_socket_linger(&conn, Some(Duration::ZERO));
@@ -308,7 +321,10 @@ fn response(head_only: bool) -> String {
 }
 
 /// `fut`, or `None` if it takes longer than `limit`.
-async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+pub(super) async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
     smol::future::or(async { Some(fut.await) }, async {
         Timer::after(limit).await;
         None

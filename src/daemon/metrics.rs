@@ -570,6 +570,30 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         out,
         "clusterd_empty_pool_connections_total{{action=\"reset\"}} {reset}"
     );
+    family(
+        &mut out,
+        "clusterd_dispatch_connections_total",
+        "counter",
+        "dispatch = clusterd: connections passed to a worker, sends that failed and went to another worker, and heads not complete within the peek deadline.",
+    );
+    let (passed, retried, peek_timeouts, held) = super::dispatch::counts();
+    for (outcome, n) in [
+        ("passed", passed),
+        ("retried", retried),
+        ("peek_timeout", peek_timeouts),
+    ] {
+        let _ = writeln!(
+            out,
+            "clusterd_dispatch_connections_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
+        "clusterd_dispatch_held_connections",
+        "gauge",
+        "dispatch = clusterd: connections clusterd holds because no worker can take them yet.",
+    );
+    let _ = writeln!(out, "clusterd_dispatch_held_connections {held}");
     let processes: Vec<_> = status
         .workers
         .iter()

@@ -17,6 +17,7 @@
 pub mod log;
 pub mod cgroup;
 pub mod control;
+pub mod dispatch;
 pub mod fallback;
 pub mod hint;
 pub mod listen;
@@ -80,6 +81,9 @@ enum WorkerEvent {
     Closed,
     /// What a node worker says about itself (`None`: nothing to say).
     Note(Option<String>),
+    /// `dispatch = clusterd`: a native worker's inboxes, one per listener
+    /// ([`FromWorker::TakesConnections`] with its fds).
+    Inboxes(Vec<OwnedFd>),
 }
 
 /// What clusterd knows about one running worker process beyond the state
@@ -277,6 +281,8 @@ struct Daemon {
     /// `protocol = node`: the adapter, written at the first node worker's
     /// spawn, removed when clusterd exits.
     node_adapter: Option<node::AdapterFile>,
+    /// `dispatch = clusterd`: clusterd accepts and passes connections.
+    dispatch: Option<dispatch::Dispatcher>,
 }
 
 /// What one generation runs: its config (with the keys that only a new
@@ -387,6 +393,13 @@ impl Daemon {
         let sup = Supervisor::new(timing(&config), config.worker_count(), 1);
         let gens = BTreeMap::from([(1, Generation::new(config.clone()))]);
         let fallback = fallback::Fallback::new(&ex, &config, &listeners);
+        let scoreboard = Scoreboard::create();
+        let dispatch = dispatch::Dispatcher::start(
+            &ex,
+            &config,
+            &listeners,
+            scoreboard.as_ref().map(|b| &b.fd),
+        );
         Daemon {
             config,
             listeners,
@@ -404,12 +417,13 @@ impl Daemon {
             exit_code: None,
             counters: metrics::Counters::default(),
             manager: notify::Manager::from_env(),
-            scoreboard: Scoreboard::create(),
+            scoreboard,
             fallback,
             tree: tree::Tree::new(),
             memory_check: None,
             last_words: HashMap::new(),
             node_adapter: None,
+            dispatch,
         }
     }
 
@@ -466,6 +480,12 @@ impl Daemon {
             self.execute();
             let (ready, stopping) = (self.sup.ready(), self.sup.is_stopping());
             self.fallback.update(&self.config, ready, stopping);
+            if let Some(d) = &self.dispatch {
+                d.update(self.sup.instances().map(|i| {
+                    let serving = i.state == crate::lifecycle::State::Ready && !i.hung;
+                    (i.id, serving)
+                }));
+            }
         }
         let code = self.exit_code.unwrap_or(1);
         self.tree.end_all();
@@ -544,6 +564,9 @@ impl Daemon {
                                 out.drain();
                             }
                             self.hint_silent_exit(id, &exit);
+                            if let Some(d) = &self.dispatch {
+                                d.gone(id);
+                            }
                             if let Some(cell) = self.procs.remove(&id).and_then(|p| p.cell) {
                                 if let Some(board) = self.scoreboard.as_mut() {
                                     board.give_back(cell);
@@ -718,6 +741,23 @@ impl Daemon {
                 failed,
             }) => self.stats(id, requests, active, failed),
             WorkerEvent::Message(FromWorker::Heartbeat) => self.sup.heartbeat(Instant::now(), id),
+            WorkerEvent::Message(FromWorker::TakesConnections { .. }) => log!(
+                warn,
+                "worker.protocol",
+                id = slot,
+                pid = pid,
+                error = "TakesConnections without its inboxes (ignored)"
+            ),
+            WorkerEvent::Inboxes(fds) => match &self.dispatch {
+                Some(d) => d.takes_connections(id, fds, self.listeners.len()),
+                None => log!(
+                    warn,
+                    "worker.protocol",
+                    id = slot,
+                    pid = pid,
+                    error = "inboxes announced, but the pool does not have dispatch = clusterd"
+                ),
+            },
             WorkerEvent::Bad(why) => {
                 log!(warn, "worker.protocol", id = slot, pid = pid, error = why)
             }
@@ -739,6 +779,9 @@ impl Daemon {
     fn stats(&mut self, id: InstanceId, requests: u64, active: u32, failed: u64) {
         if let Some(p) = self.procs.get_mut(&id) {
             p.stats = Some((requests, active));
+            if let (Some(d), Protocol::Node) = (&self.dispatch, p.protocol) {
+                d.reported(id, active);
+            }
         }
         let outcomes = crate::lifecycle::Outcomes { requests, failed };
         self.sup.outcomes_reported(Instant::now(), id, outcomes);
@@ -772,6 +815,11 @@ impl Daemon {
                 generation,
             } => self.spawn(instance, slot, generation),
             Action::Drain { instance, timeout } => {
+                // No connection is passed to it from now on (before the
+                // drain, so every one passed is in its inbox by then).
+                if let Some(d) = &self.dispatch {
+                    d.draining(instance);
+                }
                 let Some(p) = self.procs.get(&instance) else {
                     return;
                 };
@@ -797,6 +845,9 @@ impl Daemon {
                 }
             }
             Action::Terminate { instance } => {
+                if let Some(d) = &self.dispatch {
+                    d.draining(instance);
+                }
                 if let Some(p) = self.procs.get(&instance) {
                     p.tree.signal(rustix::process::Signal::TERM);
                 }
@@ -825,6 +876,9 @@ impl Daemon {
                 }
             }
             Action::Kill { instance, reason } => {
+                if let Some(d) = &self.dispatch {
+                    d.draining(instance);
+                }
                 if let Some(p) = self.procs.get(&instance) {
                     let slot = self.sup.instance(instance).map_or(0, |i| i.slot);
                     log!(
@@ -991,6 +1045,12 @@ impl Daemon {
                             None
                         }
                     });
+                if let Some(d) = &self.dispatch {
+                    match &node {
+                        Some(channel) => d.node(instance, slot, channel.fd()),
+                        None => d.native(instance, slot, cell),
+                    }
+                }
                 if let Some(channel) = &node {
                     let reader =
                         node::read(instance, channel.clone(), tree.reaped(), self.tx.clone());
@@ -1584,6 +1644,9 @@ impl Daemon {
         self.sup.set_timing(timing(&config));
         match self.sup.restart(Instant::now(), generation) {
             Ok(()) => {
+                if let Some(d) = &self.dispatch {
+                    d.configure(&config);
+                }
                 self.next_generation += 1;
                 self.config = config;
                 self.restart_watchers.extend(watcher);
@@ -1615,6 +1678,9 @@ impl Daemon {
         if let Some(g) = self.gens.get(&generation) {
             self.config = g.config.clone();
             self.sup.set_timing(timing(&self.config));
+            if let Some(d) = &self.dispatch {
+                d.configure(&self.config);
+            }
         }
     }
 
@@ -1836,7 +1902,16 @@ fn worker_record(
             "record larger than {} bytes",
             proto::MAX_IPC_RECORD
         )),
-        Ok(r) if !r.fds.is_empty() => WorkerEvent::Bad("unexpected fds attached (closed)".into()),
+        Ok(r) if !r.fds.is_empty() => {
+            match proto::decode::<FromWorker>(&buf[..r.len], proto::MAX_IPC_RECORD) {
+                Ok(FromWorker::TakesConnections { listeners })
+                    if listeners as usize == r.fds.len() =>
+                {
+                    WorkerEvent::Inboxes(r.fds)
+                }
+                _ => WorkerEvent::Bad("unexpected fds attached (closed)".into()),
+            }
+        }
         Ok(r) => match proto::decode::<FromWorker>(&buf[..r.len], proto::MAX_IPC_RECORD) {
             Ok(msg) => WorkerEvent::Message(msg),
             Err(e) => WorkerEvent::Bad(e.to_string()),

@@ -376,6 +376,11 @@ impl Channel {
         })
     }
 
+    /// clusterd's end of the channel (`dispatch = clusterd` writes on it).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+
     /// What is queued now, read without waiting (at most 64 KiB): a worker
     /// that reports its error and exits at once is heard before its exit is
     /// handled.

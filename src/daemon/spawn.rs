@@ -57,6 +57,8 @@ pub struct Spec {
     /// `protocol = node`: the adapter file clusterd wrote (set by the
     /// daemon before each spawn).
     pub node_adapter: Option<PathBuf>,
+    /// `dispatch = clusterd`: told to the worker (`CLUSTERD_DISPATCH`).
+    pub dispatch: bool,
 }
 
 impl Spec {
@@ -74,6 +76,7 @@ impl Spec {
             backlog: config.backlog,
             drain_timeout: config.drain_timeout,
             node_adapter: None,
+            dispatch: config.dispatch == crate::config::Dispatch::Clusterd,
         }
     }
 }
@@ -121,6 +124,9 @@ pub fn spawn(
         ("CLUSTERD_WORKER_ID".into(), slot.to_string()),
         ("CLUSTERD_GENERATION".into(), generation.to_string()),
     ];
+    if spec.dispatch && spec.protocol != Protocol::Systemd {
+        env.push((crate::proto::ENV_DISPATCH.into(), "clusterd".into()));
+    }
     let (inherit, ipc, ready_pipe, theirs);
     let (mut node_channel, mut node_theirs) = (None, None);
     let listen_pid;

@@ -50,11 +50,23 @@
 //
 // The channel to clusterd is Node's own IPC channel (NODE_CHANNEL_FD, JSON
 // lines): messages `{"cmd":"CLUSTERD_HEARTBEAT",...}` and
-// `{"cmd":"CLUSTERD_STATUS",...}` go out with process.send(). The same
-// channel can carry connections clusterd accepts itself later on (a
-// NODE_HANDLE message with the socket's fd attached, answered by Node with
-// NODE_HANDLE_ACK, after which the adapter hands the socket to the server
-// with `server.emit('connection', socket)`).
+// `{"cmd":"CLUSTERD_STATUS",...}` go out with process.send().
+//
+// - dispatch = clusterd (CLUSTERD_DISPATCH=clusterd): clusterd accepts the
+//   connections and passes each one on the same channel, as Node's own
+//   handle message (NODE_HANDLE, the socket's fd attached; Node answers
+//   NODE_HANDLE_ACK) whose inner message is
+//   `{"cmd":"NODE_CLUSTERD_CONNECTION","listener":N}`. Its `cmd` starts
+//   with NODE_, so Node emits it as `internalMessage`, never as the app's
+//   `message`. The adapter hands the socket to the app's server for
+//   listener N as Node's own accept would (`server.emit('connection')`).
+//   The app's listen() then binds a private abstract unix socket nobody
+//   connects to (so it is `listening`, and READY follows as usual), its
+//   `address()` says clusterd's address, and clusterd's listening fds are
+//   closed: this worker never accepts itself. Draining, the adapter exits
+//   only after `{"cmd":"NODE_CLUSTERD_DISPATCH_END"}` (clusterd sends it
+//   before SIGTERM, after the last connection it passes), so no connection
+//   sent is left unread.
 
 'use strict';
 
@@ -105,6 +117,7 @@
   const HEARTBEAT_MS = 1000;
 
   const drainTimeoutMs = Number(env.CLUSTERD_DRAIN_TIMEOUT_MS) || 30000;
+  const dispatched = env.CLUSTERD_DISPATCH === 'clusterd';
   const backlog = Number(env.CLUSTERD_BACKLOG) || 1024;
   const readyFd = env.CLUSTERD_READY_FD === undefined ? null : Number(env.CLUSTERD_READY_FD);
   const watchdogMs = Number(env.WATCHDOG_USEC) / 1000 || 0;
@@ -124,7 +137,7 @@
 
   // Not for the app's own child processes.
   for (const key of ['LISTEN_FDS', 'LISTEN_FDNAMES', 'LISTEN_PID', 'CLUSTERD_READY_FD',
-    'CLUSTERD_NODE_LISTENERS', 'CLUSTERD_BACKLOG', 'CLUSTERD_DRAIN_TIMEOUT_MS']) {
+    'CLUSTERD_NODE_LISTENERS', 'CLUSTERD_BACKLOG', 'CLUSTERD_DRAIN_TIMEOUT_MS', 'CLUSTERD_DISPATCH']) {
     delete env[key];
   }
   if (env.NODE_OPTIONS) {
@@ -329,10 +342,30 @@
     chosen.call = showCall(args);
     adopt(this);
     this.once('listening', checkReady);
-    // Node calls listen(2) again on the fd with this backlog: keep clusterd's.
     const rest = cb ? [cb] : [];
+    if (dispatched) {
+      return listenDispatched(this, chosen, rest);
+    }
+    // Node calls listen(2) again on the fd with this backlog: keep clusterd's.
     return netListen.call(this, { fd: chosen.fd }, backlog, ...rest);
   };
+
+  // dispatch = clusterd: clusterd passes the connections; the server
+  // listens on a private abstract unix socket, and says clusterd's address.
+  function listenDispatched(server, l, rest) {
+    try {
+      fs.closeSync(l.fd);
+    } catch (_) {
+      // already closed
+    }
+    const shown = l.path !== undefined ? l.path
+      : { address: l.host, family: String(l.host).includes(':') ? 'IPv6' : 'IPv4', port: l.port };
+    server.address = function address() {
+      return this.listening ? shown : null;
+    };
+    const name = `\0clusterd-dispatch-${process.pid}-${l.name}-${Math.random().toString(36).slice(2)}`;
+    return netListen.call(server, { path: name }, ...rest);
+  }
 
   // --- connections ------------------------------------------------------------
 
@@ -550,6 +583,43 @@
     }, delay);
   }
 
+  // --- connections clusterd passes (dispatch = clusterd) ----------------------
+
+  let dispatchEnded = !dispatched;
+  if (dispatched) {
+    process.on('internalMessage', (msg, socket) => {
+      if (msg === null || typeof msg !== 'object') {
+        return;
+      }
+      if (msg.cmd === 'NODE_CLUSTERD_DISPATCH_END') {
+        dispatchEnded = true;
+        exitIfDrained();
+        return;
+      }
+      if (msg.cmd !== 'NODE_CLUSTERD_CONNECTION' || !socket) {
+        return;
+      }
+      const l = listeners[msg.listener];
+      const server = l && l.server;
+      if (!server) {
+        socket.destroy(); // the app serves no listener by that number
+        return;
+      }
+      // As Node's own accept (net.Server's onconnection) does it.
+      if (server.maxConnections && server._connections >= server.maxConnections) {
+        socket.destroy();
+        return;
+      }
+      socket.server = server;
+      socket._server = server;
+      server._connections += 1;
+      if (server.noDelay && typeof socket.setNoDelay === 'function') {
+        socket.setNoDelay(true);
+      }
+      server.emit('connection', socket);
+    });
+  }
+
   // --- draining ---------------------------------------------------------------
 
   let drainStarted = 0;
@@ -599,6 +669,9 @@
   function exitIfDrained() {
     if (!draining || exiting || openCount() > 0) {
       return;
+    }
+    if (!dispatchEnded && process.connected) {
+      return; // connections clusterd passed may still be on their way
     }
     exiting = true;
     heartbeat();

@@ -86,6 +86,23 @@ impl Acceptor {
             .await;
             match next {
                 Next::Shutdown => {
+                    // Connections clusterd passed before it sent the drain
+                    // are this worker's: served, not dropped with the inbox.
+                    if current.is_dispatched() {
+                        match current.try_accept() {
+                            Ok((stream, peer)) => {
+                                *batch += 1;
+                                let guard = in_flight.enter();
+                                return Ok(Some(Accepted {
+                                    stream,
+                                    peer,
+                                    guard,
+                                }));
+                            }
+                            Err(e) if e.kind() != io::ErrorKind::WouldBlock => continue,
+                            Err(_) => {}
+                        }
+                    }
                     *listener = None;
                     return Ok(None);
                 }

@@ -145,6 +145,8 @@ async fn read_records(ipc: &Async<OwnedFd>, shared: &Shared) {
                 });
             }
             Ok(ToWorker::Hello(_)) => complain(format_args!("a second Hello")),
+            // Connections come on the inboxes, never here (its fd is closed).
+            Ok(ToWorker::Connection) => complain(format_args!("a connection on the IPC channel")),
             Err(e) => complain(format_args!("{e}")),
         }
     }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use smol::future::{self, FutureExt as _};
 use smol::{Async, Timer};
 
+use super::inbox::Inbox;
 use super::inflight::{Guard, InFlight};
 use super::stream::Stream;
 use crate::scoreboard::{self, Board};
@@ -16,6 +17,8 @@ use crate::scoreboard::{self, Board};
 pub(super) enum Kind {
     Tcp,
     Unix,
+    /// `dispatch = clusterd`: the listener's inbox (see [`Inbox`]).
+    Inbox,
 }
 
 /// A listening socket, registered with the async reactor.
@@ -25,14 +28,24 @@ pub enum Listener {
     Tcp(Async<std::net::TcpListener>),
     /// A unix stream listener.
     Unix(Async<std::os::unix::net::UnixListener>),
+    /// `dispatch = clusterd`: connections clusterd accepted on the
+    /// listener and passes to this worker, yielded like accepted ones.
+    Dispatched(Inbox),
 }
 
 impl Listener {
-    pub(super) fn from_fd(kind: Kind, fd: OwnedFd) -> io::Result<Listener> {
+    pub(super) fn from_fd(kind: Kind, fd: OwnedFd, address: &str) -> io::Result<Listener> {
         Ok(match kind {
             Kind::Tcp => Listener::Tcp(Async::new(std::net::TcpListener::from(fd))?),
             Kind::Unix => Listener::Unix(Async::new(std::os::unix::net::UnixListener::from(fd))?),
+            Kind::Inbox => Listener::Dispatched(Inbox::new(fd, address)?),
         })
+    }
+
+    /// Whether clusterd passes this listener's connections (`dispatch =
+    /// clusterd`) rather than the worker accepting them.
+    pub fn is_dispatched(&self) -> bool {
+        matches!(self, Listener::Dispatched(_))
     }
 
     /// Waits until a connection is pending (another worker may still take
@@ -41,6 +54,7 @@ impl Listener {
         match self {
             Listener::Tcp(listener) => listener.readable().await,
             Listener::Unix(listener) => listener.readable().await,
+            Listener::Dispatched(inbox) => inbox.readable().await,
         }
     }
 
@@ -62,13 +76,14 @@ impl Listener {
     fn pending(&self) -> usize {
         match self {
             Listener::Tcp(listener) => tcp_accept_queue(listener.as_fd()).unwrap_or(1),
-            Listener::Unix(_) => 1,
+            Listener::Unix(_) | Listener::Dispatched(_) => 1,
         }
     }
 
     /// Accepts a pending connection without waiting.
-    fn try_accept(&self) -> io::Result<(Stream, String)> {
+    pub(super) fn try_accept(&self) -> io::Result<(Stream, String)> {
         match self {
+            Listener::Dispatched(inbox) => inbox.try_accept(),
             Listener::Tcp(listener) => {
                 let (stream, peer) = listener.get_ref().accept()?;
                 tcp_stream(stream, peer)
@@ -104,6 +119,7 @@ impl Listener {
                     unix_address(&peer),
                 ))
             }
+            Listener::Dispatched(inbox) => inbox.accept().await,
         }
     }
 
@@ -130,6 +146,11 @@ impl Listener {
     pub async fn accept_limited(&self, in_flight: &InFlight) -> io::Result<Accepted> {
         self.make_room(in_flight).await?;
         let (stream, peer) = match in_flight.inner.board.get() {
+            // clusterd balances what it passes: published, not deferred.
+            Some(board) if self.is_dispatched() => {
+                board.join(in_flight.active());
+                self.accept().await?
+            }
             Some(board) => {
                 board.join(in_flight.active());
                 self.accept_balanced(board, in_flight).await?
@@ -237,6 +258,7 @@ impl Listener {
         match self {
             Listener::Tcp(listener) => Ok(listener.get_ref().local_addr()?.to_string()),
             Listener::Unix(listener) => Ok(unix_address(&listener.get_ref().local_addr()?)),
+            Listener::Dispatched(inbox) => Ok(inbox.address().to_owned()),
         }
     }
 }
@@ -246,6 +268,7 @@ impl AsFd for Listener {
         match self {
             Listener::Tcp(listener) => listener.as_fd(),
             Listener::Unix(listener) => listener.as_fd(),
+            Listener::Dispatched(inbox) => inbox.as_fd(),
         }
     }
 }

@@ -148,6 +148,7 @@ macro_rules! say {
 // - inflight: InFlight and Guard (the limit, the share, `crowded`).
 // - idle: IdlePolicy, Accepted::next_request, evicting idle connections.
 // - listener: Listener, its balanced accept, Accepted.
+// - inbox: connections clusterd passes (`dispatch = clusterd`).
 // - stream: Stream and the wait between two requests (Idle).
 // - acceptor: Acceptor, the accept loop.
 // - testing (tests only): the fake clusterd the unit tests share.
@@ -155,6 +156,7 @@ mod acceptor;
 mod background;
 mod connect;
 mod idle;
+mod inbox;
 mod inflight;
 mod listener;
 mod shutdown;
@@ -264,7 +266,9 @@ impl Worker {
         match std::env::var_os(ENV_FD) {
             Some(value) if !value.is_empty() => {
                 let fd = take_env_fd(&value)?;
-                Worker::supervised(fd, Some(signals))
+                let dispatched =
+                    std::env::var_os(crate::proto::ENV_DISPATCH).is_some_and(|v| v == "clusterd");
+                Worker::supervised(fd, Some(signals), dispatched)
             }
             _ => Worker::standalone(fallback, Some(signals)),
         }
@@ -283,10 +287,18 @@ impl Worker {
     #[doc(hidden)]
     pub fn from_fd(fd: OwnedFd) -> io::Result<Worker> {
         check_ipc_socket(&fd)?;
-        Worker::supervised(fd, None)
+        Worker::supervised(fd, None, false)
     }
 
-    fn supervised(fd: OwnedFd, signals: Option<Signals>) -> io::Result<Worker> {
+    /// [`Worker::from_fd`] for a `dispatch = clusterd` pool: the worker
+    /// announces its inboxes and takes connections from clusterd.
+    #[doc(hidden)]
+    pub fn from_fd_dispatched(fd: OwnedFd) -> io::Result<Worker> {
+        check_ipc_socket(&fd)?;
+        Worker::supervised(fd, None, true)
+    }
+
+    fn supervised(fd: OwnedFd, signals: Option<Signals>, dispatched: bool) -> io::Result<Worker> {
         rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
         let (hello, fds, board_fd) = receive_hello(&fd)?;
         let mut kinds = Vec::with_capacity(fds.len());
@@ -298,6 +310,23 @@ impl Worker {
                 )
             })?;
             kinds.push(Some((kind, fd)));
+        }
+        if dispatched && !kinds.is_empty() {
+            // From now on clusterd passes the connections; the listening
+            // sockets are closed here, so this worker never accepts one.
+            match inbox::announce(&fd, kinds.len()) {
+                Ok(inboxes) => {
+                    kinds = inboxes
+                        .into_iter()
+                        .map(|fd| Some((Kind::Inbox, fd)))
+                        .collect();
+                }
+                Err(e) => say!(
+                    "clusterd::worker (worker {}): cannot take connections from clusterd \
+                     ({e}); accepting from the listeners instead",
+                    hello.worker_id
+                ),
+            }
         }
         // Without the scoreboard the worker still serves, only unbalanced.
         let board = match (hello.scoreboard, board_fd) {
@@ -418,7 +447,12 @@ impl Worker {
             .find(|(l, fd)| l.name == name && fd.is_some())
             .and_then(|(_, fd)| fd.take());
         if let Some((kind, fd)) = slot {
-            return Listener::from_fd(kind, fd);
+            let address = self
+                .listeners
+                .iter()
+                .find(|l| l.name == name)
+                .map_or("", |l| l.address.as_str());
+            return Listener::from_fd(kind, fd, address);
         }
         let why = if self.shared.shutdown.is_triggered() {
             format!("listener {name:?} is closed: the worker is shutting down")

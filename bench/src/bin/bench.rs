@@ -41,7 +41,11 @@
 //!     balancer for a rolling restart and a replacement of every host, with and without
 //!     `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
 //!     `ip` and `haproxy`).
-//! 13. `socketio`: the Socket.IO chat of examples/chat on four workers: handshakes per second
+//! 13. `dispatch`: `dispatch = clusterd` (clusterd accepts and passes each connection)
+//!     against the shared queue, native shop, new connections and keep-alive: requests/s,
+//!     p99, requests per worker (max/min), clusterd's CPU per 10,000 passed connections;
+//!     and with `sticky = cookie:sid` (every head peeked).
+//! 14. `socketio`: the Socket.IO chat of examples/chat on four workers: handshakes per second
 //!     (long-polling, then the upgrade) through clusterd (`dispatch = clusterd`, `sticky =
 //!     socket.io`) and Node's `cluster` with `@socket.io/sticky`; new connections per second
 //!     against Node's `cluster` round-robin primary (node, npm, redis-server).
@@ -78,7 +82,8 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
-                   fleet (root, ip, haproxy), socketio (node, npm, redis-server)
+                   fleet (root, ip, haproxy), dispatch, socketio (node, npm,
+                   redis-server)
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -179,6 +184,7 @@ fn main() -> ExitCode {
             "cross-check" => suite::cross_check::run(&ctx),
             "logs" => suite::logs::run(&ctx),
             "fleet" => suite::fleet::run(&ctx),
+            "dispatch" => suite::dispatch::run(&ctx),
             "socketio" => suite::socketio::run(&ctx),
             _ => suite::soak::run(&ctx),
         };

@@ -9,6 +9,7 @@ pub mod bad_deploy;
 pub mod balance;
 pub mod crash;
 pub mod cross_check;
+pub mod dispatch;
 pub mod fleet;
 pub mod footprint;
 pub mod hostile;
@@ -33,7 +34,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 13] = [
+pub const SECTIONS: [(&str, &str); 14] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -46,7 +47,8 @@ pub const SECTIONS: [(&str, &str); 13] = [
     ("cross-check", "10. Cross-check: loadgen against wrk"),
     ("logs", "11. Logs: worker output through clusterd"),
     ("fleet", "12. Fleet: three hosts behind HAProxy"),
-    ("socketio", "13. Socket.IO: sticky sessions on four workers"),
+    ("dispatch", "13. Dispatch: clusterd passes the connections"),
+    ("socketio", "14. Socket.IO: sticky sessions on four workers"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
