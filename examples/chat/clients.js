@@ -8,8 +8,9 @@
 //            the engine.io session id before the dot, clusterd's worker id)
 //       {"event":"upgrade","client":I,"sid":SID}       now on WebSocket
 //       {"event":"connect_error","client":I,"message":TEXT}
-//       {"event":"disconnect","client":I,"sid":SID,"reason":R,"code":CODE}
-//            (CODE: the WebSocket close code, null on long-polling)
+//       {"event":"disconnect","client":I,"sid":SID,"reason":R,"code":CODE,
+//        "detail":TEXT}  (CODE: the WebSocket close code, null on long-polling;
+//            TEXT: for a transport error, what failed: "xhr poll error 400")
 //     and reads commands on stdin, one a line:
 //       send R    every connected client says {"from":I,"round":R}
 //                 -> {"event":"sent","round":R,"from":[I...]}
@@ -54,11 +55,15 @@ function chat(n) {
       out({ event: 'connect', client: i, sid: engine.id, worker: workerOf(engine.id) });
       engine.once('upgrade', () => out({ event: 'upgrade', client: i, sid: engine.id }));
     });
-    socket.on('connect_error', (err) => out({ event: 'connect_error', client: i, message: String(err && err.message) }));
+    socket.on('connect_error', (err) => out({
+      event: 'connect_error', client: i, message: `${err && err.message} ${err && err.description}`,
+    }));
     socket.on('disconnect', (reason, details) => {
       const code = details && details.context && typeof details.context.code === 'number'
         ? details.context.code : null;
-      out({ event: 'disconnect', client: i, sid: c.sid, reason, code });
+      // What failed, for a transport error: "xhr poll error 400".
+      const detail = details instanceof Error ? `${details.message} ${details.description}` : null;
+      out({ event: 'disconnect', client: i, sid: c.sid, reason, code, detail });
     });
     socket.on('chat message', (msg) => {
       if (!msg || typeof msg !== 'object') {
