@@ -42,7 +42,7 @@ fn express_shop() -> &'static Path {
 
 /// Copies the files of the repository's folder `from` to target/tmp/`to`
 /// and runs `npm ci` there unless it already ran with the same lock file.
-fn npm_install(from: &str, to: &str) -> PathBuf {
+pub(crate) fn npm_install(from: &str, to: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(from);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(to);
     std::fs::create_dir_all(&dir).expect("create a folder under target/tmp");

@@ -7,6 +7,9 @@
 
 mod util;
 
+/// examples/chat: Socket.IO on four workers (dispatch = clusterd, sticky =
+/// socket.io, the Redis adapter) through rolling restarts.
+mod chat;
 /// clusterctl against a real daemon: every command, human and JSON output,
 /// scaling and restarts under load, hostile control clients.
 mod control;

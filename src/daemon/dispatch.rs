@@ -62,8 +62,12 @@ use crate::proto::{self, ToWorker};
 use crate::scoreboard::{self, Board};
 
 /// Longest wait for a request head (a silent or trickling client); then
-/// the connection goes by balance.
-pub const PEEK_TIMEOUT: Duration = Duration::from_secs(1);
+/// the connection goes by balance. Generous: a head that comes late from a
+/// busy client (an event loop that connects, then runs other work before it
+/// writes) is still a session's request, and by balance it would reach a
+/// worker that does not know the session (1 s misrouted hundreds of
+/// Socket.IO polls of a loaded 2-CPU machine; waiting holds up no one).
+pub const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most heads peeked at at once; beyond, connections go by balance at once.
 pub const MAX_PEEKING: usize = 1024;
 /// Most connections held while no worker can take them; beyond, clusterd

@@ -35,6 +35,11 @@
 //   cleanup gets up to APP_EXIT_GRACE_MS after the last connection closed to
 //   end the process (by `process.exit` or by having nothing left to do)
 //   before the adapter exits.
+// - Socket.IO: engine.io's session ids start with the worker's id
+//   (CLUSTERD_WORKER_ID), `2.hQ8c...`, which clusterd's `sticky = socket.io`
+//   routes on; on drain, long-polling sessions get engine.io's close packet
+//   and WebSockets that engine.io itself closes (an app's `io.close()`) get
+//   code 1012 too (see "engine.io" below).
 // - Stats and heartbeats: every HEARTBEAT_MS (less with clusterd's
 //   `watchdog`), from a timer on the event loop, a message with the requests
 //   served and the connections open. A blocked event loop sends nothing, so
@@ -648,6 +653,9 @@
     const window = Math.min(upgraded.length * CLOSE_SPREAD_PER_SOCKET_MS, CLOSE_SPREAD_MAX_MS,
       Math.floor(drainTimeoutMs / 4));
     upgraded.forEach((c, i) => closeUpgraded(c, Math.floor((window * i) / upgraded.length)));
+    for (const hook of drainHooks) {
+      hook();
+    }
     // Past this, give up (clusterd sends SIGKILL at drain_timeout).
     const giveUp = Math.max(drainTimeoutMs - 1000, Math.floor(drainTimeoutMs * 0.9));
     setTimeout(() => {
@@ -690,6 +698,90 @@
   };
 
   process.on('SIGTERM', drain);
+
+  // --- engine.io (Socket.IO) -------------------------------------------------
+  //
+  // Sticky sessions without a shared table: engine.io session ids become
+  // `<CLUSTERD_WORKER_ID>.<random>`, so that clusterd's `sticky = socket.io`
+  // routes every later request of a session (the `sid` query parameter) to
+  // the worker that created it. Nothing changes in the app: engine.io's
+  // default generateId is replaced when the module loads (an app that sets
+  // its own keeps it). On drain, sessions on HTTP long-polling get
+  // engine.io's close packet (their clients reconnect at once, to another
+  // worker) and a WebSocket engine.io closes itself (the app's io.close())
+  // says 1012 "Service Restart" as the adapter's own close frames do.
+
+  const workerId = /^[0-9]{1,9}$/.test(env.CLUSTERD_WORKER_ID || '') ? env.CLUSTERD_WORKER_ID : null;
+  const kEnginePatched = Symbol('clusterd.enginePatched');
+  const engineServers = new Set(); // engine.io servers that made a session
+  const drainHooks = []; // run by drain(), after every connection is settled
+
+  function patchEngineIo(eio) {
+    if (!eio || eio[kEnginePatched] || typeof eio.Server !== 'function' || !eio.transports ||
+      typeof eio.uServer !== 'function') {
+      return;
+    }
+    eio[kEnginePatched] = true;
+    // BaseServer's (Server's and uServer's base), the default.
+    let proto = eio.Server.prototype;
+    while (proto && !Object.prototype.hasOwnProperty.call(proto, 'generateId')) {
+      proto = Object.getPrototypeOf(proto);
+    }
+    if (proto && workerId !== null) {
+      const generateId = proto.generateId;
+      proto.generateId = function generateWorkerId(req) {
+        engineServers.add(this);
+        const id = generateId.call(this, req);
+        return typeof id === 'string' ? `${workerId}.${id}`
+          : Promise.resolve(id).then((random) => `${workerId}.${random}`);
+      };
+    }
+    const ws = eio.transports.websocket && eio.transports.websocket.prototype;
+    if (ws && typeof ws.doClose === 'function') {
+      const doClose = ws.doClose;
+      ws.doClose = function doCloseServiceRestart(fn) {
+        if (!draining || !this.socket || typeof this.socket.close !== 'function') {
+          return doClose.call(this, fn);
+        }
+        this.socket.close(1012, 'Service Restart');
+        if (fn) {
+          fn();
+        }
+        return undefined;
+      };
+    }
+  }
+
+  drainHooks.push(() => {
+    for (const server of engineServers) {
+      for (const session of Object.values(server.clients || {})) {
+        const transport = session.transport;
+        if (transport && transport.name === 'polling') {
+          try {
+            session.close(); // a close packet on the pending (or next) poll
+          } catch (_) {
+            // the session ends anyway with its connection
+          }
+        }
+      }
+    }
+  });
+
+  {
+    const Module = require('module');
+    const load = Module._load;
+    Module._load = function loadWatched(request, ...rest) {
+      const exports = load.call(this, request, ...rest);
+      if (typeof request === 'string' && request.includes('engine.io')) {
+        try {
+          patchEngineIo(exports);
+        } catch (e) {
+          process.stderr.write(`${TAG}: cannot hook engine.io (${e.message}); its session ids stay as they are\n`);
+        }
+      }
+      return exports;
+    };
+  }
 
   // --- reports ----------------------------------------------------------------
 

@@ -51,6 +51,10 @@
 //!     against the shared queue, native shop, new connections and keep-alive: requests/s,
 //!     p99, requests per worker (max/min), clusterd's CPU per 10,000 passed connections;
 //!     and with `sticky = cookie:sid` (every head peeked).
+//! 14. `socketio`: the Socket.IO chat of examples/chat on four workers: handshakes per second
+//!     (long-polling, then the upgrade) through clusterd (`dispatch = clusterd`, `sticky =
+//!     socket.io`) and Node's `cluster` with `@socket.io/sticky`; new connections per second
+//!     against Node's `cluster` round-robin primary (node, npm, redis-server).
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -84,7 +88,8 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
-                   fleet (root, ip, haproxy), health, node, dispatch
+                   fleet (root, ip, haproxy), health, node (node, npm),
+                   dispatch, socketio (node, npm, redis-server)
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -188,6 +193,7 @@ fn main() -> ExitCode {
             "health" => suite::health::run(&ctx),
             "node" => suite::node::run(&ctx),
             "dispatch" => suite::dispatch::run(&ctx),
+            "socketio" => suite::socketio::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

@@ -23,6 +23,7 @@ pub mod procs;
 pub mod report;
 pub mod scale;
 pub mod soak;
+pub mod socketio;
 pub mod zero_downtime;
 
 use std::fmt::Write as _;
@@ -35,7 +36,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 15] = [
+pub const SECTIONS: [(&str, &str); 16] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -51,6 +52,7 @@ pub const SECTIONS: [(&str, &str); 15] = [
     ("health", "13. Worker health"),
     ("node", "14. Node.js app"),
     ("dispatch", "15. Dispatch: clusterd passes the connections"),
+    ("socketio", "16. Socket.IO: sticky sessions on four workers"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
