@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clusterd_bench::Method;
 use rustix::process::Signal;
@@ -234,7 +235,7 @@ fn a_crashed_workers_queue_is_served_by_its_replacement() {
 }
 
 /// With every worker failing, `empty_pool = 503` answers on every slot's
-/// socket, including slots added by scaling up meanwhile.
+/// socket, from the start and for slots added by scaling up meanwhile.
 #[test]
 fn an_empty_pool_answers_on_every_slots_socket() {
     use std::os::unix::fs::PermissionsExt;
@@ -250,7 +251,7 @@ fn an_empty_pool_answers_on_every_slots_socket() {
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let config = format!(
-        "exec = {}\nworkers = 1\nlisten = 127.0.0.1:0\nready_timeout = 1s\n\
+        "exec = {}\nworkers = 2\nlisten = 127.0.0.1:0\nready_timeout = 1s\n\
          restart_delay_max = 500ms\nempty_pool = 503\ndispatch = reuseport\n",
         script.display()
     );
@@ -262,18 +263,22 @@ fn an_empty_pool_answers_on_every_slots_socket() {
     );
     let addr = cluster.addr();
     cluster.wait_event("empty_pool.begin", |_| true);
+    // Connections spread over the sockets: each is answered.
+    let all_answered = |n: usize| {
+        for i in 0..n {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&request("GET", "/", b"", false)).unwrap();
+            let r = read_response(&mut s).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            assert_eq!(r.status, 503, "connection {i}");
+        }
+    };
+    all_answered(12);
     ctl_ok(&cluster, &["scale", "4"]);
     wait_for("4 sockets", || {
         (tcp_listen_inodes(addr).len() == 4).then_some(())
     });
-    // 24 connections spread over the 4 sockets: each is answered.
-    for i in 0..24 {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, DEADLINE).unwrap();
-        s.set_read_timeout(Some(DEADLINE)).unwrap();
-        s.write_all(&request("GET", "/", b"", false)).unwrap();
-        let r = read_response(&mut s).unwrap_or_else(|e| panic!("connection {i}: {e}"));
-        assert_eq!(r.status, 503, "connection {i}");
-    }
+    all_answered(24);
     std::fs::write(cluster.dir.path().join("good"), "").unwrap();
     cluster.wait_event("empty_pool.end", |_| true);
     wait_slots(&cluster, 4);

@@ -198,8 +198,10 @@ pub fn run(config: Config) -> i32 {
     let ex = Rc::new(LocalExecutor::new());
     let (tx, rx) = smol::channel::unbounded();
     let mut daemon = Daemon::new(config, listeners, notify.clone(), ex.clone(), tx.clone());
-    daemon.reuseport = reuseport;
-    daemon.sync_reuseport();
+    if let Some(pool) = reuseport {
+        daemon.fallback.set_listeners(pool.all());
+        daemon.reuseport = Some(pool);
+    }
     smol::block_on(ex.run(async {
         let tx_signals = tx.clone();
         ex.spawn(async move {
