@@ -18,6 +18,7 @@ pub mod machine;
 pub mod overhead;
 pub mod procs;
 pub mod report;
+pub mod reuseport;
 pub mod scale;
 pub mod soak;
 pub mod zero_downtime;
@@ -32,7 +33,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 12] = [
+pub const SECTIONS: [(&str, &str); 13] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -45,6 +46,7 @@ pub const SECTIONS: [(&str, &str); 12] = [
     ("cross-check", "10. Cross-check: loadgen against wrk"),
     ("logs", "11. Logs: worker output through clusterd"),
     ("fleet", "12. Fleet: three hosts behind HAProxy"),
+    ("reuseport", "13. Dispatch: shared queue or reuseport"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
