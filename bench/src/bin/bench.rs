@@ -41,7 +41,13 @@
 //!     balancer for a rolling restart and a replacement of every host, with and without
 //!     `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
 //!     `ip` and `haproxy`).
-//! 13. `reuseport`: `dispatch = shared` against `dispatch = reuseport` (native shop,
+//! 13. `health`: a hung worker (`watchdog`) to its replacement READY, a worker leaking
+//!     50 MiB/s under `max_memory = 256M` (its peak, failed requests), and 50 recycles each of
+//!     `max_requests` and `max_age` under load (failed requests).
+//! 14. `node`: the unmodified Express shop under clusterd (`protocol = node`), PM2 cluster
+//!     mode (PM2 from bench/node's lock file, `npm ci`) and a Node `cluster` master:
+//!     throughput, failed requests over 20 restarts in four loads, crash recovery, RSS.
+//! 15. `reuseport`: `dispatch = shared` against `dispatch = reuseport` (native shop,
 //!     keep-alive and new connections, and the CPU-bound route): requests per worker
 //!     (max/min), p50, p99, max and standard deviation of the latency.
 //!
@@ -77,7 +83,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
-                   fleet (root, ip, haproxy), reuseport
+                   fleet (root, ip, haproxy), health, node, reuseport
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -178,6 +184,8 @@ fn main() -> ExitCode {
             "cross-check" => suite::cross_check::run(&ctx),
             "logs" => suite::logs::run(&ctx),
             "fleet" => suite::fleet::run(&ctx),
+            "health" => suite::health::run(&ctx),
+            "node" => suite::node::run(&ctx),
             "reuseport" => suite::reuseport::run(&ctx),
             _ => suite::soak::run(&ctx),
         };

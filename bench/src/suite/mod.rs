@@ -11,10 +11,12 @@ pub mod crash;
 pub mod cross_check;
 pub mod fleet;
 pub mod footprint;
+pub mod health;
 pub mod hostile;
 pub mod log;
 pub mod logs;
 pub mod machine;
+pub mod node;
 pub mod overhead;
 pub mod procs;
 pub mod report;
@@ -33,7 +35,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 13] = [
+pub const SECTIONS: [(&str, &str); 15] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -46,7 +48,9 @@ pub const SECTIONS: [(&str, &str); 13] = [
     ("cross-check", "10. Cross-check: loadgen against wrk"),
     ("logs", "11. Logs: worker output through clusterd"),
     ("fleet", "12. Fleet: three hosts behind HAProxy"),
-    ("reuseport", "13. Dispatch: shared queue or reuseport"),
+    ("health", "13. Worker health"),
+    ("node", "14. Node.js app"),
+    ("reuseport", "15. Dispatch: shared queue or reuseport"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
