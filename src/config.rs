@@ -1171,6 +1171,24 @@ impl Parser<'_> {
                 let at = self.valid_line("protocol").map_or(line, |p| p.max(line));
                 self.error(at, message.into());
             }
+            if dispatch == Dispatch::Reuseport {
+                // The kernel balances only TCP sockets: a second bind to a
+                // unix path fails, so there is no per-slot queue to give.
+                let unix: Vec<(String, usize)> = (self.config.listen.iter())
+                    .zip(&self.listen_lines)
+                    .filter_map(|(l, &at)| match &l.addr {
+                        ListenAddr::Unix(path) => Some((format!("unix:{}", path.display()), at)),
+                        ListenAddr::Tcp(_) => None,
+                    })
+                    .collect();
+                for (addr, at) in unix {
+                    let message = format!(
+                        "dispatch = reuseport: listen {addr} is a unix socket, which SO_REUSEPORT \
+                         does not balance; use TCP listeners, or dispatch = shared"
+                    );
+                    self.error(at.max(line), message);
+                }
+            }
         }
         for key in ["balance", "sticky"] {
             if let Some(line) = self.valid_line(key).filter(|&l| l > 0) {
@@ -2591,6 +2609,18 @@ log_buffer = 4M
             )]
         );
         ok(&format!("{MIN}protocol = systemd\ndispatch = reuseport\n"));
+        assert_eq!(
+            errs(
+                "exec = /bin/true\nlisten = 127.0.0.1:0\nlisten = admin=unix:/tmp/a.sock\n\
+                  dispatch = reuseport\n"
+            ),
+            vec![(
+                4,
+                "dispatch = reuseport: listen unix:/tmp/a.sock is a unix socket, which \
+                 SO_REUSEPORT does not balance; use TCP listeners, or dispatch = shared"
+                    .to_string()
+            )]
+        );
         ok(&format!(
             "{MIN}protocol = node\ndispatch = clusterd\nsticky = socket.io\n"
         ));

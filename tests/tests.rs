@@ -47,5 +47,8 @@ mod props;
 /// The recipes for Python (http.server, gunicorn, uvicorn) and Go, as
 /// complete programs against the real runtimes: nothing lost across restarts.
 mod recipes;
+/// `dispatch = reuseport`: a listener per worker slot; restarts, crashes,
+/// scaling and `empty_pool` with them.
+mod reuseport;
 /// `protocol = systemd`: the Node.js shop and Python programs as workers.
 mod systemd;

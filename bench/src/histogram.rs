@@ -76,6 +76,23 @@ impl Histogram {
         Duration::from_micros(self.sum.checked_div(self.count).unwrap_or(0))
     }
 
+    /// The standard deviation of the latencies (each counted at its bucket's midpoint, so to
+    /// about 1%; zero when empty).
+    pub fn stdev(&self) -> Duration {
+        if self.count == 0 {
+            return Duration::ZERO;
+        }
+        let mean = self.sum as f64 / self.count as f64;
+        let squares: f64 = (self.buckets.iter().enumerate())
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, &n)| {
+                let d = midpoint(i).min(self.max) as f64 - mean;
+                n as f64 * d * d
+            })
+            .sum();
+        Duration::from_micros((squares / self.count as f64).sqrt() as u64)
+    }
+
     /// The latency at quantile `q` (0.5 for the median, 0.99 for p99), to about 1%: the
     /// smallest recorded value such that a fraction `q` of all values are at or below it.
     /// Zero when empty; never above [`Histogram::max`].
@@ -164,6 +181,15 @@ mod tests {
         for us in 0..128 {
             assert_eq!(index(us), us as usize, "small values are exact");
         }
+    }
+
+    #[test]
+    fn stdev_of_two_values_is_half_their_distance() {
+        let mut h = Histogram::new();
+        assert_eq!(h.stdev(), Duration::ZERO);
+        h.record(Duration::from_micros(10));
+        h.record(Duration::from_micros(30));
+        assert_eq!(h.stdev(), Duration::from_micros(10));
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //! as soon as the mode is on, and each accept checks that no worker cleared
 //! the flag (they share it: it belongs to the open socket, not the fd).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
@@ -72,8 +72,11 @@ pub struct Fallback {
 struct Shared {
     state: Cell<State>,
     changed: event_listener::Event,
-    /// Copies of the listeners' fds (one open socket each: the same queue).
-    fds: Vec<OwnedFd>,
+    /// Copies of the listeners' fds (one open socket each: the same queue;
+    /// with `dispatch = reuseport`, every slot's sockets).
+    fds: RefCell<Vec<OwnedFd>>,
+    /// Bumped when `fds` is replaced.
+    version: Cell<u64>,
     /// Connections being answered.
     answering: Cell<usize>,
 }
@@ -108,16 +111,7 @@ impl Fallback {
         config: &Config,
         listeners: &[Listener],
     ) -> Fallback {
-        let fds = listeners
-            .iter()
-            .filter_map(|l| match l.fd.try_clone() {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    crate::log!(error, "empty_pool.failed", listener = l.name, error = e);
-                    None
-                }
-            })
-            .collect();
+        let fds = copies(listeners);
         let shared = Rc::new(Shared {
             state: Cell::new(State {
                 mode: config.empty_pool,
@@ -125,7 +119,8 @@ impl Fallback {
                 empty_since: Some(Instant::now()),
             }),
             changed: event_listener::Event::new(),
-            fds,
+            fds: RefCell::new(fds),
+            version: Cell::new(0),
             answering: Cell::new(0),
         });
         let task = ex.spawn(run(shared.clone(), ex.clone()));
@@ -133,6 +128,14 @@ impl Fallback {
             shared,
             _task: task,
         }
+    }
+
+    /// Replaces the listeners (`dispatch = reuseport`: slots came or went);
+    /// the copies of the old ones are closed at once.
+    pub fn set_listeners<'a>(&self, listeners: impl IntoIterator<Item = &'a Listener>) {
+        *self.shared.fds.borrow_mut() = copies(listeners);
+        self.shared.version.set(self.shared.version.get() + 1);
+        self.shared.changed.notify(usize::MAX);
     }
 
     /// Tells the fallback how many workers are ready (after every event of
@@ -156,17 +159,37 @@ impl Fallback {
     }
 }
 
+/// Copies of `listeners`' fds (a failure is logged, that listener left out).
+fn copies<'a>(listeners: impl IntoIterator<Item = &'a Listener>) -> Vec<OwnedFd> {
+    listeners
+        .into_iter()
+        .filter_map(|l| match l.fd.try_clone() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                crate::log!(error, "empty_pool.failed", listener = l.name, error = e);
+                None
+            }
+        })
+        .collect()
+}
+
 /// The fallback's task: waits until it is due, then accepts on every
 /// listener until a worker is ready again.
 async fn run(shared: Rc<Shared>, ex: Rc<LocalExecutor<'static>>) {
     let mut listeners: Vec<Rc<Async<OwnedFd>>> = Vec::new();
     // Since when clusterd answers, and how many it had answered then.
     let mut episode: Option<(Instant, (u64, u64))> = None;
+    let mut watched = shared.version.get();
     loop {
         let changed = shared.changed.listen();
         let state = shared.state.get();
+        if watched != shared.version.get() {
+            // Closes the copies of sockets that are gone.
+            listeners.clear();
+            watched = shared.version.get();
+        }
         if state.mode != EmptyPool::Wait && listeners.is_empty() {
-            listeners = watch(&shared.fds);
+            listeners = watch(&shared.fds.borrow());
         }
         let now = Instant::now();
         if !state.answering_at(now) {

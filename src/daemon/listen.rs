@@ -58,7 +58,7 @@ pub fn bind(listen: &Listen, backlog: u32) -> io::Result<Listener> {
     let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
     match &listen.addr {
         ListenAddr::Tcp(addr) => {
-            let (fd, address) = bind_tcp(*addr, backlog).map_err(|e| describe(e, addr))?;
+            let (fd, address) = bind_tcp(*addr, backlog, false).map_err(|e| describe(e, addr))?;
             Ok(Listener {
                 name: listen.name.clone(),
                 address,
@@ -79,7 +79,25 @@ pub fn bind(listen: &Listen, backlog: u32) -> io::Result<Listener> {
     }
 }
 
-fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<(OwnedFd, String)> {
+/// Binds and listens on the TCP address `addr` with `SO_REUSEPORT`, so that
+/// several such sockets (one per worker slot, [`super::reuseport`]) share
+/// the port, each with its own accept queue.
+///
+/// # Errors
+/// The OS error, with the address and name in the message.
+pub fn bind_reuseport(name: &str, addr: SocketAddr, backlog: u32) -> io::Result<Listener> {
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    let (fd, address) = bind_tcp(addr, backlog, true)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({name}): {e}")))?;
+    Ok(Listener {
+        name: name.to_string(),
+        address,
+        fd,
+        unix_path: None,
+    })
+}
+
+fn bind_tcp(addr: SocketAddr, backlog: i32, reuseport: bool) -> io::Result<(OwnedFd, String)> {
     let family = if addr.is_ipv4() {
         AddressFamily::INET
     } else {
@@ -87,6 +105,9 @@ fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<(OwnedFd, String)> {
     };
     let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
     sockopt::set_socket_reuseaddr(&fd, true)?;
+    if reuseport {
+        sockopt::set_socket_reuseport(&fd, true)?;
+    }
     if addr.is_ipv6() {
         // `[::]:80` and `0.0.0.0:80` may then both be listed.
         sockopt::set_ipv6_v6only(&fd, true)?;

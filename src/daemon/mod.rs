@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod ready_pipe;
+pub mod reuseport;
 pub mod spawn;
 pub mod tree;
 
@@ -137,7 +138,18 @@ pub fn run(config: Config) -> i32 {
         return 1;
     }
     let mut listeners = Vec::new();
-    for listen in &config.listen {
+    let reuseport = match config.dispatch {
+        config::Dispatch::Reuseport => match reuseport::start(&config) {
+            Ok(pool) => Some(pool),
+            Err(e) => {
+                log!(error, "listen.failed", error = e);
+                eprintln!("clusterd: {e}");
+                return 1;
+            }
+        },
+        _ => None,
+    };
+    for listen in config.listen.iter().filter(|_| reuseport.is_none()) {
         match listen::bind(listen, config.backlog) {
             Ok(l) => {
                 log!(info, "listening", name = l.name, addr = l.address);
@@ -190,6 +202,10 @@ pub fn run(config: Config) -> i32 {
     let ex = Rc::new(LocalExecutor::new());
     let (tx, rx) = smol::channel::unbounded();
     let mut daemon = Daemon::new(config, listeners, notify.clone(), ex.clone(), tx.clone());
+    if let Some(pool) = reuseport {
+        daemon.fallback.set_listeners(pool.all());
+        daemon.reuseport = Some(pool);
+    }
     smol::block_on(ex.run(async {
         let tx_signals = tx.clone();
         ex.spawn(async move {
@@ -244,7 +260,10 @@ pub fn run(config: Config) -> i32 {
 
 struct Daemon {
     config: Config,
+    /// The listeners every worker gets (empty with `dispatch = reuseport`).
     listeners: Vec<Listener>,
+    /// `dispatch = reuseport`: each slot's own listeners.
+    reuseport: Option<reuseport::Reuseport>,
     /// `NOTIFY_SOCKET` for systemd-protocol workers.
     notify_name: String,
     /// The socket itself, read by its own task; [`Daemon::reap`] reads what
@@ -403,6 +422,7 @@ impl Daemon {
         Daemon {
             config,
             listeners,
+            reuseport: None,
             notify_name: notify.name.clone(),
             notify,
             gens,
@@ -908,6 +928,13 @@ impl Daemon {
     }
 
     fn spawn(&mut self, instance: InstanceId, slot: u32, generation: u64) {
+        if self
+            .reuseport
+            .as_ref()
+            .is_some_and(|p| p.slot(slot).is_none())
+        {
+            self.sync_reuseport();
+        }
         let adapter = match self
             .gens
             .get(&generation)
@@ -935,8 +962,18 @@ impl Daemon {
         } else {
             spec
         };
-        let inherit: Vec<spawn::Inherit<'_>> = self
-            .listeners
+        let sockets = match &self.reuseport {
+            Some(pool) => match pool.slot(slot) {
+                Some(sockets) => sockets,
+                None => {
+                    let why = format!("cannot start worker {slot}: its sockets are not bound");
+                    self.sup.spawn_failed(Instant::now(), instance, why);
+                    return;
+                }
+            },
+            None => &self.listeners,
+        };
+        let inherit: Vec<spawn::Inherit<'_>> = sockets
             .iter()
             .map(|l| spawn::Inherit {
                 name: &l.name,
@@ -944,7 +981,11 @@ impl Daemon {
             })
             .collect();
         let cell = match protocol {
-            Protocol::Clusterd => self.scoreboard.as_mut().and_then(Scoreboard::take),
+            // With a queue of its own, a worker has no sibling to defer to.
+            Protocol::Clusterd if self.reuseport.is_none() => {
+                self.scoreboard.as_mut().and_then(Scoreboard::take)
+            }
+            Protocol::Clusterd => None,
             Protocol::Systemd | Protocol::Node => None,
         };
         let spawned = logcap::pipes(self.config.log_capture)
@@ -1150,6 +1191,31 @@ impl Daemon {
         }
     }
 
+    /// The listeners a worker of `slot` gets.
+    fn slot_listeners(&self, slot: u32) -> &[Listener] {
+        match &self.reuseport {
+            Some(pool) => pool.slot(slot).unwrap_or_default(),
+            None => &self.listeners,
+        }
+    }
+
+    /// `dispatch = reuseport`: binds the sockets of new slots and closes
+    /// those of slots scaled away (their queue migrates to the other slots'
+    /// sockets when the kernel allows it: see [`reuseport`]).
+    fn sync_reuseport(&mut self) {
+        let Some(pool) = &mut self.reuseport else {
+            return;
+        };
+        let wanted = self.sup.slots().map(|s| s.id).collect();
+        let (changed, failed) = pool.sync(&wanted);
+        for (slot, e) in failed {
+            log!(error, "reuseport.failed", id = slot, error = e);
+        }
+        if changed {
+            self.fallback.set_listeners(pool.all());
+        }
+    }
+
     fn hello(
         &self,
         ipc: &OwnedFd,
@@ -1160,10 +1226,18 @@ impl Daemon {
         let hello = ToWorker::Hello(proto::Hello {
             worker_id: slot,
             generation,
-            listeners: self.listeners.iter().map(Listener::info).collect(),
+            listeners: self
+                .slot_listeners(slot)
+                .iter()
+                .map(Listener::info)
+                .collect(),
             scoreboard: cell,
         });
-        let mut fds: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|l| l.fd.as_fd()).collect();
+        let mut fds: Vec<BorrowedFd<'_>> = self
+            .slot_listeners(slot)
+            .iter()
+            .map(|l| l.fd.as_fd())
+            .collect();
         if let (Some(_), Some(board)) = (cell, &self.scoreboard) {
             fds.push(board.fd.as_fd());
         }
@@ -1687,6 +1761,7 @@ impl Daemon {
     fn scale(&mut self, to: ScaleTo, reply: Option<&Sender<Response>>) {
         match self.sup.scale(Instant::now(), to) {
             Ok((from, to)) => {
+                self.sync_reuseport();
                 if let Some(r) = reply {
                     let _ = r.try_send(Response::Scaled { from, to });
                 }
@@ -1808,7 +1883,10 @@ impl Daemon {
             uptime_ms: now.duration_since(self.started).as_millis() as u64,
             config: self.config.path.display().to_string(),
             protocol: self.config.protocol.as_str().into(),
-            listeners: self.listeners.iter().map(Listener::info).collect(),
+            listeners: match &self.reuseport {
+                Some(pool) => pool.infos(),
+                None => self.listeners.iter().map(Listener::info).collect(),
+            },
             desired: self.sup.desired(),
             ready: self.sup.ready(),
             generation: self.sup.generation(),

@@ -51,10 +51,13 @@
 //!     against the shared queue, native shop, new connections and keep-alive: requests/s,
 //!     p99, requests per worker (max/min), clusterd's CPU per 10,000 passed connections;
 //!     and with `sticky = cookie:sid` (every head peeked).
-//! 14. `socketio`: the Socket.IO chat of examples/chat on four workers: handshakes per second
+//! 16. `socketio`: the Socket.IO chat of examples/chat on four workers: handshakes per second
 //!     (long-polling, then the upgrade) through clusterd (`dispatch = clusterd`, `sticky =
 //!     socket.io`) and Node's `cluster` with `@socket.io/sticky`; new connections per second
 //!     against Node's `cluster` round-robin primary (node, npm, redis-server).
+//! 17. `reuseport`: `dispatch = shared` against `dispatch = reuseport` (native shop,
+//!     keep-alive and new connections, and the CPU-bound route): requests per worker
+//!     (max/min), p50, p99, max and standard deviation of the latency.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -89,7 +92,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
                    fleet (root, ip, haproxy), health, node (node, npm),
-                   dispatch, socketio (node, npm, redis-server)
+                   dispatch, socketio (node, npm, redis-server), reuseport
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -194,6 +197,7 @@ fn main() -> ExitCode {
             "node" => suite::node::run(&ctx),
             "dispatch" => suite::dispatch::run(&ctx),
             "socketio" => suite::socketio::run(&ctx),
+            "reuseport" => suite::reuseport::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

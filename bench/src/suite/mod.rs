@@ -21,6 +21,7 @@ pub mod node;
 pub mod overhead;
 pub mod procs;
 pub mod report;
+pub mod reuseport;
 pub mod scale;
 pub mod soak;
 pub mod socketio;
@@ -36,7 +37,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 16] = [
+pub const SECTIONS: [(&str, &str); 17] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -53,6 +54,7 @@ pub const SECTIONS: [(&str, &str); 16] = [
     ("node", "14. Node.js app"),
     ("dispatch", "15. Dispatch: clusterd passes the connections"),
     ("socketio", "16. Socket.IO: sticky sessions on four workers"),
+    ("reuseport", "17. Dispatch: shared queue or reuseport"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
