@@ -64,7 +64,7 @@ pub enum Query {
 
 /// Counters the daemon keeps for the metrics (everything else is in
 /// [`Status`]).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Unexpected worker exits by reason: exit, signal, ready_timeout,
     /// spawn_failed.
@@ -78,6 +78,9 @@ pub struct Counters {
     /// [`crate::lifecycle::HealthReason::ALL`].
     pub replacements: [u64; 4],
     pub restart_seconds_sum: f64,
+    /// In-place upgrades refused or failed (`upgrade.refused`,
+    /// `upgrade.failed`).
+    pub upgrades_refused: u64,
 }
 
 pub const EXIT_REASONS: [&str; 4] = ["exit", "signal", "ready_timeout", "spawn_failed"];
@@ -680,6 +683,8 @@ mod tests {
                 worker(2, Some(21), "ready"),
                 worker(3, None, "backoff"),
             ],
+            image_uptime_ms: 1500,
+            upgrades: 0,
         }
     }
 
