@@ -500,6 +500,33 @@ pub fn render(status: &Status, counters: &Counters) -> String {
     );
     family(
         &mut out,
+        "clusterd_upgrades_total",
+        "counter",
+        "In-place upgrades of clusterd itself (clusterctl upgrade, SIGUSR2) by result: done, or refused (or failed) with the old image carrying on.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_upgrades_total{{result=\"done\"}} {}",
+        status.upgrades
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_upgrades_total{{result=\"refused\"}} {}",
+        counters.upgrades_refused
+    );
+    family(
+        &mut out,
+        "clusterd_image_uptime_seconds",
+        "gauge",
+        "Seconds since this image of clusterd took over (its start, or its last in-place upgrade).",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_image_uptime_seconds {}",
+        status.image_uptime_ms as f64 / 1000.0
+    );
+    family(
+        &mut out,
         "clusterd_worker_replacements_total",
         "counter",
         "Workers replaced while they still ran, by reason: watchdog (hung), max_memory, max_requests, max_age.",
