@@ -134,6 +134,17 @@ pub fn formats_text() -> String {
 /// format number with different layouts (a field added without a new
 /// [`FORMAT`]) print different fingerprints, and the upgrade is refused.
 pub fn layout() -> Option<u64> {
+    // FNV-1a: stable across builds and platforms.
+    let hash = encode(&sample()?)
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    Some(hash)
+}
+
+/// A hand-off with every part filled in (fds and times made up).
+fn sample() -> Option<HandOff> {
     let config = crate::config::parse_str(
         "exec = /bin/true a\nlisten = 127.0.0.1:1\nenv = A=1\nwatchdog = 1s\nmax_requests = 9\n",
         Path::new("/layout.conf"),
@@ -150,7 +161,7 @@ pub fn layout() -> Option<u64> {
     }
     sup.take_actions();
     let when = When::In(Duration::from_millis(1));
-    let handoff = HandOff {
+    Some(HandOff {
         from: "0".into(),
         image: ImageState {
             binary: "/b".into(),
@@ -208,14 +219,7 @@ pub fn layout() -> Option<u64> {
         supervisor: sup.snapshot(t0),
         log: (vec![(Some(1), "l".into())], vec![(7, "w".into())]),
         fds: vec![3],
-    };
-    // FNV-1a: stable across builds and platforms.
-    let hash = encode(&handoff)
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    Some(hash)
+    })
 }
 
 /// What `--upgrade-formats` printed.
@@ -1243,6 +1247,22 @@ mod tests {
         let f = parse_formats("clusterd 9.0.0\nhandoff 7 8\nlayout 7 00ff\n").unwrap();
         assert_eq!((f.version.as_str(), f.formats), ("9.0.0", vec![7, 8]));
         assert_eq!(f.layouts, vec![(7, 255)]);
+    }
+
+    /// Everything written is read back as it was.
+    #[test]
+    fn a_full_hand_off_round_trips() {
+        let sample = sample().expect("the sample config parses");
+        let bytes = encode(&sample);
+        let back = decode(&bytes).expect("decodes");
+        assert_eq!(encode(&back), bytes);
+        assert_eq!(back.workers[0].output, Some([0, 0]));
+        assert_eq!(back.daemon.generations.len(), 1);
+        assert_eq!(back.supervisor, sample.supervisor);
+        // Truncated anywhere: an error, never a panic.
+        for cut in [8, 12, bytes.len() / 2, bytes.len() - 1] {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -41,6 +41,10 @@
 //!     balancer for a rolling restart and a replacement of every host, with and without
 //!     `shutdown_delay`, and how long after TERM HAProxy stopped sending to a host (root,
 //!     `ip` and `haproxy`).
+//! 13. `upgrade`: 100 in-place upgrades of clusterd (`clusterctl upgrade`) under keep-alive
+//!     and new-connection GET and POST load: failed requests (target 0), workers replaced
+//!     (0), the time from the request to the new image answering `status`, clusterd's fds and
+//!     RSS before and after.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -74,7 +78,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
   --only SECTIONS  run only these sections (repeatable, or comma-separated):
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
-                   fleet (root, ip, haproxy)
+                   fleet (root, ip, haproxy), upgrade
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
             "cross-check" => suite::cross_check::run(&ctx),
             "logs" => suite::logs::run(&ctx),
             "fleet" => suite::fleet::run(&ctx),
+            "upgrade" => suite::upgrade::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

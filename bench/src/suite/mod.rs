@@ -20,6 +20,7 @@ pub mod procs;
 pub mod report;
 pub mod scale;
 pub mod soak;
+pub mod upgrade;
 pub mod zero_downtime;
 
 use std::fmt::Write as _;
@@ -32,7 +33,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 12] = [
+pub const SECTIONS: [(&str, &str); 13] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -45,6 +46,7 @@ pub const SECTIONS: [(&str, &str); 12] = [
     ("cross-check", "10. Cross-check: loadgen against wrk"),
     ("logs", "11. Logs: worker output through clusterd"),
     ("fleet", "12. Fleet: three hosts behind HAProxy"),
+    ("upgrade", "13. Upgrade: clusterd replaced in place"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
@@ -87,6 +89,8 @@ pub struct Params {
     /// Cross-check: one run of each client, and rounds per mode.
     pub cross_run: Duration,
     pub cross_reps: usize,
+    /// Upgrade: in-place upgrades of clusterd in a row.
+    pub upgrades: usize,
 }
 
 impl Params {
@@ -111,6 +115,7 @@ impl Params {
                 bake_runs: 1,
                 cross_run: Duration::from_secs(1),
                 cross_reps: 1,
+                upgrades: 20,
             }
         } else {
             Params {
@@ -132,6 +137,7 @@ impl Params {
                 bake_runs: 3,
                 cross_run: Duration::from_secs(5),
                 cross_reps: 3,
+                upgrades: 100,
             }
         }
     }
