@@ -212,13 +212,13 @@ fn express5_loses_nothing_over_20_restarts() {
 }
 
 #[test]
-fn express4_loses_nothing_over_5_restarts() {
-    restarts_lose_nothing("express4.js", 5);
+fn express4_loses_nothing_over_20_restarts() {
+    restarts_lose_nothing("express4.js", 20);
 }
 
 #[test]
-fn fastify_loses_nothing_over_5_restarts() {
-    restarts_lose_nothing("fastify.js", 5);
+fn fastify_loses_nothing_over_20_restarts() {
+    restarts_lose_nothing("fastify.js", 20);
 }
 
 // ---------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 //! Python's http.server, gunicorn, uvicorn, Go's net/http, and the README's
 //! hand-written Node.js server (fd 3, the READY pipe, its own drain). Each goes
 //! through rolling restarts under the four loads (keep-alive and
-//! new-connection GET and POST) without a failed request.
+//! new-connection GET and POST) without a failed request; uvicorn and the
+//! fd-3 Node server under keep-alive load (what the recipes promise), their
+//! new-connection runs are ignored for now: each lost one or two requests in
+//! one of three full runs on a loaded machine, never alone.
 //!
 //! Needs `python3` (with venv) and `go` on the PATH (`.ci/run` installs
 //! Debian's golang-go when it is missing). gunicorn and uvicorn come from
@@ -93,10 +96,19 @@ fn go_shop() -> &'static Path {
     })
 }
 
+/// Which loads a recipe runs under.
+#[derive(Clone, Copy)]
+enum Loads {
+    /// Keep-alive and new-connection GET and POST.
+    All,
+    /// Keep-alive GET and POST only.
+    KeepAlive,
+}
+
 /// Two workers running `exec` (from examples/recipes/`folder`) through
-/// [`RESTARTS`] rolling restarts under the four loads: nothing fails, and
-/// every old worker left by draining (no SIGKILL, no crash).
-fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str) {
+/// [`RESTARTS`] rolling restarts under `loads`: nothing fails, and every old
+/// worker left by draining (no SIGKILL, no crash).
+fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str, loads: Loads) {
     let config = format!(
         "exec = {exec}\nchdir = {}\nprotocol = systemd\nworkers = 2\n\
          listen = 127.0.0.1:0\ndrain_timeout = 40s\n{extra}\n",
@@ -107,7 +119,13 @@ fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str) {
     let addr = cluster.addr();
     let response = get(addr, "/products/7").expect("GET /products/7");
     assert_eq!(response.status, 200);
-    let loads = mixed_load(addr);
+    let loads = match loads {
+        Loads::All => mixed_load(addr),
+        Loads::KeepAlive => vec![
+            ("keep-alive GET", load(addr, 2, true, Method::Get)),
+            ("keep-alive POST", load(addr, 2, true, Method::Post)),
+        ],
+    };
     for generation in 2..=RESTARTS + 1 {
         let out = cluster.ctl(&["restart"]);
         assert!(
@@ -131,7 +149,13 @@ fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str) {
 
 #[test]
 fn python_http_server_recipe_loses_nothing() {
-    recipe_loses_nothing("recipe-python-http", "python-http", "python3 server.py", "");
+    recipe_loses_nothing(
+        "recipe-python-http",
+        "python-http",
+        "python3 server.py",
+        "",
+        Loads::All,
+    );
 }
 
 #[test]
@@ -140,27 +164,60 @@ fn gunicorn_recipe_loses_nothing() {
         "{} --preload --workers 2 --no-control-socket app:app",
         venv().join("bin/gunicorn").display()
     );
-    recipe_loses_nothing("recipe-gunicorn", "gunicorn", &exec, "");
+    recipe_loses_nothing("recipe-gunicorn", "gunicorn", &exec, "", Loads::All);
+}
+
+fn uvicorn(loads: Loads) {
+    let exec = format!("{} app.py", venv().join("bin/python").display());
+    recipe_loses_nothing(
+        "recipe-uvicorn",
+        "uvicorn",
+        &exec,
+        "ready_after = 1s",
+        loads,
+    );
 }
 
 #[test]
-#[ignore = "lost 1 new-connection GET (reset) in 1 of 3 full runs on a loaded 2-core machine; \
-            under investigation (issue 13 stays open): cargo test -- --ignored recipes"]
-fn uvicorn_recipe_loses_nothing() {
-    let exec = format!("{} app.py", venv().join("bin/python").display());
-    recipe_loses_nothing("recipe-uvicorn", "uvicorn", &exec, "ready_after = 1s");
+fn uvicorn_recipe_loses_nothing_under_keep_alive_load() {
+    uvicorn(Loads::KeepAlive);
+}
+
+#[test]
+#[ignore = "lost 1 new-connection GET (reset) in 1 of 3 full runs on a loaded 2-core machine, \
+            never when run alone or beside CPU hogs; not understood yet: \
+            cargo test -- --ignored recipes"]
+fn uvicorn_recipe_loses_nothing_under_new_connection_load_too() {
+    uvicorn(Loads::All);
+}
+
+#[test]
+fn node_fd3_recipe_loses_nothing_under_keep_alive_load() {
+    recipe_loses_nothing(
+        "recipe-node-fd3",
+        "node-fd3",
+        "node server.js",
+        "",
+        Loads::KeepAlive,
+    );
 }
 
 #[test]
 #[ignore = "lost 2 new-connection POSTs (closed before the response) in 1 of 3 full runs on a \
-            loaded 2-core machine; under investigation (issue 13 stays open): \
+            loaded 2-core machine, never when run alone or beside CPU hogs; not understood yet: \
             cargo test -- --ignored recipes"]
-fn node_fd3_recipe_loses_nothing() {
-    recipe_loses_nothing("recipe-node-fd3", "node-fd3", "node server.js", "");
+fn node_fd3_recipe_loses_nothing_under_new_connection_load_too() {
+    recipe_loses_nothing(
+        "recipe-node-fd3",
+        "node-fd3",
+        "node server.js",
+        "",
+        Loads::All,
+    );
 }
 
 #[test]
 fn go_recipe_loses_nothing() {
     let exec = go_shop().display().to_string();
-    recipe_loses_nothing("recipe-go", "go", &exec, "");
+    recipe_loses_nothing("recipe-go", "go", &exec, "", Loads::All);
 }

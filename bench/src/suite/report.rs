@@ -44,8 +44,9 @@ pub fn markdown(run: &Run<'_>, sections: &[Section]) -> String {
     let _ = writeln!(out, "## How to reproduce\n");
     let _ = writeln!(
         out,
-        "```sh\ncargo run --release -p clusterd-bench --bin bench              # about seven minutes after the build; writes BENCHMARKS.md\n\
-         cargo run --release -p clusterd-bench --bin bench -- --quick   # a 1-2 minute smoke run\n```\n"
+        "```sh\ncargo run --release -p clusterd-bench --bin bench              # {:.0} minutes after the build in this run; writes BENCHMARKS.md\n\
+         cargo run --release -p clusterd-bench --bin bench -- --quick   # a 1-2 minute smoke run\n```\n",
+        (run.took.as_secs_f64() / 60.0).ceil()
     );
     let _ = writeln!(out, "This report: `{}`.", run.command);
     if let Some(build) = &run.build {
