@@ -30,7 +30,7 @@ use crate::proto::MAX_LISTENERS;
 use crate::users;
 
 /// A parsed, validated config.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// The config file, as given on the command line (made absolute).
     pub path: PathBuf,
@@ -123,7 +123,7 @@ pub struct Config {
 }
 
 /// `dispatch`: how new connections reach the workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Dispatch {
     /// Every worker accepts from the one listening socket (the default).
     #[default]
@@ -149,7 +149,7 @@ impl Dispatch {
 
 /// `balance`: how `dispatch = clusterd` picks a worker for a connection that
 /// no session ties to one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Balance {
     /// The ready worker holding the fewest open connections (the default).
     #[default]
@@ -159,7 +159,7 @@ pub enum Balance {
 }
 
 /// `sticky`: what ties a request to the worker that served its session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Sticky {
     /// engine.io's `sid` query parameter (Socket.IO).
     SocketIo,
@@ -216,7 +216,7 @@ fn parse_sticky(value: &str) -> Result<Sticky, String> {
 
 /// `empty_pool`: what clusterd does with new connections once the pool has
 /// had no ready worker for `ready_timeout`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum EmptyPool {
     /// Leave them queued in the kernel until a worker is ready (the default:
     /// nothing is lost, and a short outage is invisible but for latency).
@@ -230,7 +230,7 @@ pub enum EmptyPool {
 }
 
 /// A `listen` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Listen {
     /// The listener's name (`http` unless given as `NAME=ADDRESS`).
     pub name: String,
@@ -239,7 +239,7 @@ pub struct Listen {
 }
 
 /// A listening address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ListenAddr {
     /// `host:port` or `[v6]:port`.
     Tcp(SocketAddr),
@@ -248,7 +248,7 @@ pub enum ListenAddr {
 }
 
 /// How clusterd talks to its workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     /// The native IPC channel on fd 3.
     Clusterd,
@@ -1559,7 +1559,7 @@ fn at_least_10ms(duration: Duration) -> Result<Duration, String> {
 }
 
 /// `log_format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum LogFormat {
     /// `TIMESTAMP LEVEL EVENT key=value…`.
     #[default]
@@ -1616,6 +1616,7 @@ fn parse_bytes(value: &str) -> Result<u64, String> {
 }
 
 /// A signal clusterd may send as `watchdog_signal`.
+/// Travels as its number (`clusterctl upgrade` hands the config over).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Signal {
     pub number: i32,
@@ -1671,6 +1672,24 @@ impl Signal {
                     names.join(", "),
                     show(value)
                 )
+            })
+    }
+}
+
+impl serde::Serialize for Signal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(self.number)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Signal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let number = i32::deserialize(d)?;
+        Signal::CHOICES
+            .into_iter()
+            .find(|s| s.number == number)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("signal {number} is not a watchdog_signal"))
             })
     }
 }

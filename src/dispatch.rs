@@ -193,7 +193,7 @@ pub fn weight(key: &[u8], slot: u32) -> u64 {
 }
 
 /// Round-robin state: the worker id chosen last.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Turn {
     last: u32,
 }

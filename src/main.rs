@@ -16,11 +16,16 @@ Options:
   -c, --config FILE  the config file (see clusterd.conf(5))
       --check        validate the config and exit: 0 if valid (warnings,
                      FILE:LINE: warning: ..., are printed), 2 if not
+      --upgrade-formats
+                     print the version and the state hand-off formats this
+                     binary can take over from (`clusterctl upgrade` runs
+                     it before re-executing clusterd in place)
   -h, --help         print this help
   -V, --version      print the version
 
 Signals: TERM/INT graceful stop, QUIT fast stop, HUP rolling restart,
-TTIN/TTOU one worker more/less.
+TTIN/TTOU one worker more/less, USR2 upgrade clusterd in place (keeping
+the workers), USR1 reopen log_file.
 Exit status: 0 after a clean stop, 1 on a runtime failure, 2 on a usage or
 config error.";
 
@@ -44,6 +49,10 @@ fn parse_args() -> Result<Option<Args>, String> {
                 return Ok(None);
             }
             Some("--check") => check = true,
+            Some(clusterd::daemon::upgrade::FORMATS_FLAG) => {
+                println!("{}", clusterd::daemon::upgrade::formats_text());
+                return Ok(None);
+            }
             Some("-c" | "--config") => {
                 let value = args.next().ok_or("-c needs a FILE")?;
                 config = Some(PathBuf::from(value));
@@ -59,6 +68,11 @@ fn parse_args() -> Result<Option<Args>, String> {
 }
 
 fn main() -> ExitCode {
+    // The new image of `clusterctl upgrade`: it takes over the running
+    // clusterd's state and workers instead of starting from its arguments.
+    if let Some(code) = clusterd::daemon::upgrade::take_over() {
+        return ExitCode::from(code as u8);
+    }
     let args = match parse_args() {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,

@@ -28,7 +28,8 @@ pub const IPC_VERSION: u16 = 2;
 
 /// The control protocol's version (clusterctl and clusterd ship together).
 /// 3: restart of one worker, bake and rollback outcomes, phase in status.
-pub const CONTROL_VERSION: u16 = 3;
+/// 4: `Upgrade`; the image's uptime and the upgrades so far in status.
+pub const CONTROL_VERSION: u16 = 4;
 
 /// A message of one of the two protocols; its type names its version.
 pub trait Message: Serialize + DeserializeOwned {
@@ -165,6 +166,14 @@ pub enum Request {
         follow: bool,
         worker: Option<u32>,
     },
+    /// Re-execute clusterd in place from `binary` (default: the file it was
+    /// started from), keeping every worker. Answered with
+    /// [`Response::Upgrading`] just before the exec, or an error if the
+    /// upgrade is refused; the new image then answers on the same socket
+    /// (its status counts one more upgrade).
+    Upgrade {
+        binary: Option<String>,
+    },
 }
 
 /// A change of the worker count.
@@ -197,6 +206,21 @@ pub enum Response {
     Baking(Baking),
     /// Log lines, oldest first.
     Logs(Vec<LogEntry>),
+    /// The new binary accepted the hand-off: clusterd re-executes itself.
+    Upgrading(Upgrading),
+}
+
+/// An upgrade about to happen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upgrading {
+    /// The running version.
+    pub from: String,
+    /// The version the new binary reported.
+    pub to: String,
+    /// The file executed.
+    pub binary: String,
+    /// [`Status::upgrades`] before this one.
+    pub upgrades: u32,
 }
 
 /// One log line: one of clusterd's events, or a line a worker wrote
@@ -248,6 +272,11 @@ pub struct Status {
     /// e.g. `worker 2: 10 crashes in a row, the last exit 1`.
     pub crash_loop: Option<String>,
     pub workers: Vec<WorkerStatus>,
+    /// How long this image of clusterd has run: `uptime_ms` counts from
+    /// clusterd's start, this one from its last in-place upgrade.
+    pub image_uptime_ms: u64,
+    /// In-place upgrades (`clusterctl upgrade`) since clusterd started.
+    pub upgrades: u32,
 }
 
 /// The result of the last rolling restart, as status shows it.

@@ -123,6 +123,18 @@ impl Cells {
         }
     }
 
+    /// The free cells, highest first (handed over by `clusterctl upgrade`).
+    pub fn free(&self) -> &[u32] {
+        &self.free
+    }
+
+    /// The cells `free` lists free, the others taken.
+    pub fn from_free(mut free: Vec<u32>) -> Cells {
+        free.sort_unstable_by(|a, b| b.cmp(a));
+        free.dedup();
+        Cells { free }
+    }
+
     /// Takes the lowest free cell, if any.
     pub fn take(&mut self) -> Option<u32> {
         self.free.pop()

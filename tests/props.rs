@@ -1040,6 +1040,7 @@ prop_compose! {
         Status {
             version, pid, uptime_ms, config, protocol, listeners, desired, ready, generation,
             operation, phase, last_restart, crash_loop, workers,
+            image_uptime_ms: uptime_ms / 2, upgrades: desired,
         }
     }
 }

@@ -52,3 +52,6 @@ mod recipes;
 mod reuseport;
 /// `protocol = systemd`: the Node.js shop and Python programs as workers.
 mod systemd;
+/// `clusterctl upgrade` and SIGUSR2: clusterd re-executes itself in place,
+/// keeping every worker, as PID 1 too; binaries that cannot take over.
+mod upgrade;

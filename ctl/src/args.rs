@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::PathBuf;
 
-pub const USAGE: &str = "Usage: clusterctl [-s SOCKET | -c CONFIG] [--json] status|restart [--worker ID]|scale N|+N|-N|stop|logs [-f] [-n N] [--worker ID]";
+pub const USAGE: &str = "Usage: clusterctl [-s SOCKET | -c CONFIG] [--json] status|restart [--worker ID]|scale N|+N|-N|stop|logs [-f] [-n N] [--worker ID]|upgrade [--binary PATH]";
 
 pub const HELP: &str = "\
 clusterctl: control a running clusterd
@@ -26,6 +26,12 @@ Commands:
   logs [-f] [-n N] [--worker ID]
                   the last N log lines (default 50) of clusterd and its
                   workers (of worker ID only); -f: then follow them live
+  upgrade [--binary PATH]
+                  re-execute clusterd in place from PATH (default: the file
+                  it was started from), keeping every worker; waits until
+                  the new image answers. Refused (exit 1, nothing changed)
+                  while a restart or a stop runs, or if PATH cannot take
+                  over
 
 Options:
   -s, --socket PATH   the control socket
@@ -46,7 +52,7 @@ rolled back), 2 usage or config error, 3 clusterd not reachable.
 pub const DEFAULT_LOG_LINES: u32 = 50;
 
 /// A command to send to clusterd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Status,
     /// `restart`, or `restart --worker ID`.
@@ -59,6 +65,8 @@ pub enum Command {
     },
     Scale(Scale),
     Stop,
+    /// `upgrade [--binary PATH]`.
+    Upgrade(Option<PathBuf>),
 }
 
 /// A parsed command line that runs a command.
@@ -99,6 +107,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     let mut worker: Option<u32> = None;
     let mut follow = false;
     let mut lines: Option<u32> = None;
+    let mut binary: Option<PathBuf> = None;
     let mut words: Vec<String> = Vec::new();
     let mut only_words = false;
     let mut args = args.into_iter();
@@ -127,6 +136,16 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
                         .parse::<u32>()
                         .map_err(|_| format!("-n needs a number of lines, found '{value}'"))?,
                 );
+            }
+            "--binary" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args.next().ok_or("--binary needs a path")?,
+                };
+                if value.is_empty() {
+                    return Err("--binary needs a non-empty path".into());
+                }
+                binary = Some(PathBuf::from(value));
             }
             "--worker" => {
                 let value = match inline {
@@ -167,7 +186,9 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     let mut words = words.into_iter();
     let command = match words.next().as_deref() {
         None => {
-            return Err("no command given (commands: status, restart, scale, stop, logs)".into());
+            return Err(
+                "no command given (commands: status, restart, scale, stop, logs, upgrade)".into(),
+            );
         }
         Some("status") => Command::Status,
         Some("restart") => Command::Restart(worker.take()),
@@ -177,13 +198,14 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
             worker: worker.take(),
         },
         Some("stop") => Command::Stop,
+        Some("upgrade") => Command::Upgrade(binary.take()),
         Some("scale") => match words.next() {
             Some(count) => Command::Scale(parse_scale(&count)?),
             None => return Err("scale needs a worker count: N, +N or -N".into()),
         },
         Some(other) => {
             return Err(format!(
-                "unknown command '{other}' (commands: status, restart, scale, stop, logs)"
+                "unknown command '{other}' (commands: status, restart, scale, stop, logs, upgrade)"
             ));
         }
     };
@@ -192,6 +214,9 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, String
     }
     if worker.is_some() {
         return Err("--worker goes with restart or logs".into());
+    }
+    if binary.is_some() {
+        return Err("--binary goes with upgrade".into());
     }
     if follow || lines.is_some() {
         return Err("-f and -n go with logs".into());

@@ -33,7 +33,7 @@ use std::ffi::OsString;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest wait for clusterd to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +41,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a reply to `status`, `scale` and `stop` (a restart may
 /// take as long as it takes; only the connection dropping ends the wait).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `upgrade` waits for the new image to answer.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why clusterctl stops without success.
 #[derive(Debug)]
@@ -137,20 +140,27 @@ fn print(line: &str) -> Result<(), Failure> {
 
 fn run(args: &Args) -> Result<(), Failure> {
     let target = choose_socket(args)?;
-    let request = match args.command {
+    let request = match &args.command {
         Command::Status => Request::Status,
+        Command::Upgrade(binary) => Request::Upgrade {
+            binary: match binary {
+                // clusterd runs elsewhere: the path as this shell means it.
+                Some(path) => Some(absolute(path)?.to_string_lossy().into_owned()),
+                None => None,
+            },
+        },
         Command::Restart(None) => Request::Restart,
-        Command::Restart(Some(id)) => Request::RestartWorker(id),
-        Command::Scale(scale) => Request::Scale(scale),
+        Command::Restart(Some(id)) => Request::RestartWorker(*id),
+        Command::Scale(scale) => Request::Scale(*scale),
         Command::Stop => Request::Stop,
         Command::Logs {
             lines,
             follow,
             worker,
         } => Request::Logs {
-            lines,
-            follow,
-            worker,
+            lines: *lines,
+            follow: *follow,
+            worker: *worker,
         },
     };
     // With -c, the daemon must be the one running that file: ask first, so
@@ -173,7 +183,14 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Scale(_) => session.scale(),
         Command::Stop => session.stop(),
         Command::Logs { follow, .. } => session.logs(follow),
+        Command::Upgrade(_) => session.upgrade(&target),
     }
+}
+
+/// `path` made absolute against the current folder.
+fn absolute(path: &Path) -> Result<PathBuf, Failure> {
+    std::path::absolute(path)
+        .map_err(|e| Failure::Usage(format!("--binary {}: {e}", path.display())))
 }
 
 /// Connects to the target's socket, checks who serves it, and sends
@@ -194,6 +211,18 @@ fn open(
             hint(&e)
         ))
     })?;
+    session(target, conn, request, timeout, json)
+}
+
+/// Checks who serves `conn` and sends `request`.
+fn session(
+    target: &Target,
+    conn: Conn,
+    request: &Request,
+    timeout: Option<Duration>,
+    json: bool,
+) -> Result<Session, Failure> {
+    let path = &target.path;
     // Whoever could put a socket at this path (a folder another user made
     // or can repoint) could answer "restart done" to anything: only a
     // server of this user or root is believed.
@@ -426,6 +455,79 @@ impl Session {
                 }
                 other => return Err(unexpected(&other)),
             }
+        }
+    }
+
+    /// The answer to `upgrade`, then the status of the new image once it
+    /// answers (its count of upgrades is one more).
+    fn upgrade(&mut self, target: &Target) -> Result<(), Failure> {
+        let asked = Instant::now();
+        let up = match self.next("the upgrade's answer")? {
+            Response::Upgrading(up) => up,
+            other => return Err(unexpected(&other)),
+        };
+        if self.json {
+            print(&render::event(
+                "upgrading",
+                &json!({ "from": up.from, "to": up.to, "binary": up.binary }),
+            ))?;
+        } else {
+            print(&format!(
+                "upgrading clusterd {} -> {} ({})",
+                render::clean(&up.from),
+                render::clean(&up.to),
+                render::clean(&up.binary)
+            ))?;
+        }
+        let end = asked + UPGRADE_TIMEOUT;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let answer = match Conn::connect(&target.path, CONNECT_TIMEOUT) {
+                // Gone: nobody listens on the socket any more.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                    ) =>
+                {
+                    return Err(Failure::Failed(format!(
+                        "clusterd exited during the upgrade ({}): its workers drain and exit; see its log",
+                        os_error(&e)
+                    )));
+                }
+                Err(_) => None,
+                Ok(conn) => session(
+                    target,
+                    conn,
+                    &Request::Status,
+                    Some(REPLY_TIMEOUT),
+                    self.json,
+                )
+                .and_then(|mut s| s.next("a status"))
+                .ok(),
+            };
+            if let Some(Response::Status(status)) = answer {
+                if status.upgrades > up.upgrades {
+                    let elapsed = asked.elapsed().as_millis() as u64;
+                    return if self.json {
+                        print(&render::event(
+                            "upgraded",
+                            &render::upgraded_json(&up, &status, elapsed),
+                        ))
+                    } else {
+                        print(&render::upgraded(&up, &status, elapsed))
+                    };
+                }
+            }
+            if Instant::now() >= end {
+                return Err(Failure::Failed(format!(
+                    "the new image did not answer within {} s: clusterd still runs the old one \
+                     (see upgrade.failed in its log)",
+                    UPGRADE_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 

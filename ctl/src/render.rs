@@ -22,7 +22,7 @@
 //! window title, a cleared screen, an overwritten line). JSON keeps the exact
 //! text (serde escapes control characters).
 
-use clusterd::proto::{Baking, Progress, RestartOutcome, Status, WorkerStatus};
+use clusterd::proto::{self, Baking, Progress, RestartOutcome, Status, WorkerStatus};
 use serde_json::{Value, json};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -219,7 +219,7 @@ pub fn status(s: &Status) -> String {
     let summary = [
         ("version", cleaned(&s.version)),
         ("pid", s.pid.to_string()),
-        ("uptime", uptime(s.uptime_ms)),
+        ("uptime", image_uptime(s)),
         ("config", cleaned(&s.config)),
         ("protocol", cleaned(&s.protocol)),
         ("listeners", listeners),
@@ -416,12 +416,52 @@ pub fn json_line(json: &str) -> String {
     out
 }
 
+/// clusterd's uptime; after an in-place upgrade, this image's too.
+fn image_uptime(s: &Status) -> String {
+    match s.upgrades {
+        0 => uptime(s.uptime_ms),
+        n => format!(
+            "{} (this image {}, {n} upgrade{})",
+            uptime(s.uptime_ms),
+            uptime(s.image_uptime_ms),
+            if n == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+/// What `clusterctl upgrade` prints once the new image answers.
+pub fn upgraded(u: &proto::Upgrading, s: &Status, elapsed_ms: u64) -> String {
+    let workers = s.workers.iter().filter(|w| w.pid.is_some()).count();
+    format!(
+        "clusterd upgraded in place: {} -> {} (pid {}, {workers} worker{} kept, {elapsed_ms} ms)",
+        clean(&u.from),
+        clean(&s.version),
+        s.pid,
+        if workers == 1 { "" } else { "s" }
+    )
+}
+
+/// `upgrade --json`: the final event.
+pub fn upgraded_json(u: &proto::Upgrading, s: &Status, elapsed_ms: u64) -> Value {
+    json!({
+        "from": u.from,
+        "to": s.version,
+        "binary": u.binary,
+        "pid": s.pid,
+        "upgrades": s.upgrades,
+        "workers": s.workers.iter().filter(|w| w.pid.is_some()).count(),
+        "elapsed_ms": elapsed_ms,
+    })
+}
+
 /// `status --json`.
 pub fn status_json(s: &Status) -> Value {
     json!({
         "version": s.version,
         "pid": s.pid,
         "uptime_ms": s.uptime_ms,
+        "image_uptime_ms": s.image_uptime_ms,
+        "upgrades": s.upgrades,
         "config": s.config,
         "protocol": s.protocol,
         "listeners": s.listeners.iter().map(|l| json!({
@@ -587,6 +627,8 @@ mod tests {
             last_restart: None,
             crash_loop: None,
             workers: vec![worker(1), crashed, backoff],
+            image_uptime_ms: 11_533_000,
+            upgrades: 0,
         }
     }
 
@@ -680,6 +722,29 @@ ID  PID  GEN  STATE    UPTIME  RESTARTS  LAST-EXIT             RSS  REQUESTS  AC
     }
 
     #[test]
+    fn an_upgraded_clusterd_shows_this_image_too() {
+        let mut s = sample();
+        s.upgrades = 2;
+        s.image_uptime_ms = 42_000;
+        let text = status(&s);
+        assert!(
+            text.contains("uptime      3h12m (this image 42s, 2 upgrades)\n"),
+            "{text}"
+        );
+        let u = proto::Upgrading {
+            from: "0.1.0".into(),
+            to: "0.1.0".into(),
+            binary: "/usr/bin/clusterd".into(),
+            upgrades: 1,
+        };
+        assert_eq!(
+            upgraded(&u, &s, 35),
+            "clusterd upgraded in place: 0.1.0 -> 0.1.0 (pid 4242, 2 workers kept, 35 ms)"
+        );
+        assert_eq!(upgraded_json(&u, &s, 35)["workers"], 2);
+    }
+
+    #[test]
     fn notes_add_a_column_and_empty_status_says_so() {
         let mut s = sample();
         s.workers[0].note = Some("warming caches".into());
@@ -714,6 +779,7 @@ ID  PID  GEN  STATE    UPTIME  RESTARTS  LAST-EXIT             RSS  REQUESTS  AC
                 "crash_loop",
                 "desired",
                 "generation",
+                "image_uptime_ms",
                 "last_restart",
                 "listeners",
                 "operation",
@@ -721,6 +787,7 @@ ID  PID  GEN  STATE    UPTIME  RESTARTS  LAST-EXIT             RSS  REQUESTS  AC
                 "pid",
                 "protocol",
                 "ready",
+                "upgrades",
                 "uptime_ms",
                 "version",
                 "workers"

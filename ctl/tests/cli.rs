@@ -268,6 +268,8 @@ fn status() -> Status {
         }),
         crash_loop: None,
         workers: vec![worker(1), second],
+        image_uptime_ms: 11_533_000,
+        upgrades: 0,
     }
 }
 
@@ -299,6 +301,9 @@ fn healthy(name: &str) -> FakeDaemon {
         Request::Scale(Scale::Down(n)) => vec![Step::Send(Response::Scaled { from: 4, to: 4 - n })],
         Request::Scale(Scale::To(n)) => vec![Step::Send(Response::Scaled { from: 4, to: *n })],
         Request::Stop => vec![Step::Send(Response::Stopping)],
+        Request::Upgrade { .. } => vec![Step::Send(Response::Error(
+            "upgrade refused: not in this test".into(),
+        ))],
         Request::Logs { lines, .. } => vec![Step::Send(Response::Logs(
             (0..*lines)
                 .map(|i| LogEntry {

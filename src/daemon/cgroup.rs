@@ -80,6 +80,17 @@ impl Parent {
         &self.dir
     }
 
+    /// Its folder and the number of the next worker's group, to hand over
+    /// (`clusterctl upgrade`).
+    pub fn handed(&self) -> (PathBuf, u64) {
+        (self.dir.clone(), self.next)
+    }
+
+    /// The parent an earlier image of clusterd created.
+    pub fn taken_over(dir: PathBuf, next: u64) -> Parent {
+        Parent { dir, next }
+    }
+
     /// A new, empty cgroup for the next worker.
     pub fn group(&mut self) -> io::Result<Group> {
         let dir = self.dir.join(format!("worker.{}", self.next));
@@ -132,6 +143,12 @@ impl Parent {
 }
 
 impl Group {
+    /// A group an earlier image of clusterd created (`clusterctl upgrade`);
+    /// its worker is in it already.
+    pub fn taken_over(dir: PathBuf) -> Group {
+        Group { dir, procs: None }
+    }
+
     /// `cgroup.procs`, for the child to write `0` to between fork and exec.
     pub fn procs(&self) -> Option<BorrowedFd<'_>> {
         self.procs.as_ref().map(|fd| fd.as_fd())

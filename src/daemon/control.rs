@@ -250,6 +250,24 @@ impl ControlSocket {
         })
     }
 
+    /// The socket an earlier image of clusterd bound at `path`, listening
+    /// on `fd` (`clusterctl upgrade`): clients waiting in its queue are
+    /// answered by this image.
+    pub fn taken_over(path: &Path, fd: OwnedFd) -> io::Result<ControlSocket> {
+        let meta = fs::symlink_metadata(path)?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            listener: Async::new(UnixListener::from(fd))?,
+            id: (meta.dev(), meta.ino()),
+            owner: rustix::process::geteuid(),
+        })
+    }
+
+    /// The listening socket, to hand over.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.listener.get_ref())
+    }
+
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -1381,6 +1399,8 @@ mod tests {
                 note: None,
                 last_words: None,
             }],
+            image_uptime_ms: 11_520_000,
+            upgrades: 0,
         }
     }
 
@@ -1439,6 +1459,9 @@ mod tests {
                 }
                 (_, Request::Stop) => vec![Response::Stopping],
                 (_, Request::Logs { .. }) => vec![Response::Logs(Vec::new())],
+                (_, Request::Upgrade { .. }) => {
+                    vec![Response::Error("upgrading is refused in this test".into())]
+                }
             };
             for r in replies {
                 reply.try_send(r).unwrap();

@@ -40,12 +40,17 @@
 //! ([`crate::worker::Acceptor`]); a node worker is sent
 //! `{"cmd":"NODE_CLUSTERD_DISPATCH_END"}` before SIGTERM and the adapter
 //! does not exit before it has read it (everything sent before it).
+//!
+//! `clusterctl upgrade` hands the dispatcher over ([`Dispatcher::hand_off`],
+//! [`Dispatcher::take_over`]): every worker's inboxes and load, and every
+//! connection clusterd holds or is peeking at (nothing of it was read, so
+//! the new image peeks again and passes it as if just accepted).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -131,6 +136,61 @@ struct Shared {
     /// Bytes one passed connection takes in an inbox's send queue.
     record_size: usize,
     ex: Rc<LocalExecutor<'static>>,
+    /// Connections accepted and not yet passed (peeked at, held, waiting
+    /// for a send), by a token: what an upgrade hands over.
+    inflight: RefCell<BTreeMap<u64, (RawFd, u32)>>,
+    next_token: Cell<u64>,
+}
+
+/// A connection in [`Shared::inflight`] for as long as this lives.
+struct InFlight {
+    shared: Rc<Shared>,
+    token: u64,
+}
+
+impl InFlight {
+    fn track(shared: &Rc<Shared>, conn: &OwnedFd, listener: u32) -> InFlight {
+        let token = shared.next_token.get();
+        shared.next_token.set(token + 1);
+        shared
+            .inflight
+            .borrow_mut()
+            .insert(token, (conn.as_raw_fd(), listener));
+        InFlight {
+            shared: shared.clone(),
+            token,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.inflight.borrow_mut().remove(&self.token);
+    }
+}
+
+/// The dispatcher as an upgrade hands it to the new image; fds are
+/// indices the caller's `add` gave (see [`Dispatcher::hand_off`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Handed {
+    pub workers: Vec<HandedWorker>,
+    /// Connections not yet passed: fd and listener index.
+    pub inflight: Vec<(u32, u32)>,
+    pub turn: Turn,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct HandedWorker {
+    pub id: InstanceId,
+    pub slot: u32,
+    pub cell: Option<u32>,
+    /// A native worker's inboxes (none: not announced yet, or node).
+    pub inboxes: Option<Vec<u32>>,
+    /// A node worker (its channel is handed over with the worker).
+    pub node: bool,
+    pub reported: u64,
+    pub sent_since_report: u64,
+    pub warned: bool,
 }
 
 /// One worker process, as the dispatcher sees it.
@@ -191,6 +251,8 @@ impl Dispatcher {
             board,
             record_size: record_size().unwrap_or(1024).max(1),
             ex: ex.clone(),
+            inflight: RefCell::default(),
+            next_token: Cell::new(0),
         });
         let mut tasks = Vec::new();
         for (index, l) in listeners.iter().enumerate() {
@@ -320,6 +382,100 @@ impl Dispatcher {
     /// The worker exited (reaped).
     pub fn gone(&self, id: InstanceId) {
         self.shared.workers.borrow_mut().remove(&id);
+    }
+
+    /// Whether a message to a node worker is partly written: an upgrade
+    /// must wait, or the new image would write into the middle of it.
+    pub fn mid_message(&self) -> bool {
+        self.shared
+            .workers
+            .borrow()
+            .values()
+            .any(|t| matches!(&t.way, Way::Node(_, busy) if busy.get()))
+    }
+
+    /// The state a new image takes over (`clusterctl upgrade`); `add`
+    /// keeps an fd across the exec and names it. Called right before the
+    /// exec, with no await in between: the connections in flight are
+    /// exactly the ones no task will touch again.
+    pub fn hand_off(&self, add: &mut dyn FnMut(BorrowedFd<'_>) -> u32) -> Handed {
+        let workers = self
+            .shared
+            .workers
+            .borrow()
+            .iter()
+            .map(|(&id, t)| HandedWorker {
+                id,
+                slot: t.slot,
+                cell: t.cell,
+                inboxes: match &t.way {
+                    Way::Native(inboxes) => {
+                        Some(inboxes.iter().map(|fd| add(fd.as_fd())).collect())
+                    }
+                    _ => None,
+                },
+                node: matches!(t.way, Way::Node(..)),
+                reported: t.reported,
+                sent_since_report: t.sent_since_report,
+                warned: t.warned,
+            })
+            .collect();
+        let inflight = self
+            .shared
+            .inflight
+            .borrow()
+            .values()
+            .map(|&(fd, listener)| {
+                // SAFETY: the fd is owned by the task that registered it,
+                // which unregisters it before it closes it; that task is
+                // not polled again before the exec.
+                (add(unsafe { BorrowedFd::borrow_raw(fd) }), listener)
+            })
+            .collect();
+        Handed {
+            workers,
+            inflight,
+            turn: self.shared.turn.get(),
+        }
+    }
+
+    /// Takes over what [`Dispatcher::hand_off`] gave, after the workers
+    /// were restored; `take` gives an fd back, `channel` a copy of a node
+    /// worker's IPC channel. The connections in flight are dispatched again.
+    pub fn take_over(
+        &self,
+        handed: Handed,
+        take: &mut dyn FnMut(u32) -> io::Result<OwnedFd>,
+        channel: &dyn Fn(InstanceId) -> Option<OwnedFd>,
+    ) -> io::Result<()> {
+        self.shared.turn.set(handed.turn);
+        for w in handed.workers {
+            if w.node {
+                let Some(fd) = channel(w.id) else { continue };
+                let way = Way::Node(Rc::new(fd), Rc::new(Cell::new(false)));
+                self.add(w.id, w.slot, None, way);
+            } else {
+                self.native(w.id, w.slot, w.cell);
+            }
+            if let Some(inboxes) = w.inboxes {
+                let fds = inboxes
+                    .into_iter()
+                    .map(&mut *take)
+                    .collect::<io::Result<Vec<_>>>()?;
+                let n = fds.len();
+                self.takes_connections(w.id, fds, n);
+            }
+            if let Some(t) = self.shared.workers.borrow_mut().get_mut(&w.id) {
+                t.reported = w.reported;
+                t.sent_since_report = w.sent_since_report;
+                t.warned = w.warned;
+            }
+        }
+        for (fd, listener) in handed.inflight {
+            let conn = take(fd)?;
+            handle(conn, listener, &self.shared, &self.shared.ex);
+        }
+        Ok(())
     }
 
     /// Which workers are ready (after every event of the main loop).
@@ -486,7 +642,7 @@ impl Shared {
 
     /// Passes `conn` to the worker `key` and the balance choose; waits while
     /// no worker can take it (see the module's documentation).
-    async fn dispatch(&self, conn: OwnedFd, listener: u32, key: Key<'_>) {
+    async fn dispatch(&self, conn: OwnedFd, listener: u32, key: Key<'_>, tracked: InFlight) {
         let accepted = Instant::now();
         let mut holding = false;
         let release = |holding: bool| {
@@ -517,6 +673,8 @@ impl Shared {
             let give_up = (mode != EmptyPool::Wait).then(|| accepted + self.ready_timeout.get());
             if give_up.is_some_and(|t| now >= t) {
                 release(holding);
+                // Answered here from now on: an upgrade does not take it.
+                drop(tracked);
                 super::fallback::take(conn, mode).await;
                 return;
             }
@@ -635,10 +793,11 @@ fn handle(conn: OwnedFd, listener: u32, shared: &Rc<Shared>, ex: &Rc<LocalExecut
             let key = ip.as_ref().map_or(Key::None, |ip| Key::Hash(ip));
             if let Some(conn) = try_now(shared, conn, listener, &key) {
                 let key = ip.map(|ip| ip.to_vec());
+                let tracked = InFlight::track(shared, &conn, listener);
                 let shared = shared.clone();
                 ex.spawn(async move {
                     let key = key.as_deref().map_or(Key::None, Key::Hash);
-                    shared.dispatch(conn, listener, key).await;
+                    shared.dispatch(conn, listener, key, tracked).await;
                 })
                 .detach();
             }
@@ -657,23 +816,25 @@ fn handle(conn: OwnedFd, listener: u32, shared: &Rc<Shared>, ex: &Rc<LocalExecut
                 let key = dispatch::key(&sticky, &buf[..n]);
                 if let Some(conn) = try_now(shared, conn, listener, &key) {
                     let head = buf[..n].to_vec();
+                    let tracked = InFlight::track(shared, &conn, listener);
                     let shared = shared.clone();
                     ex.spawn(async move {
                         let key = dispatch::key(&sticky, &head);
-                        shared.dispatch(conn, listener, key).await;
+                        shared.dispatch(conn, listener, key, tracked).await;
                     })
                     .detach();
                 }
                 return;
             }
             shared.peeking.set(shared.peeking.get() + 1);
+            let tracked = InFlight::track(shared, &conn, listener);
             let shared = shared.clone();
             ex.spawn(async move {
                 let head = peek(&conn).await;
                 shared.peeking.set(shared.peeking.get() - 1);
                 shared.room.notify(1);
                 let key = dispatch::key(&sticky, &head);
-                shared.dispatch(conn, listener, key).await;
+                shared.dispatch(conn, listener, key, tracked).await;
             })
             .detach();
         }
@@ -691,8 +852,9 @@ fn spawn_dispatch(
     conn: OwnedFd,
     listener: u32,
 ) {
+    let tracked = InFlight::track(shared, &conn, listener);
     let shared = shared.clone();
-    ex.spawn(async move { shared.dispatch(conn, listener, Key::None).await })
+    ex.spawn(async move { shared.dispatch(conn, listener, Key::None, tracked).await })
         .detach();
 }
 

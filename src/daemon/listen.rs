@@ -36,6 +36,28 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// A unix socket's path (removed when clusterd exits).
+    pub fn unix_path(&self) -> Option<&std::path::Path> {
+        self.unix_path.as_deref()
+    }
+
+    /// A listener an earlier image of clusterd bound (`clusterctl upgrade`).
+    pub fn taken_over(
+        name: String,
+        address: String,
+        fd: OwnedFd,
+        unix_path: Option<PathBuf>,
+    ) -> Listener {
+        Listener {
+            name,
+            address,
+            fd,
+            unix_path,
+        }
+    }
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Some(path) = &self.unix_path {

@@ -233,6 +233,13 @@ pub struct Pipes {
     stderr: OwnedFd,
 }
 
+impl Pipes {
+    /// Pipes an earlier image of clusterd read (`clusterctl upgrade`).
+    pub fn taken_over(stdout: OwnedFd, stderr: OwnedFd) -> Pipes {
+        Pipes { stdout, stderr }
+    }
+}
+
 /// The worker's ends: they become its fds 1 and 2.
 #[derive(Debug)]
 pub struct ChildEnds {
@@ -357,6 +364,15 @@ impl Capture {
             ex.spawn(read(s.clone())).detach();
         }
         Ok(Capture { streams })
+    }
+
+    /// The stdout and stderr pipes, to hand over (`clusterctl upgrade`).
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        use std::os::fd::AsFd as _;
+        [
+            self.streams[0].pipe.get_ref().as_fd(),
+            self.streams[1].pipe.get_ref().as_fd(),
+        ]
     }
 
     /// Passes on what the pipes hold now (bounded): called when the worker

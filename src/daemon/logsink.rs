@@ -212,6 +212,38 @@ pub fn take_last_stderr(pid: u32) -> Option<String> {
     sink().as_mut()?.last_stderr.remove(&pid)
 }
 
+/// What the log keeps (recent lines with their worker ids, and each worker
+/// process's last stderr line), to hand over (`clusterctl upgrade`).
+pub type Kept = (Vec<(Option<u32>, String)>, Vec<(u32, String)>);
+
+/// What the log keeps, copied.
+pub fn kept() -> Kept {
+    let guard = sink();
+    let Some(sink) = guard.as_ref() else {
+        return Kept::default();
+    };
+    let ring = sink.ring.iter().cloned().collect();
+    let words = sink
+        .last_stderr
+        .iter()
+        .map(|(p, w)| (*p, w.clone()))
+        .collect();
+    (ring, words)
+}
+
+/// Puts back what an earlier image of clusterd kept, before this image's
+/// own lines.
+pub fn take_over(kept: Kept) {
+    let (ring, words) = kept;
+    let mut guard = sink();
+    let sink = guard.get_or_insert_with(Sink::default);
+    let mine = std::mem::take(&mut sink.ring);
+    sink.ring = ring.into_iter().chain(mine).collect();
+    sink.ring_bytes = sink.ring.iter().map(|(_, t)| t.len() + RING_OVERHEAD).sum();
+    sink.trim();
+    sink.last_stderr.extend(words);
+}
+
 /// A kept text line back as an entry.
 fn parse(text: &str) -> Option<LogEntry> {
     let line = super::log::Line::parse(text)?;

@@ -64,7 +64,7 @@ pub enum Query {
 
 /// Counters the daemon keeps for the metrics (everything else is in
 /// [`Status`]).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Unexpected worker exits by reason: exit, signal, ready_timeout,
     /// spawn_failed.
@@ -78,6 +78,9 @@ pub struct Counters {
     /// [`crate::lifecycle::HealthReason::ALL`].
     pub replacements: [u64; 4],
     pub restart_seconds_sum: f64,
+    /// In-place upgrades refused or failed (`upgrade.refused`,
+    /// `upgrade.failed`).
+    pub upgrades_refused: u64,
 }
 
 pub const EXIT_REASONS: [&str; 4] = ["exit", "signal", "ready_timeout", "spawn_failed"];
@@ -497,6 +500,33 @@ pub fn render(status: &Status, counters: &Counters) -> String {
     );
     family(
         &mut out,
+        "clusterd_upgrades_total",
+        "counter",
+        "In-place upgrades of clusterd itself (clusterctl upgrade, SIGUSR2) by result: done, or refused (or failed) with the old image carrying on.",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_upgrades_total{{result=\"done\"}} {}",
+        status.upgrades
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_upgrades_total{{result=\"refused\"}} {}",
+        counters.upgrades_refused
+    );
+    family(
+        &mut out,
+        "clusterd_image_uptime_seconds",
+        "gauge",
+        "Seconds since this image of clusterd took over (its start, or its last in-place upgrade).",
+    );
+    let _ = writeln!(
+        out,
+        "clusterd_image_uptime_seconds {}",
+        status.image_uptime_ms as f64 / 1000.0
+    );
+    family(
+        &mut out,
         "clusterd_worker_replacements_total",
         "counter",
         "Workers replaced while they still ran, by reason: watchdog (hung), max_memory, max_requests, max_age.",
@@ -704,6 +734,8 @@ mod tests {
                 worker(2, Some(21), "ready"),
                 worker(3, None, "backoff"),
             ],
+            image_uptime_ms: 1500,
+            upgrades: 0,
         }
     }
 

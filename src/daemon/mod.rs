@@ -31,6 +31,7 @@ pub mod ready_pipe;
 pub mod reuseport;
 pub mod spawn;
 pub mod tree;
+pub mod upgrade;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -105,6 +106,9 @@ struct Proc {
     tree: tree::Worker,
     /// Node's IPC channel (`protocol = node`).
     node: Option<node::Channel>,
+    /// The readiness pipe (`protocol = systemd` and `node`), read by its
+    /// own task.
+    ready_pipe: Option<Rc<Async<OwnedFd>>>,
 }
 
 /// Runs clusterd with `config` until it stops; returns the exit code.
@@ -113,16 +117,7 @@ pub fn run(config: Config) -> i32 {
     // First of all: a TERM that arrives while clusterd is still starting
     // (a quick `docker stop`) must be a graceful stop, not a kill by the
     // default action. Signals are queued until the loop reads them.
-    let signals = match async_signal::Signals::new([
-        async_signal::Signal::Term,
-        async_signal::Signal::Int,
-        async_signal::Signal::Quit,
-        async_signal::Signal::Hup,
-        async_signal::Signal::Ttin,
-        async_signal::Signal::Ttou,
-        async_signal::Signal::Child,
-        async_signal::Signal::Usr1,
-    ]) {
+    let signals = match upgrade::signals() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("clusterd: cannot install signal handlers: {e}");
@@ -205,6 +200,43 @@ pub fn run(config: Config) -> i32 {
     if let Some(pool) = reuseport {
         daemon.fallback.set_listeners(pool.all());
         daemon.reuseport = Some(pool);
+    }
+    let shell = Shell {
+        signals,
+        control,
+        metrics: metrics_listener,
+        notify,
+    };
+    serve(shell, daemon, ex, tx, rx)
+}
+
+/// What the main loop's tasks serve: bound by [`run`], or taken over from
+/// an earlier image ([`upgrade`]).
+struct Shell {
+    signals: async_signal::Signals,
+    control: ControlSocket,
+    metrics: Option<Async<std::net::TcpListener>>,
+    notify: Rc<notify::NotifySocket>,
+}
+
+/// Runs the main loop and its tasks until clusterd stops; the exit code.
+fn serve(
+    shell: Shell,
+    mut daemon: Daemon,
+    ex: Rc<LocalExecutor<'static>>,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+) -> i32 {
+    let Shell {
+        signals,
+        control,
+        metrics: metrics_listener,
+        notify,
+    } = shell;
+    {
+        use std::os::fd::AsRawFd as _;
+        daemon.image.control_fd = control.as_fd().as_raw_fd();
+        daemon.image.metrics_fd = metrics_listener.as_ref().map(|l| l.as_raw_fd());
     }
     smol::block_on(ex.run(async {
         let tx_signals = tx.clone();
@@ -302,6 +334,8 @@ struct Daemon {
     node_adapter: Option<node::AdapterFile>,
     /// `dispatch = clusterd`: clusterd accepts and passes connections.
     dispatch: Option<dispatch::Dispatcher>,
+    /// This image of clusterd, and the upgrade it is about to make.
+    image: upgrade::Image,
 }
 
 /// What one generation runs: its config (with the keys that only a new
@@ -444,19 +478,24 @@ impl Daemon {
             last_words: HashMap::new(),
             node_adapter: None,
             dispatch,
+            image: upgrade::Image::first(),
         }
     }
 
     async fn run(&mut self, rx: Receiver<Event>) -> i32 {
-        log!(
-            info,
-            "started",
-            version = env!("CARGO_PKG_VERSION"),
-            pid = rustix::process::getpid().as_raw_nonzero(),
-            workers = self.sup.desired(),
-            config = self.config.path.display()
-        );
-        self.sup.start(Instant::now());
+        if self.image.resumed.is_some() {
+            self.resumed();
+        } else {
+            log!(
+                info,
+                "started",
+                version = env!("CARGO_PKG_VERSION"),
+                pid = rustix::process::getpid().as_raw_nonzero(),
+                workers = self.sup.desired(),
+                config = self.config.path.display()
+            );
+            self.sup.start(Instant::now());
+        }
         self.execute();
         while self.exit_code.is_none() {
             let memory_check = self.memory_check();
@@ -506,6 +545,9 @@ impl Daemon {
                     (i.id, serving)
                 }));
             }
+            if self.image.pending.is_some() && self.exit_code.is_none() {
+                upgrade::perform(self, &rx).await;
+            }
         }
         let code = self.exit_code.unwrap_or(1);
         self.tree.end_all();
@@ -533,6 +575,10 @@ impl Daemon {
             }
             Event::Signal(S::Ttin) => self.scale(ScaleTo::Up(1), None),
             Event::Signal(S::Ttou) => self.scale(ScaleTo::Down(1), None),
+            Event::Signal(S::Usr2) => {
+                log!(info, "signal", name = "USR2");
+                self.upgrade(None, None);
+            }
             Event::Signal(S::Usr1) => match logsink::reopen() {
                 Ok(Some(path)) => log!(info, "log.reopened", path = path.display()),
                 Ok(None) => log!(info, "signal", name = "USR1", effect = "none: no log_file"),
@@ -1059,9 +1105,12 @@ impl Daemon {
                         .spawn(read_worker(instance, ipc.clone(), self.tx.clone()))
                         .detach();
                 }
+                let mut ready_fd = None;
                 if let Some(pipe) = spawned.ready_pipe {
                     match Async::new(pipe) {
                         Ok(pipe) => {
+                            let pipe = Rc::new(pipe);
+                            ready_fd = Some(pipe.clone());
                             let reaped = tree.reaped();
                             let reader = ready_pipe::read(instance, pipe, reaped, self.tx.clone());
                             self.ex.spawn(reader).detach();
@@ -1088,7 +1137,7 @@ impl Daemon {
                     });
                 if let Some(d) = &self.dispatch {
                     match &node {
-                        Some(channel) => d.node(instance, slot, channel.fd()),
+                        Some(channel) => d.node(instance, slot, channel.as_fd()),
                         None => d.native(instance, slot, cell),
                     }
                 }
@@ -1107,6 +1156,7 @@ impl Daemon {
                     cell,
                     output,
                     tree,
+                    ready_pipe: ready_fd,
                 };
                 self.procs.insert(instance, proc);
             }
@@ -1809,6 +1859,7 @@ impl Daemon {
                     logsink::follow(req.reply, worker);
                 }
             }
+            Request::Upgrade { binary } => self.upgrade(binary, Some(req.reply)),
         }
     }
 
@@ -1908,6 +1959,8 @@ impl Daemon {
                 format!("worker {slot}: {streak} crashes in a row, the last {last}")
             }),
             workers,
+            image_uptime_ms: now.duration_since(self.image.started).as_millis() as u64,
+            upgrades: self.image.upgrades,
         }
     }
 

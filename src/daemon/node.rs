@@ -141,6 +141,22 @@ impl AdapterFile {
         &self.path
     }
 
+    /// Its folder, the folder's fd and whether it is shared, to hand over
+    /// (`clusterctl upgrade`).
+    pub fn handed(&self) -> (&Path, BorrowedFd<'_>, bool) {
+        (&self.dir, self.dir_fd.as_fd(), self.shared)
+    }
+
+    /// The adapter an earlier image of clusterd wrote.
+    pub fn taken_over(dir: PathBuf, dir_fd: OwnedFd, shared: bool) -> AdapterFile {
+        AdapterFile {
+            path: dir.join(ADAPTER_NAME),
+            dir,
+            dir_fd,
+            shared,
+        }
+    }
+
     /// Lets a worker running as `uid` read the adapter.
     pub fn allow(&mut self, uid: Option<u32>) {
         let euid = rustix::process::geteuid().as_raw();
@@ -376,8 +392,9 @@ impl Channel {
         })
     }
 
-    /// clusterd's end of the channel (`dispatch = clusterd` writes on it).
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    /// clusterd's end of the channel: `dispatch = clusterd` writes on it, and
+    /// `clusterctl upgrade` hands it over.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
     }
 

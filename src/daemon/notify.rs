@@ -69,6 +69,20 @@ impl NotifySocket {
         })
     }
 
+    /// The socket an earlier image of clusterd bound, with its
+    /// `NOTIFY_SOCKET` value (`clusterctl upgrade`).
+    pub fn taken_over(fd: OwnedFd, name: String) -> io::Result<NotifySocket> {
+        Ok(NotifySocket {
+            sock: Async::new(fd)?,
+            name,
+        })
+    }
+
+    /// The socket, to hand over.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.sock.get_ref())
+    }
+
     /// Reads up to `max` datagrams already queued, without waiting, and
     /// returns the well-formed notifications among them.
     pub fn drain_queued(&self, max: usize) -> Vec<Notification> {

@@ -72,7 +72,7 @@ impl Scanner {
 /// once on EOF.
 pub(super) async fn read(
     id: InstanceId,
-    pipe: Async<OwnedFd>,
+    pipe: std::rc::Rc<Async<OwnedFd>>,
     reaped: Receiver<()>,
     tx: Sender<Event>,
 ) {

@@ -177,6 +177,25 @@ impl Reuseport {
         (changed, failed)
     }
 
+    /// What an upgrade hands over: the lines, the backlog and each slot's
+    /// sockets.
+    pub fn handed(&self) -> (&[(String, SocketAddr)], u32, &BTreeMap<u32, Vec<Listener>>) {
+        (&self.lines, self.backlog, &self.slots)
+    }
+
+    /// The sockets an earlier image handed over (`clusterctl upgrade`).
+    pub fn taken_over(
+        lines: Vec<(String, SocketAddr)>,
+        backlog: u32,
+        slots: BTreeMap<u32, Vec<Listener>>,
+    ) -> Reuseport {
+        Reuseport {
+            lines,
+            backlog,
+            slots,
+        }
+    }
+
     /// Every slot's sockets (for `empty_pool`).
     pub fn all(&self) -> impl Iterator<Item = &Listener> {
         self.slots.values().flatten()

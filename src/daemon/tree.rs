@@ -240,6 +240,54 @@ impl Tree {
     }
 }
 
+impl Tree {
+    /// The parent cgroup (folder, next number) and the cgroups still
+    /// emptying, to hand over (`clusterctl upgrade`).
+    pub fn handed(&self) -> (Option<(std::path::PathBuf, u64)>, Vec<std::path::PathBuf>) {
+        let parent = self.cgroups.as_ref().map(cgroup::Parent::handed);
+        let emptying = self
+            .emptying
+            .iter()
+            .map(|g| g.path().to_path_buf())
+            .collect();
+        (parent, emptying)
+    }
+
+    /// The tree an earlier image of clusterd handed over.
+    pub fn taken_over(
+        parent: Option<(std::path::PathBuf, u64)>,
+        emptying: Vec<std::path::PathBuf>,
+    ) -> Tree {
+        Tree {
+            cgroups: parent.map(|(dir, next)| cgroup::Parent::taken_over(dir, next)),
+            emptying: emptying
+                .into_iter()
+                .map(cgroup::Group::taken_over)
+                .collect(),
+            killed_groups: Vec::new(),
+        }
+    }
+}
+
+impl Worker {
+    /// A running worker an earlier image of clusterd started.
+    pub fn taken_over(pid: u32, cgroup: Option<std::path::PathBuf>) -> Worker {
+        let (alive, reaped) = smol::channel::bounded(1);
+        Worker {
+            pid,
+            cgroup: cgroup.map(cgroup::Group::taken_over),
+            _alive: alive,
+            reaped,
+            retrying: Cell::new(false),
+        }
+    }
+
+    /// Its cgroup's folder, to hand over.
+    pub fn cgroup_path(&self) -> Option<&std::path::Path> {
+        self.cgroup.as_ref().map(cgroup::Group::path)
+    }
+}
+
 impl Default for Tree {
     fn default() -> Tree {
         Tree::new()

@@ -28,7 +28,7 @@ use super::{
 };
 
 /// Why a worker is replaced while it still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Reason {
     /// Silent for longer than `watchdog` (or it sent `WATCHDOG=trigger`).
     Watchdog,

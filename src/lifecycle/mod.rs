@@ -44,6 +44,7 @@
 
 mod health;
 mod rollout;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -60,11 +61,13 @@ pub type SlotId = u32;
 pub const MAX_WORKERS: u32 = 1024;
 
 /// Identifies one instance (process) for the daemon; never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct InstanceId(pub u64);
 
 /// The time limits of the pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Timing {
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
@@ -112,7 +115,7 @@ impl Timing {
 }
 
 /// How a process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Exit {
     Code(i32),
     Signal(i32),
@@ -152,7 +155,7 @@ fn signal_name(sig: i32) -> Option<&'static str> {
 }
 
 /// Where an instance is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum State {
     /// Spawned, READY not yet reported.
     Starting,
@@ -173,7 +176,7 @@ impl State {
 }
 
 /// Why clusterd sent SIGKILL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KillReason {
     ReadyTimeout,
     DrainTimeout,
@@ -234,7 +237,7 @@ pub struct Instance {
 
 /// What a worker reports of the requests it answered (native workers that
 /// count failures: `Stats::count_failure` in `clusterd::worker`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Outcomes {
     pub requests: u64,
     pub failed: u64,

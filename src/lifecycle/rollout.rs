@@ -80,7 +80,7 @@ impl Phase {
 }
 
 /// How a rollout ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     Done,
     /// Failed before any worker of the new generation served.
@@ -113,7 +113,7 @@ pub struct LastRestart {
     pub at: Instant,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Kind {
     Restart,
     /// One slot, same generation.

@@ -58,6 +58,10 @@
 //! 17. `reuseport`: `dispatch = shared` against `dispatch = reuseport` (native shop,
 //!     keep-alive and new connections, and the CPU-bound route): requests per worker
 //!     (max/min), p50, p99, max and standard deviation of the latency.
+//! 18. `upgrade`: 100 in-place upgrades of clusterd (`clusterctl upgrade`) under keep-alive
+//!     and new-connection GET and POST load: failed requests (target 0), workers replaced
+//!     (0), the time from the request to the new image answering `status`, clusterd's fds and
+//!     RSS before and after.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -92,7 +96,8 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
                    overhead, zero-downtime, crash, balance, footprint, scale,
                    soak, bad-deploy, hostile, cross-check, logs,
                    fleet (root, ip, haproxy), health, node (node, npm),
-                   dispatch, socketio (node, npm, redis-server), reuseport
+                   dispatch, socketio (node, npm, redis-server), reuseport,
+                   upgrade
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -198,6 +203,7 @@ fn main() -> ExitCode {
             "dispatch" => suite::dispatch::run(&ctx),
             "socketio" => suite::socketio::run(&ctx),
             "reuseport" => suite::reuseport::run(&ctx),
+            "upgrade" => suite::upgrade::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

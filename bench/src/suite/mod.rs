@@ -25,6 +25,7 @@ pub mod reuseport;
 pub mod scale;
 pub mod soak;
 pub mod socketio;
+pub mod upgrade;
 pub mod zero_downtime;
 
 use std::fmt::Write as _;
@@ -37,7 +38,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 17] = [
+pub const SECTIONS: [(&str, &str); 18] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -55,6 +56,7 @@ pub const SECTIONS: [(&str, &str); 17] = [
     ("dispatch", "15. Dispatch: clusterd passes the connections"),
     ("socketio", "16. Socket.IO: sticky sessions on four workers"),
     ("reuseport", "17. Dispatch: shared queue or reuseport"),
+    ("upgrade", "18. Upgrade: clusterd replaced in place"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).
@@ -97,6 +99,8 @@ pub struct Params {
     /// Cross-check: one run of each client, and rounds per mode.
     pub cross_run: Duration,
     pub cross_reps: usize,
+    /// Upgrade: in-place upgrades of clusterd in a row.
+    pub upgrades: usize,
 }
 
 impl Params {
@@ -121,6 +125,7 @@ impl Params {
                 bake_runs: 1,
                 cross_run: Duration::from_secs(1),
                 cross_reps: 1,
+                upgrades: 20,
             }
         } else {
             Params {
@@ -142,6 +147,7 @@ impl Params {
                 bake_runs: 3,
                 cross_run: Duration::from_secs(5),
                 cross_reps: 3,
+                upgrades: 100,
             }
         }
     }
