@@ -55,6 +55,13 @@ use crate::proto::ListenerInfo;
 /// The file that says whether the kernel migrates a closed listener's queue.
 pub const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
+/// What [`Reuseport::handed`] gives: the lines, the backlog, each slot's sockets.
+pub type Handed<'a> = (
+    &'a [(String, SocketAddr)],
+    u32,
+    &'a BTreeMap<u32, Vec<Listener>>,
+);
+
 /// Every slot's sockets.
 #[derive(Debug)]
 pub struct Reuseport {
@@ -179,7 +186,7 @@ impl Reuseport {
 
     /// What an upgrade hands over: the lines, the backlog and each slot's
     /// sockets.
-    pub fn handed(&self) -> (&[(String, SocketAddr)], u32, &BTreeMap<u32, Vec<Listener>>) {
+    pub fn handed(&self) -> Handed<'_> {
         (&self.lines, self.backlog, &self.slots)
     }
 
