@@ -64,6 +64,14 @@ fn uptimes(status: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// The workers are the processes they were (`before`: their pids then).
+fn assert_same_workers(cluster: &Cluster, mut before: Vec<u32>) {
+    let mut after = cluster.worker_pids();
+    before.sort_unstable();
+    after.sort_unstable();
+    assert_eq!(after, before, "no worker was replaced");
+}
+
 /// Writes a shell script at `path` and waits until it can be run (no
 /// ETXTBSY from a fork of another test thread holding it open).
 fn write_script(path: &Path, text: &str) {
@@ -108,11 +116,7 @@ fn twenty_upgrades_under_load_lose_nothing_and_keep_every_worker() {
         let_loads_run(&loads, 10);
     }
     finish_loads(loads);
-    let mut pids_after = cluster.worker_pids();
-    let mut pids_before = pids_before;
-    pids_before.sort_unstable();
-    pids_after.sort_unstable();
-    assert_eq!(pids_after, pids_before, "no worker was replaced");
+    assert_same_workers(&cluster, pids_before);
     assert_eq!(cluster.events("upgrade.done").len(), 20);
     assert!(
         cluster.events("worker.spawn").len() == 4,
@@ -374,11 +378,7 @@ fn upgrades_with_dispatch_clusterd_keep_inboxes_sessions_and_connections_in_flig
     for (k, w) in placed.iter().enumerate() {
         assert_eq!(&worker_for(addr, &session(k)), w, "session {k} moved");
     }
-    let mut pids_after = cluster.worker_pids();
-    let mut pids_before = pids_before;
-    pids_before.sort_unstable();
-    pids_after.sort_unstable();
-    assert_eq!(pids_after, pids_before, "no worker was replaced");
+    assert_same_workers(&cluster, pids_before);
     assert!(cluster.events("dispatch.unsupported").is_empty());
     assert!(cluster.events("upgrade.failed").is_empty());
 }
@@ -415,11 +415,7 @@ fn upgrades_with_node_workers_and_dispatch_clusterd_lose_nothing() {
         let_loads_run(&loads, 20);
     }
     finish_loads(loads);
-    let mut pids_after = cluster.worker_pids();
-    let mut pids_before = pids_before;
-    pids_before.sort_unstable();
-    pids_after.sort_unstable();
-    assert_eq!(pids_after, pids_before, "no worker was replaced");
+    assert_same_workers(&cluster, pids_before);
 }
 
 /// `dispatch = reuseport` is handed over: each slot keeps its own socket
