@@ -3,10 +3,7 @@
 //! Python's http.server, gunicorn, uvicorn, Go's net/http, and the README's
 //! hand-written Node.js server (fd 3, the READY pipe, its own drain). Each goes
 //! through rolling restarts under the four loads (keep-alive and
-//! new-connection GET and POST) without a failed request; uvicorn and the
-//! fd-3 Node server under keep-alive load (what the recipes promise), their
-//! new-connection runs are ignored for now: each lost one or two requests in
-//! one of three full runs on a loaded machine, never alone.
+//! new-connection GET and POST) without a failed request.
 //!
 //! Needs `python3` (with venv) and `go` on the PATH (`.ci/run` installs
 //! Debian's golang-go when it is missing). gunicorn and uvicorn come from
@@ -96,19 +93,11 @@ fn go_shop() -> &'static Path {
     })
 }
 
-/// Which loads a recipe runs under.
-#[derive(Clone, Copy)]
-enum Loads {
-    /// Keep-alive and new-connection GET and POST.
-    All,
-    /// Keep-alive GET and POST only.
-    KeepAlive,
-}
-
 /// Two workers running `exec` (from examples/recipes/`folder`) through
-/// [`RESTARTS`] rolling restarts under `loads`: nothing fails, and every old
-/// worker left by draining (no SIGKILL, no crash).
-fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str, loads: Loads) {
+/// [`RESTARTS`] rolling restarts under keep-alive and new-connection GET and
+/// POST load: nothing fails, and every old worker left by draining (no
+/// SIGKILL, no crash).
+fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str) {
     let config = format!(
         "exec = {exec}\nchdir = {}\nprotocol = systemd\nworkers = 2\n\
          listen = 127.0.0.1:0\ndrain_timeout = 40s\n{extra}\n",
@@ -119,13 +108,7 @@ fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str, loads:
     let addr = cluster.addr();
     let response = get(addr, "/products/7").expect("GET /products/7");
     assert_eq!(response.status, 200);
-    let loads = match loads {
-        Loads::All => mixed_load(addr),
-        Loads::KeepAlive => vec![
-            ("keep-alive GET", load(addr, 2, true, Method::Get)),
-            ("keep-alive POST", load(addr, 2, true, Method::Post)),
-        ],
-    };
+    let loads = mixed_load(addr);
     for generation in 2..=RESTARTS + 1 {
         let out = cluster.ctl(&["restart"]);
         assert!(
@@ -149,13 +132,7 @@ fn recipe_loses_nothing(tag: &str, folder: &str, exec: &str, extra: &str, loads:
 
 #[test]
 fn python_http_server_recipe_loses_nothing() {
-    recipe_loses_nothing(
-        "recipe-python-http",
-        "python-http",
-        "python3 server.py",
-        "",
-        Loads::All,
-    );
+    recipe_loses_nothing("recipe-python-http", "python-http", "python3 server.py", "");
 }
 
 #[test]
@@ -164,60 +141,29 @@ fn gunicorn_recipe_loses_nothing() {
         "{} --preload --workers 2 --no-control-socket app:app",
         venv().join("bin/gunicorn").display()
     );
-    recipe_loses_nothing("recipe-gunicorn", "gunicorn", &exec, "", Loads::All);
+    recipe_loses_nothing("recipe-gunicorn", "gunicorn", &exec, "");
 }
 
-fn uvicorn(loads: Loads) {
+/// uvicorn stops accepting by unregistering its listener: asyncio's
+/// `Server.close()` dropped a connection accepted in the same turn of the
+/// loop (a reset new-connection GET, once in three loaded full runs).
+#[test]
+fn uvicorn_recipe_loses_nothing() {
     let exec = format!("{} app.py", venv().join("bin/python").display());
-    recipe_loses_nothing(
-        "recipe-uvicorn",
-        "uvicorn",
-        &exec,
-        "ready_after = 1s",
-        loads,
-    );
+    recipe_loses_nothing("recipe-uvicorn", "uvicorn", &exec, "ready_after = 1s");
 }
 
+/// The drain's idle check looks after the event loop's poll phase: checked
+/// from the timer, a request that arrived during a stall was still unread
+/// and its connection closed (two new-connection POSTs, once in three
+/// loaded full runs).
 #[test]
-fn uvicorn_recipe_loses_nothing_under_keep_alive_load() {
-    uvicorn(Loads::KeepAlive);
-}
-
-#[test]
-#[ignore = "lost 1 new-connection GET (reset) in 1 of 3 full runs on a loaded 2-core machine, \
-            never when run alone or beside CPU hogs; not understood yet: \
-            cargo test -- --ignored recipes"]
-fn uvicorn_recipe_loses_nothing_under_new_connection_load_too() {
-    uvicorn(Loads::All);
-}
-
-#[test]
-fn node_fd3_recipe_loses_nothing_under_keep_alive_load() {
-    recipe_loses_nothing(
-        "recipe-node-fd3",
-        "node-fd3",
-        "node server.js",
-        "",
-        Loads::KeepAlive,
-    );
-}
-
-#[test]
-#[ignore = "lost 2 new-connection POSTs (closed before the response) in 1 of 3 full runs on a \
-            loaded 2-core machine, never when run alone or beside CPU hogs; not understood yet: \
-            cargo test -- --ignored recipes"]
-fn node_fd3_recipe_loses_nothing_under_new_connection_load_too() {
-    recipe_loses_nothing(
-        "recipe-node-fd3",
-        "node-fd3",
-        "node server.js",
-        "",
-        Loads::All,
-    );
+fn node_fd3_recipe_loses_nothing() {
+    recipe_loses_nothing("recipe-node-fd3", "node-fd3", "node server.js", "");
 }
 
 #[test]
 fn go_recipe_loses_nothing() {
     let exec = go_shop().display().to_string();
-    recipe_loses_nothing("recipe-go", "go", &exec, "", Loads::All);
+    recipe_loses_nothing("recipe-go", "go", &exec, "");
 }

@@ -35,9 +35,13 @@ server.on('request', (req, res) => {
 function closeWhenIdle(socket) {
   const read = socket.bytesRead;
   setTimeout(() => {
-    if (socket.inFlight > 0) return; // its response will call again
-    if (socket.bytesRead > read) closeWhenIdle(socket); // a request is arriving
-    else socket.destroy();
+    // Look after this turn's poll phase (setImmediate): timers run before
+    // I/O, so after a stall a request that arrived meanwhile is still unread.
+    setImmediate(() => {
+      if (socket.inFlight > 0) return; // its response will call again
+      if (socket.bytesRead > read) closeWhenIdle(socket); // a request is arriving
+      else socket.destroy();
+    });
   }, 500);
 }
 process.on('SIGTERM', () => {

@@ -67,8 +67,15 @@ class DrainingServer(uvicorn.Server):
         loop.call_soon_threadsafe(self.begin_drain, loop)
 
     def begin_drain(self, loop):
+        # Stop accepting: the other workers take the queue. Not with
+        # asyncio's Server.close(): a connection accepted in this turn of the
+        # loop gets its transport in a task that runs after this callback,
+        # and on a closed server that task fails (Server._attach asserts) and
+        # drops the connection unanswered. uvicorn's own shutdown closes the
+        # servers after the grace.
         for server in self.servers:
-            server.close()  # stop accepting: the other workers take the queue
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())
         loop.call_later(DRAIN_GRACE, setattr, self, "should_exit", True)
 
 
@@ -89,7 +96,9 @@ def main():
         sock = socket.socket(fileno=3)  # clusterd's listener
     else:
         sock = socket.create_server(("127.0.0.1", 8000))
-    config = uvicorn.Config(app=None, lifespan="off", access_log=False, log_level="warning")
+    # loop="asyncio": begin_drain relies on asyncio's selector loop.
+    config = uvicorn.Config(app=None, loop="asyncio", lifespan="off", access_log=False,
+                            log_level="warning")
     server = DrainingServer(config)
     config.app = app_for(server)
     server.run(sockets=[sock])
