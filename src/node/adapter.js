@@ -446,11 +446,12 @@
       websocket: false,
       closing: draining,
       grace: null,
+      verdict: null,
       closeAt: null,
     };
     conns.set(socket, c);
     socket.once('close', () => {
-      clearTimeout(c.grace);
+      cancelGrace(c);
       clearTimeout(c.closeAt);
       conns.delete(socket);
       exitIfDrained();
@@ -501,8 +502,7 @@
     }
     c.upgraded = socket;
     c.websocket = String(req.headers.upgrade || '').toLowerCase() === 'websocket';
-    clearTimeout(c.grace);
-    c.grace = null;
+    cancelGrace(c);
     if (draining) {
       // Upgraded while the drain had begun: close it at once.
       closeUpgraded(c, 0);
@@ -541,22 +541,37 @@
 
   // Closes the connection once it has been idle (nothing in flight, nothing
   // new read) for the grace period.
+  //
+  // The verdict waits for setImmediate: a turn of the event loop runs its
+  // timers before it polls for I/O, so after a stall (a loaded machine, a long
+  // GC) the bytes of a request that arrived meanwhile are still unread when
+  // the timer fires; the poll phase between the two reads them.
   function closeWhenIdle(c) {
-    if (c.grace || c.upgraded || c.inFlight > 0 || c.socket.destroyed) {
+    if (c.grace || c.verdict || c.upgraded || c.inFlight > 0 || c.socket.destroyed) {
       return;
     }
     const readSoFar = c.socket.bytesRead;
     c.grace = setTimeout(() => {
       c.grace = null;
-      if (c.inFlight > 0 || c.upgraded) {
-        return; // a request came: served with Connection: close
-      }
-      if (c.socket.bytesRead > readSoFar) {
-        closeWhenIdle(c); // a request's head is arriving: wait for it
-        return;
-      }
-      c.socket.destroy();
+      c.verdict = setImmediate(() => {
+        c.verdict = null;
+        if (c.inFlight > 0 || c.upgraded || c.socket.destroyed) {
+          return; // a request came: served with Connection: close
+        }
+        if (c.socket.bytesRead > readSoFar) {
+          closeWhenIdle(c); // a request's head is arriving: wait for it
+          return;
+        }
+        c.socket.destroy();
+      });
     }, IDLE_GRACE_MS);
+  }
+
+  function cancelGrace(c) {
+    clearTimeout(c.grace);
+    clearImmediate(c.verdict);
+    c.grace = null;
+    c.verdict = null;
   }
 
   // A WebSocket close frame, server to client (unmasked): 1012 Service Restart.
