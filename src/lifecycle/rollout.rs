@@ -348,6 +348,13 @@ impl Supervisor {
         let total = pending.len() as u32;
         let worker = kind.worker();
         let quiet = matches!(kind, Kind::Rollback { .. } | Kind::Recycle { .. });
+        if !matches!(kind, Kind::Recycle { .. }) {
+            // A restart or a rollback ends with "every worker is ready
+            // again" (AllReady), whatever the pool's size: with one worker,
+            // no exit during the restart would have marked the pool as not
+            // all ready.
+            self.all_ready = false;
+        }
         self.rollout = Some(Rollout {
             kind,
             generation,

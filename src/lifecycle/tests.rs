@@ -304,6 +304,31 @@ fn backoff_resets_after_min_uptime() {
 }
 
 #[test]
+fn a_restart_of_a_single_worker_ends_with_all_ready() {
+    let mut s = Script::started(1);
+    let old = s.ready_in_slot(1);
+    s.sup.restart(s.now, 2).unwrap();
+    let new = s.spawn_all()[0];
+    s.sup.ready_reported(s.now, new);
+    let actions = s.sup.take_actions();
+    assert_eq!(drains(&actions), vec![old]);
+    assert!(
+        notices(&actions).contains(&&Notice::AllReady {
+            workers: 1,
+            generation: 2
+        }),
+        "{actions:?}"
+    );
+    s.sup.exited(s.now, old, Exit::Code(0));
+    assert!(
+        !notices(&s.sup.take_actions())
+            .iter()
+            .any(|n| matches!(n, Notice::AllReady { .. })),
+        "once"
+    );
+}
+
+#[test]
 fn rolling_restart_replaces_one_at_a_time_and_never_drops_capacity() {
     let mut s = Script::started(3);
     s.sup.restart(s.now, 2).unwrap();
