@@ -176,3 +176,29 @@ fn an_empty_pool_in_reset_mode_resets_connections_at_once() {
         other => panic!("expected a reset, got {other:?}"),
     }
 }
+
+/// A worker that makes the shared listener blocking (the file status flags
+/// belong to the socket, so every copy sees them) must not leave clusterd
+/// blocked in `accept` while it answers for the empty pool: clusterd sets
+/// the flag back, says so once, and goes on answering.
+#[test]
+fn a_worker_that_makes_the_listener_blocking_does_not_block_clusterd() {
+    let cluster = Cluster::start(
+        "empty-blocking",
+        "exec = python3 -c 'import os, time; os.set_blocking(3, True); time.sleep(0.3)'\n\
+         protocol = systemd\nworkers = 1\nlisten = 127.0.0.1:0\n\
+         ready_timeout = 1s\nrestart_delay_max = 300ms\nempty_pool = 503\n",
+    );
+    let addr = cluster.addr();
+    cluster.wait_event("empty_pool.begin", |l| l.get("mode") == Some("503"));
+    // Each respawned worker clears O_NONBLOCK again; every probe is answered.
+    wait_for("clusterd to notice the blocking listener", || {
+        let r = probe(addr, "/").expect("an answer, not a hang");
+        assert_eq!(r.status, 503);
+        (!cluster.events("empty_pool.blocking").is_empty()).then_some(())
+    });
+    let r = probe(addr, "/").expect("still answering");
+    assert_eq!(r.status, 503);
+    assert!(cluster.ctl(&["status"]).status.success());
+    assert_eq!(cluster.events("empty_pool.blocking").len(), 1, "said once");
+}

@@ -55,7 +55,6 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::fs::OFlags;
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 use smol::{Async, LocalExecutor, Task, Timer};
 
@@ -750,21 +749,13 @@ async fn accept(
             return;
         }
         let fd = listener.get_ref().as_fd();
-        // A worker may have made the shared socket blocking (an old one,
-        // accepting itself): clusterd must never block in accept.
-        if let Ok(flags) = rustix::fs::fcntl_getfl(fd) {
-            if !flags.contains(OFlags::NONBLOCK) {
-                if !warned {
-                    crate::log!(
-                        warn,
-                        "dispatch.blocking",
-                        reason =
-                            "a worker made a listener blocking; clusterd set it non-blocking again"
-                    );
-                    warned = true;
-                }
-                let _ = rustix::fs::fcntl_setfl(fd, flags | OFlags::NONBLOCK);
-            }
+        if super::listen::keep_nonblocking(fd) && !warned {
+            crate::log!(
+                warn,
+                "dispatch.blocking",
+                reason = "a worker made a listener blocking; clusterd set it non-blocking again"
+            );
+            warned = true;
         }
         // Take what is queued, a bounded batch at a time.
         for _ in 0..64 {

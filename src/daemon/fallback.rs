@@ -31,7 +31,6 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::fs::OFlags;
 use rustix::net::SocketFlags;
 use smol::{Async, LocalExecutor, Task, Timer};
 
@@ -265,20 +264,13 @@ async fn accept(listener: Rc<Async<OwnedFd>>, shared: Rc<Shared>, ex: Rc<LocalEx
             std::future::pending::<()>().await;
         }
         let fd = listener.get_ref().as_fd();
-        // A worker may have made the shared socket blocking again.
-        if let Ok(flags) = rustix::fs::fcntl_getfl(fd) {
-            if !flags.contains(OFlags::NONBLOCK) {
-                if !warned {
-                    crate::log!(
-                        warn,
-                        "empty_pool.blocking",
-                        reason =
-                            "a worker made a listener blocking; clusterd set it non-blocking again"
-                    );
-                    warned = true;
-                }
-                let _ = rustix::fs::fcntl_setfl(fd, flags | OFlags::NONBLOCK);
-            }
+        if super::listen::keep_nonblocking(fd) && !warned {
+            crate::log!(
+                warn,
+                "empty_pool.blocking",
+                reason = "a worker made a listener blocking; clusterd set it non-blocking again"
+            );
+            warned = true;
         }
         match rustix::net::accept_with(fd, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
             Ok(conn) => {

@@ -23,6 +23,20 @@ pub struct Listener {
     unix_path: Option<PathBuf>,
 }
 
+/// Makes a shared listener non-blocking again when a worker made it blocking
+/// (the file status flags belong to the socket, shared by every copy; an old
+/// worker that accepts itself may set them): clusterd, accepting on it, must
+/// never block. Returns whether it had to, for the caller to log once.
+pub fn keep_nonblocking(fd: BorrowedFd<'_>) -> bool {
+    match rustix::fs::fcntl_getfl(fd) {
+        Ok(flags) if !flags.contains(rustix::fs::OFlags::NONBLOCK) => {
+            let _ = rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK);
+            true
+        }
+        _ => false,
+    }
+}
+
 impl Listener {
     pub fn info(&self) -> ListenerInfo {
         ListenerInfo {
