@@ -62,6 +62,9 @@
 //!     and new-connection GET and POST load: failed requests (target 0), workers replaced
 //!     (0), the time from the request to the new image answering `status`, clusterd's fds and
 //!     RSS before and after.
+//! 19. `node-dispatch`: the unmodified Express shop (`protocol = node`) under `dispatch =
+//!     shared`, `clusterd` and `reuseport`, keep-alive and new connections: requests/s,
+//!     requests per worker (max/min), p50, p99, max and standard deviation of the latency.
 //!
 //! Options: `--quick` (short runs, few repetitions, no static build: checks that the suite
 //! works, measures nothing worth publishing), `--only SECTION[,SECTION…]` (the names above;
@@ -97,7 +100,7 @@ machine (127.0.0.1 only) and writes BENCHMARKS.md at the repository root.
                    soak, bad-deploy, hostile, cross-check, logs,
                    fleet (root, ip, haproxy), health, node (node, npm),
                    dispatch, socketio (node, npm, redis-server), reuseport,
-                   upgrade
+                   upgrade, node-dispatch (node, npm)
                    (the report then holds only those sections)
   --out PATH       write the report here instead of BENCHMARKS.md at the repository root
   --no-build       do not run `cargo build --release --workspace --bins --examples` first
@@ -204,6 +207,7 @@ fn main() -> ExitCode {
             "socketio" => suite::socketio::run(&ctx),
             "reuseport" => suite::reuseport::run(&ctx),
             "upgrade" => suite::upgrade::run(&ctx),
+            "node-dispatch" => suite::node_dispatch::run(&ctx),
             _ => suite::soak::run(&ctx),
         };
         section.took = t.elapsed();

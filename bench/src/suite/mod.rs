@@ -18,6 +18,7 @@ pub mod log;
 pub mod logs;
 pub mod machine;
 pub mod node;
+pub mod node_dispatch;
 pub mod overhead;
 pub mod procs;
 pub mod report;
@@ -38,7 +39,7 @@ use clusterd_bench::{Method, Report, Spec};
 use procs::Daemon;
 
 /// The sections, in the order they run.
-pub const SECTIONS: [(&str, &str); 18] = [
+pub const SECTIONS: [(&str, &str); 19] = [
     ("overhead", "1. Overhead"),
     ("zero-downtime", "2. Zero-downtime rolling restarts"),
     ("crash", "3. Crash recovery"),
@@ -57,6 +58,7 @@ pub const SECTIONS: [(&str, &str); 18] = [
     ("socketio", "16. Socket.IO: sticky sessions on four workers"),
     ("reuseport", "17. Dispatch: shared queue or reuseport"),
     ("upgrade", "18. Upgrade: clusterd replaced in place"),
+    ("node-dispatch", "19. Dispatch with Node workers"),
 ];
 
 /// Connections of every load (as `wrk -c64` in the comparisons).

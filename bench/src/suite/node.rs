@@ -88,7 +88,7 @@ impl Kind {
 }
 
 /// Where the installed things are.
-struct Install {
+pub(super) struct Install {
     /// The express-shop folder with its node_modules.
     app: PathBuf,
     /// The bench/node folder with node_modules (PM2), the preload and the master.
@@ -96,11 +96,26 @@ struct Install {
 }
 
 impl Install {
+    /// examples/express-shop, installed with `npm ci` under the target folder, and
+    /// bench/node (PM2, the preload, the cluster master) beside it.
+    pub(super) fn new(ctx: &Ctx) -> Result<Install, String> {
+        let app = npm_ci(ctx, &ctx.root.join("examples/express-shop"), "express-shop")?;
+        let tools = npm_ci(ctx, &ctx.root.join("bench/node"), "tools")?;
+        Ok(Install { app, tools })
+    }
     fn server(&self) -> PathBuf {
         self.app.join("server.js")
     }
     fn preload(&self) -> PathBuf {
         self.tools.join("bench-preload.js")
+    }
+    /// The worker command of every supervisor: the unmodified shop, with the preload.
+    pub(super) fn exec(&self) -> String {
+        format!(
+            "node -r {} {}",
+            self.preload().display(),
+            self.server().display()
+        )
     }
     fn master(&self) -> PathBuf {
         self.tools.join("cluster-master.js")
@@ -215,11 +230,7 @@ impl Sup {
         inst: &Install,
         workers: u32,
     ) -> Result<(Sup, SocketAddr), String> {
-        let exec = format!(
-            "node -r {} {}",
-            inst.preload().display(),
-            inst.server().display()
-        );
+        let exec = inst.exec();
         match kind {
             Kind::Clusterd => {
                 let config = format!(
@@ -499,12 +510,7 @@ pub fn run(ctx: &Ctx) -> Section {
     } else {
         (Duration::from_secs(1), 1)
     };
-    let inst =
-        npm_ci(ctx, &ctx.root.join("examples/express-shop"), "express-shop").and_then(|app| {
-            let tools = npm_ci(ctx, &ctx.root.join("bench/node"), "tools")?;
-            Ok(Install { app, tools })
-        });
-    let inst = match inst {
+    let inst = match Install::new(ctx) {
         Ok(i) => i,
         Err(e) => {
             s.fail("installing the npm packages", &e);
