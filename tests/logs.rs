@@ -351,6 +351,45 @@ fn logs_shows_the_last_lines_and_follows_a_rolling_restart() {
     );
 }
 
+/// `logs -f` goes on across `clusterctl upgrade` (the new image keeps the
+/// log buffer; the follower resumes after the last line it printed, nothing
+/// twice), and ends with exit 0 when clusterd stops.
+#[test]
+fn a_follower_goes_on_across_an_upgrade_and_ends_at_the_stop() {
+    let cluster = Cluster::testworkers("logs-follow-upgrade", 2, "ok", "");
+    cluster.wait_ready(1);
+    let follow_out = cluster.dir.path().join("follow.out");
+    let mut follow = ctl_in_background(&cluster, &["logs", "-f", "-n", "5"], &follow_out);
+    wait_for("the follower's first lines", || {
+        std::fs::read_to_string(&follow_out)
+            .ok()
+            .filter(|t| t.lines().count() >= 5)
+    });
+    let out = cluster.ctl(&["upgrade"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("upgrade.done in the followed log", || {
+        std::fs::read_to_string(&follow_out)
+            .ok()
+            .filter(|t| t.contains(" upgrade.done "))
+    });
+    // Still following: a restart after the upgrade shows up too.
+    assert!(cluster.ctl(&["restart"]).status.success());
+    wait_for("restart.done in the followed log", || {
+        std::fs::read_to_string(&follow_out)
+            .ok()
+            .filter(|t| t.contains(" restart.done "))
+    });
+    assert!(cluster.ctl(&["stop"]).status.success());
+    let status = wait_for("the follower to end", || follow.try_wait().ok().flatten());
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(&follow_out).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        assert!(seen.insert(line), "printed twice: {line}\n{text}");
+    }
+    assert!(text.contains(" upgrade.begin "), "{text}");
+}
+
 /// A follower that never reads is cut off; clusterd goes on.
 #[test]
 fn a_follower_that_does_not_read_is_cut_off() {

@@ -27,7 +27,7 @@ mod render;
 
 use args::{Args, Command, Parsed};
 use client::{Conn, RecvError};
-use clusterd::proto::{self, Request, Response, RestartOutcome};
+use clusterd::proto::{self, LogEntry, Request, Response, RestartOutcome};
 use serde_json::json;
 use std::ffi::OsString;
 use std::io::{self, Write as _};
@@ -182,7 +182,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Restart(_) => session.restart(),
         Command::Scale(_) => session.scale(),
         Command::Stop => session.stop(),
-        Command::Logs { follow, .. } => session.logs(follow),
+        Command::Logs { follow, .. } => session.logs(follow, &target, &request, args.json),
         Command::Upgrade(_) => session.upgrade(&target),
     }
 }
@@ -558,17 +558,59 @@ impl Session {
     }
 
     /// Prints log lines as they come; without `follow`, the one batch.
-    /// Following ends when clusterd closes the connection (it exits): exit
-    /// 0; when it cut this client off for reading too slowly: exit 1.
-    fn logs(&mut self, follow: bool) -> Result<(), Failure> {
+    /// Following ends when clusterd closes the connection and its socket no
+    /// longer answers (it exited): exit 0; when it cut this client off for
+    /// reading too slowly: exit 1. A clusterd upgrading itself closes the
+    /// connection too but keeps its socket: then the new image is asked for
+    /// its whole log buffer and following goes on after the last line printed.
+    fn logs(
+        &mut self,
+        follow: bool,
+        target: &Target,
+        request: &Request,
+        json: bool,
+    ) -> Result<(), Failure> {
+        let mut printed = Printed::default();
+        let mut resumed = false;
+        // Connections in a row that ended before their first batch: a
+        // clusterd that keeps accepting and dropping us is not followed forever.
+        let mut fruitless = 0;
         loop {
-            let batch = match self.next("the log") {
+            let mut batch = match self.next("the log") {
                 Ok(Response::Logs(batch)) => batch,
                 Ok(other) => return Err(unexpected(&other)),
-                // The end of the stream: clusterd exited.
-                Err(Failure::Unreachable(_)) if follow => return Ok(()),
+                Err(e @ Failure::Unreachable(_)) if follow && resumed && fruitless >= 3 => {
+                    return Err(e);
+                }
+                Err(Failure::Unreachable(_)) if follow => {
+                    if resumed {
+                        fruitless += 1;
+                    }
+                    let Request::Logs { worker, .. } = *request else {
+                        unreachable!("logs() serves Request::Logs")
+                    };
+                    let again = Request::Logs {
+                        lines: u32::MAX,
+                        follow: true,
+                        worker,
+                    };
+                    match open(target, &again, None, json) {
+                        Ok(session) => {
+                            *self = session;
+                            resumed = true;
+                            continue;
+                        }
+                        // The end of the stream: clusterd exited.
+                        Err(Failure::Unreachable(_)) => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                }
                 Err(e) => return Err(e),
             };
+            if std::mem::take(&mut resumed) {
+                fruitless = 0;
+                batch.drain(..printed.resume_at(&batch));
+            }
             for entry in &batch {
                 let line = if self.json {
                     clusterd::daemon::logsink::json_line(entry)
@@ -576,6 +618,7 @@ impl Session {
                     render::clean(&clusterd::daemon::logsink::text_line(entry)).into_owned()
                 };
                 print(&line)?;
+                printed.push(entry);
             }
             if !follow {
                 return Ok(());
@@ -632,6 +675,48 @@ fn unexpected(response: &Response) -> Failure {
     Failure::Failed(format!("unexpected reply from clusterd: {response:?}"))
 }
 
+/// The last lines `clusterctl logs -f` printed, to find where to resume in
+/// the backlog of a clusterd that upgraded itself meanwhile.
+#[derive(Default)]
+struct Printed(std::collections::VecDeque<LogEntry>);
+
+impl Printed {
+    /// How many lines are kept to match.
+    const KEPT: usize = 32;
+
+    fn push(&mut self, entry: &LogEntry) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(entry.clone());
+    }
+
+    /// Where the new lines begin in `backlog` (oldest first): after the
+    /// latest place where the lines printed last end; if they are not there
+    /// (the buffer turned over), after the last printed line's time.
+    fn resume_at(&self, backlog: &[LogEntry]) -> usize {
+        let Some(last) = self.0.back() else {
+            return 0;
+        };
+        let ends_here = |end: usize| {
+            self.0
+                .iter()
+                .rev()
+                .zip(backlog[..end].iter().rev())
+                .all(|(a, b)| a == b)
+        };
+        (1..=backlog.len())
+            .rev()
+            .find(|&end| ends_here(end))
+            .unwrap_or_else(|| {
+                backlog
+                    .iter()
+                    .position(|e| e.ts_ms > last.ts_ms)
+                    .unwrap_or(backlog.len())
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,5 +728,45 @@ mod tests {
         assert_eq!(hint(&e), " (is clusterd running?)");
         let e = io::Error::other("custom");
         assert_eq!(os_error(&e), "custom");
+    }
+
+    fn entry(ts_ms: u64, event: &str) -> LogEntry {
+        LogEntry {
+            ts_ms,
+            level: "info".into(),
+            event: event.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn following_resumes_after_the_last_printed_line() {
+        let mut printed = Printed::default();
+        assert_eq!(printed.resume_at(&[entry(1, "a")]), 0, "nothing printed");
+        for e in [entry(1, "a"), entry(2, "x"), entry(2, "x")] {
+            printed.push(&e);
+        }
+        // The new image's backlog: what was printed, then what came after
+        // the connection was cut (the same line again among it).
+        let backlog = [
+            entry(0, "older"),
+            entry(1, "a"),
+            entry(2, "x"),
+            entry(2, "x"),
+            entry(2, "x"),
+            entry(3, "upgrade.done"),
+        ];
+        assert_eq!(printed.resume_at(&backlog), 4, "the third x is new");
+        let backlog = [entry(1, "a"), entry(2, "x"), entry(2, "x"), entry(3, "b")];
+        assert_eq!(printed.resume_at(&backlog), 3);
+        // The buffer turned over: by time.
+        let backlog = [entry(2, "y"), entry(3, "b"), entry(4, "c")];
+        assert_eq!(printed.resume_at(&backlog), 1);
+        assert_eq!(printed.resume_at(&[]), 0);
+        // Only the last KEPT lines are kept.
+        for t in 10..100 {
+            printed.push(&entry(t, "n"));
+        }
+        assert_eq!(printed.0.len(), Printed::KEPT);
     }
 }
