@@ -1,7 +1,7 @@
 //! `bench`: clusterd's benchmark suite, one command.
 //!
 //! ```sh
-//! cargo run --release -p clusterd-bench --bin bench              # about seven minutes after the build
+//! cargo run --release -p clusterd-bench --bin bench              # about 40 minutes after the build
 //! cargo run --release -p clusterd-bench --bin bench -- --quick   # a 1-2 minute smoke run
 //! ```
 //!

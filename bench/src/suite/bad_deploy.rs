@@ -1,5 +1,7 @@
-//! Section 8, bad deploy: a restart onto a generation that dies 300 ms after READY, under
-//! load, with the default `bake` and without one; and what the bake costs a healthy restart.
+//! 8. Bad deploy: bake and rollback.
+//!
+//! A restart onto a generation that dies 300 ms after READY, under load, with the default
+//! `bake` and without one; and what the bake costs a healthy restart.
 //!
 //! The bad generation is `examples/testworker crash-after 300` (it reports READY, serves,
 //! and exits 3 300 ms later); the good one is the shop. Three loads run through the

@@ -1,4 +1,4 @@
-//! 9. Cross-check: the shop under clusterd measured by our load generator and by wrk.
+//! 10. Cross-check: the shop under clusterd measured by our load generator and by wrk.
 //!
 //! Every other section measures with `clusterd_bench` (the library behind `loadgen`), so a
 //! slip that both our client and our server make goes unseen: the shop once closed a

@@ -1,4 +1,4 @@
-//! 11. Fleet: three hosts behind HAProxy, restarted and replaced one after another.
+//! 12. Fleet: three hosts behind HAProxy, restarted and replaced one after another.
 //!
 //! Three network namespaces each run clusterd with two shop workers; a fourth, the load
 //! balancer's, holds a bridge with a veth to each host and runs HAProxy, health-checking

@@ -1,6 +1,7 @@
-//! Section 8, hostile clients: `/healthz` and `clusterctl status` latency while 1,000 idle
-//! and slowloris connections are held on the metrics port, the shop's port and the control
-//! socket.
+//! 9. Hostile clients.
+//!
+//! `/healthz` and `clusterctl status` latency while 1,000 idle and slowloris connections
+//! are held on the metrics port, the shop's port and the control socket.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! Section 10, logs: what worker log capture (`log_capture = on`) costs.
+//! 11. Logs: what worker log capture (`log_capture = on`) costs.
 //!
 //! 1. The lines per second clusterd passes on, and its CPU time per million lines: one
 //!    worker, `yes` (an access-log line written as fast as the pipe takes it), under

@@ -634,6 +634,25 @@ pub fn alive(pid: u32) -> bool {
     })
 }
 
+/// The open fds of `pid`.
+pub fn fd_count(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// The open fds of a clusterd once the control connections just used are closed: the fewest
+/// of five reads 20 ms apart. The clients have gone, but clusterd closes its end when it next
+/// reads from them, so one read can count one of them; a leaked fd is in every read.
+pub fn settled_fd_count(pid: u32) -> Option<u64> {
+    (0..5)
+        .filter_map(|i| {
+            if i > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            fd_count(pid)
+        })
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
-//! Dispatch (section 13): the shared queue (`dispatch = shared`, every worker accepts from one
-//! listening socket, the scoreboard balancing native workers) against `dispatch =
+//! 17. Dispatch: shared queue or reuseport.
+//!
+//! The shared queue (`dispatch = shared`, every worker accepts from one listening socket, the scoreboard balancing native workers) against `dispatch =
 //! reuseport` (one `SO_REUSEPORT` socket per worker, the kernel hashing each new connection
 //! to one of them): balance (requests per worker, max/min) and latency (p50, p99, max,
 //! standard deviation), native shop, keep-alive and new connections, and the CPU-bound

@@ -2,28 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::procs::status_kb;
+use super::procs::{settled_fd_count, status_kb};
 use super::{Check, Ctx, Route, Section, Table, failure_classes, mib, thousands};
-
-/// clusterd's open fds.
-fn fd_count(pid: u32) -> Option<u64> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
-}
-
-/// clusterd's open fds once the control connections just used are closed: the fewest of
-/// five reads 20 ms apart. The `clusterctl restart` and status clients have gone, but
-/// clusterd closes its end when it next reads from them, so one read can count one of them;
-/// a leaked fd stays in every read.
-fn settled_fd_count(pid: u32) -> Option<u64> {
-    (0..5)
-        .filter_map(|i| {
-            if i > 0 {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            fd_count(pid)
-        })
-        .min()
-}
 
 pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("soak");

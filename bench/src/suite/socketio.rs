@@ -1,5 +1,7 @@
-//! Section 14, Socket.IO: the chat of examples/chat (Socket.IO 4.8, Express, the Redis adapter)
-//! on four workers. Socket.IO handshakes per second (the long-polling handshake, then the
+//! 16. Socket.IO: sticky sessions on four workers.
+//!
+//! The chat of examples/chat (Socket.IO 4.8, Express, the Redis adapter) on four workers.
+//! Socket.IO handshakes per second (the long-polling handshake, then the
 //! upgrade to WebSocket, as a browser does) through clusterd (`dispatch = clusterd`, `sticky =
 //! socket.io`) and through Node's `cluster` module with `@socket.io/sticky` (its documented
 //! setup: `examples/chat/cluster-sticky.js`); new connections per second (`GET /`, one request

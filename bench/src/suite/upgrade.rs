@@ -1,11 +1,13 @@
-//! Section 13, upgrade: clusterd replaces its own program in place (`clusterctl upgrade`),
-//! under load, a hundred times: nothing lost, no worker replaced, nothing leaked.
+//! 18. Upgrade: clusterd replaced in place.
+//!
+//! clusterd replaces its own program in place (`clusterctl upgrade`), under load, a hundred
+//! times: nothing lost, no worker replaced, nothing leaked.
 
 use std::time::{Duration, Instant};
 
 use clusterd::proto::{Request, Response};
 
-use super::procs::{poll_until, raw_request, status_kb};
+use super::procs::{poll_until, raw_request, settled_fd_count, status_kb};
 use super::{
     Check, Ctx, Route, Section, Table, failure_classes, fmt_ms, max, median, mib, quantile,
     thousands,
@@ -13,19 +15,6 @@ use super::{
 
 /// Connections of each of the four loads.
 const CONNECTIONS: usize = 16;
-
-/// clusterd's open fds: the fewest of five reads 20 ms apart (a control connection clusterd
-/// has not yet seen close is not counted; a leaked fd is in every read).
-fn settled_fd_count(pid: u32) -> Option<u64> {
-    (0..5)
-        .filter_map(|i| {
-            if i > 0 {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
-        })
-        .min()
-}
 
 /// The worker pids, sorted.
 fn worker_pids(status: &clusterd::proto::Status) -> Vec<u32> {
