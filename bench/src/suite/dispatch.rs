@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::balance::{max_min, per_worker};
 use super::procs::cpu_sample;
 use super::{
-    Check, Ctx, Route, Section, Table, fmt_ms, loadgen_command, median, mode, ms, thousands,
+    Check, Ctx, Route, Section, Table, fmt_ms, loadgen_block, median, mode, ms, thousands,
 };
 
 /// Clock ticks per second of /proc/PID/stat (`USER_HZ`, 100 on Linux).
@@ -185,18 +185,13 @@ pub fn run(ctx: &Ctx) -> Section {
         reps = reps,
     ));
     s.table(&table);
-    let addr = ([127, 0, 0, 1], 0).into();
-    let mut cmds = format!(
+    s.md(&format!(
         "Config: `exec = target/release/examples/shop`, `workers = {workers}`, \
-         `listen = 127.0.0.1:0`, plus the row's `dispatch` and `sticky` lines. Loads:\n\n```sh\n"
-    );
-    for keep_alive in [false, true] {
-        let mut spec = Route::Products.spec(addr, keep_alive);
-        spec.duration = Some(p.balance_run);
-        cmds.push_str(&loadgen_command(&spec));
-        cmds.push('\n');
-    }
-    cmds.push_str("```\n");
-    s.md(&cmds);
+         `listen = 127.0.0.1:0`, plus the row's `dispatch` and `sticky` lines. Loads:\n\n{}",
+        loadgen_block(
+            &[(Route::Products, false), (Route::Products, true)],
+            p.balance_run
+        )
+    ));
     s
 }

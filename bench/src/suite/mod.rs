@@ -515,6 +515,21 @@ impl Route {
     }
 }
 
+/// A fenced `sh` block of the `loadgen` commands of `loads` (route, keep-alive), each
+/// running for `run`.
+pub fn loadgen_block(loads: &[(Route, bool)], run: Duration) -> String {
+    let addr = ([127, 0, 0, 1], 0).into();
+    let mut block = String::from("```sh\n");
+    for &(route, keep_alive) in loads {
+        let mut spec = route.spec(addr, keep_alive);
+        spec.duration = Some(run);
+        block.push_str(&loadgen_command(&spec));
+        block.push('\n');
+    }
+    block.push_str("```\n");
+    block
+}
+
 /// The `loadgen` command that runs the same load as `spec` (with the port as `$PORT`).
 pub fn loadgen_command(spec: &Spec) -> String {
     let mut cmd = format!(

@@ -13,10 +13,10 @@
 
 use std::time::Duration;
 
-use super::balance::max_min;
 use super::node::Install;
 use super::procs::Daemon;
-use super::{Ctx, Route, Section, Table, fmt_ms, loadgen_command, mode, ms, thousands};
+use super::reuseport::{BALANCE_COLUMNS, balance_row};
+use super::{Ctx, Route, Section, Table, loadgen_block, mode};
 
 const MODES: [&str; 3] = ["shared", "clusterd", "reuseport"];
 
@@ -31,18 +31,7 @@ pub fn run(ctx: &Ctx) -> Section {
             return s;
         }
     };
-    let mut table = Table::new(&[
-        "load",
-        "dispatch",
-        "requests/s",
-        "requests per worker",
-        "max/min",
-        "p50",
-        "p99",
-        "max",
-        "stdev",
-        "failed",
-    ]);
+    let mut table = Table::new(&BALANCE_COLUMNS);
     // Interleaved: each load under each mode in turn, on fresh daemons.
     for keep_alive in [true, false] {
         let label = format!("{} {}", Route::Products.label(), mode(keep_alive));
@@ -85,34 +74,9 @@ pub fn run(ctx: &Ctx) -> Section {
                     let mut counts: Vec<u64> = report.workers.values().copied().collect();
                     counts.resize(counts.len().max(workers as usize), 0);
                     counts.sort_unstable_by(|a, b| b.cmp(a));
-                    let ratio = max_min(&counts);
-                    let joined: Vec<String> = counts.iter().map(|&c| thousands(c)).collect();
-                    table.row(vec![
-                        label.clone(),
-                        dispatch.to_string(),
-                        format!("{:.0}", report.requests_per_sec()),
-                        joined.join(" / "),
-                        if ratio.is_finite() {
-                            format!("{ratio:.2}")
-                        } else {
-                            "∞ (a worker got nothing)".into()
-                        },
-                        fmt_ms(ms(report.p50())),
-                        fmt_ms(ms(report.p99())),
-                        fmt_ms(ms(report.max_latency())),
-                        fmt_ms(ms(report.latency.stdev())),
-                        thousands(report.failed()),
-                    ]);
-                    if report.failed() > 0 {
-                        s.fail(
-                            &what,
-                            &format!(
-                                "{} requests failed ({})",
-                                report.failed(),
-                                super::failure_classes(&report)
-                            ),
-                        );
-                    }
+                    let mut row = vec![label.clone(), dispatch.to_string()];
+                    row.extend(balance_row(&mut s, &what, &counts, &report));
+                    table.row(row);
                 }
                 Err(e) => s.fail(&what, &e.to_string()),
             }
@@ -130,19 +94,14 @@ pub fn run(ctx: &Ctx) -> Section {
         conns = super::CONNECTIONS,
     ));
     s.table(&table);
-    let addr = ([127, 0, 0, 1], 0).into();
-    let mut cmds = format!(
+    s.md(&format!(
         "Config: `exec = node -r bench/node/bench-preload.js examples/express-shop/server.js`, \
          `protocol = node`, `workers = {workers}`, `listen = 127.0.0.1:0`, `bake = 0`, \
-         `dispatch = shared | clusterd | reuseport`. Loads:\n\n```sh\n"
-    );
-    for keep_alive in [true, false] {
-        let mut spec = Route::Products.spec(addr, keep_alive);
-        spec.duration = Some(p.balance_run);
-        cmds.push_str(&loadgen_command(&spec));
-        cmds.push('\n');
-    }
-    cmds.push_str("```\n");
-    s.md(&cmds);
+         `dispatch = shared | clusterd | reuseport`. Loads:\n\n{}",
+        loadgen_block(
+            &[(Route::Products, true), (Route::Products, false)],
+            p.balance_run
+        )
+    ));
     s
 }

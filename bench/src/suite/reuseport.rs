@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use super::balance::{max_min, per_worker};
-use super::{Ctx, Route, Section, Table, fmt_ms, loadgen_command, mode, ms, thousands};
+use clusterd_bench::Report;
+
+use super::{Ctx, Route, Section, Table, fmt_ms, loadgen_block, mode, ms, thousands};
 
 /// The loads, each run under both dispatch modes.
 const LOADS: [(Route, bool); 4] = [
@@ -21,22 +23,25 @@ const LOADS: [(Route, bool); 4] = [
 
 const MODES: [&str; 2] = ["shared", "reuseport"];
 
+/// The columns of a table of [`balance_row`]s.
+pub(super) const BALANCE_COLUMNS: [&str; 10] = [
+    "load",
+    "dispatch",
+    "requests/s",
+    "requests per worker",
+    "max/min",
+    "p50",
+    "p99",
+    "max",
+    "stdev",
+    "failed",
+];
+
 pub fn run(ctx: &Ctx) -> Section {
     let mut s = Section::new("reuseport");
     let p = &ctx.p;
     let workers = ctx.workers();
-    let mut table = Table::new(&[
-        "load",
-        "dispatch",
-        "requests/s",
-        "requests per worker",
-        "max/min",
-        "p50",
-        "p99",
-        "max",
-        "stdev",
-        "failed",
-    ]);
+    let mut table = Table::new(&BALANCE_COLUMNS);
     // Interleaved: each load under one mode, then the other, on fresh daemons.
     for (route, keep_alive) in LOADS {
         let label = format!("{} {}", route.label(), mode(keep_alive));
@@ -62,34 +67,10 @@ pub fn run(ctx: &Ctx) -> Section {
             match clusterd_bench::run(&spec) {
                 Ok(report) => {
                     let counts = per_worker(&report, workers);
-                    let ratio = max_min(&counts);
-                    let joined: Vec<String> = counts.iter().map(|&c| thousands(c)).collect();
-                    table.row(vec![
-                        label.clone(),
-                        dispatch.to_string(),
-                        format!("{:.0}", report.requests_per_sec()),
-                        joined.join(" / "),
-                        if ratio.is_finite() {
-                            format!("{ratio:.2}")
-                        } else {
-                            "∞ (a worker got nothing)".into()
-                        },
-                        fmt_ms(ms(report.p50())),
-                        fmt_ms(ms(report.p99())),
-                        fmt_ms(ms(report.max_latency())),
-                        fmt_ms(ms(report.latency.stdev())),
-                        thousands(report.failed()),
-                    ]);
-                    if report.failed() > 0 {
-                        s.fail(
-                            &format!("{label}, dispatch = {dispatch}"),
-                            &format!(
-                                "{} requests failed ({})",
-                                report.failed(),
-                                super::failure_classes(&report)
-                            ),
-                        );
-                    }
+                    let what = format!("{label}, dispatch = {dispatch}");
+                    let mut row = vec![label.clone(), dispatch.to_string()];
+                    row.extend(balance_row(&mut s, &what, &counts, &report));
+                    table.row(row);
                 }
                 Err(e) => s.fail(&format!("{label}, dispatch = {dispatch}"), &e.to_string()),
             }
@@ -111,18 +92,47 @@ pub fn run(ctx: &Ctx) -> Section {
         conns = super::CONNECTIONS,
     ));
     s.table(&table);
-    let addr = ([127, 0, 0, 1], 0).into();
-    let mut cmds = format!(
+    s.md(&format!(
         "Config: `exec = target/release/examples/shop`, `workers = {workers}`, \
-         `listen = 127.0.0.1:0`, `dispatch = shared` or `dispatch = reuseport`. Loads:\n\n```sh\n"
-    );
-    for (route, keep_alive) in LOADS {
-        let mut spec = route.spec(addr, keep_alive);
-        spec.duration = Some(p.balance_run);
-        cmds.push_str(&loadgen_command(&spec));
-        cmds.push('\n');
-    }
-    cmds.push_str("```\n");
-    s.md(&cmds);
+         `listen = 127.0.0.1:0`, `dispatch = shared` or `dispatch = reuseport`. Loads:\n\n{}",
+        loadgen_block(&LOADS, p.balance_run)
+    ));
     s
+}
+
+/// The columns of a balance-and-latency row after its load and dispatch mode: requests/s,
+/// requests per worker (`counts`), max/min, p50, p99, max, stdev and failed requests; failed
+/// requests are also recorded in `s` as a failure of `what`.
+pub(super) fn balance_row(
+    s: &mut Section,
+    what: &str,
+    counts: &[u64],
+    report: &Report,
+) -> Vec<String> {
+    if report.failed() > 0 {
+        s.fail(
+            what,
+            &format!(
+                "{} requests failed ({})",
+                report.failed(),
+                super::failure_classes(report)
+            ),
+        );
+    }
+    let ratio = max_min(counts);
+    let joined: Vec<String> = counts.iter().map(|&c| thousands(c)).collect();
+    vec![
+        format!("{:.0}", report.requests_per_sec()),
+        joined.join(" / "),
+        if ratio.is_finite() {
+            format!("{ratio:.2}")
+        } else {
+            "∞ (a worker got nothing)".into()
+        },
+        fmt_ms(ms(report.p50())),
+        fmt_ms(ms(report.p99())),
+        fmt_ms(ms(report.max_latency())),
+        fmt_ms(ms(report.latency.stdev())),
+        thousands(report.failed()),
+    ]
 }
