@@ -360,6 +360,15 @@ fn a_follower_goes_on_across_an_upgrade_and_ends_at_the_stop() {
     cluster.wait_ready(1);
     let follow_out = cluster.dir.path().join("follow.out");
     let mut follow = ctl_in_background(&cluster, &["logs", "-f", "-n", "5"], &follow_out);
+    // One that has printed nothing when the upgrade comes (worker 2 is
+    // quiet until the restart): it must not print, when it resumes, the
+    // older lines it did not ask for.
+    let quiet_out = cluster.dir.path().join("quiet.out");
+    let mut quiet = ctl_in_background(
+        &cluster,
+        &["logs", "-f", "-n", "0", "--worker", "2"],
+        &quiet_out,
+    );
     wait_for("the follower's first lines", || {
         std::fs::read_to_string(&follow_out)
             .ok()
@@ -382,6 +391,18 @@ fn a_follower_goes_on_across_an_upgrade_and_ends_at_the_stop() {
     assert!(cluster.ctl(&["stop"]).status.success());
     let status = wait_for("the follower to end", || follow.try_wait().ok().flatten());
     assert!(status.success(), "{status}");
+    let status = wait_for("the quiet follower to end", || {
+        quiet.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(&quiet_out).unwrap();
+    let spawned = |generation: u64| {
+        text.lines()
+            .filter_map(LogLine::parse)
+            .any(|l| l.event == "worker.spawn" && l.num("generation") == generation)
+    };
+    assert!(!spawned(1), "a line from before -f began:\n{text}");
+    assert!(spawned(2), "the restart's lines:\n{text}");
     let text = std::fs::read_to_string(&follow_out).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for line in text.lines() {

@@ -59,6 +59,15 @@ impl Conn {
             .as_raw())
     }
 
+    /// The pid of the process serving the socket (it listened on it; an
+    /// upgrade of clusterd keeps it, a new clusterd has another).
+    pub fn peer_pid(&self) -> io::Result<u32> {
+        Ok(rustix::net::sockopt::socket_peercred(&self.stream)?
+            .pid
+            .as_raw_nonzero()
+            .get() as u32)
+    }
+
     /// How long one read may wait (`None`: forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(timeout)

@@ -559,10 +559,11 @@ impl Session {
 
     /// Prints log lines as they come; without `follow`, the one batch.
     /// Following ends when clusterd closes the connection and its socket no
-    /// longer answers (it exited): exit 0; when it cut this client off for
-    /// reading too slowly: exit 1. A clusterd upgrading itself closes the
-    /// connection too but keeps its socket: then the new image is asked for
-    /// its whole log buffer and following goes on after the last line printed.
+    /// longer answers, or another process serves it (it exited): exit 0;
+    /// when it cut this client off for reading too slowly: exit 1. A
+    /// clusterd upgrading itself closes the connection too but keeps its
+    /// socket and its pid: then the new image is asked for its log buffer
+    /// and following goes on after the last line printed.
     fn logs(
         &mut self,
         follow: bool,
@@ -570,8 +571,13 @@ impl Session {
         request: &Request,
         json: bool,
     ) -> Result<(), Failure> {
-        let mut printed = Printed::default();
-        let mut resumed = false;
+        let since_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut printed = Printed::new(since_ms);
+        let pid = self.conn.peer_pid().ok();
+        // Whether a batch came on this connection, and on any before it.
+        let (mut answered, mut resumable) = (false, false);
         // Connections in a row that ended before their first batch: a
         // clusterd that keeps accepting and dropping us is not followed forever.
         let mut fruitless = 0;
@@ -579,37 +585,58 @@ impl Session {
             let mut batch = match self.next("the log") {
                 Ok(Response::Logs(batch)) => batch,
                 Ok(other) => return Err(unexpected(&other)),
-                Err(e @ Failure::Unreachable(_)) if follow && resumed && fruitless >= 3 => {
-                    return Err(e);
-                }
-                Err(Failure::Unreachable(_)) if follow => {
-                    if resumed {
+                Err(e @ Failure::Unreachable(_)) if follow => {
+                    if !answered {
                         fruitless += 1;
-                    }
-                    let Request::Logs { worker, .. } = *request else {
-                        unreachable!("logs() serves Request::Logs")
-                    };
-                    let again = Request::Logs {
-                        lines: u32::MAX,
-                        follow: true,
-                        worker,
-                    };
-                    match open(target, &again, None, json) {
-                        Ok(session) => {
-                            *self = session;
-                            resumed = true;
-                            continue;
+                        if fruitless > 3 {
+                            return Err(e);
                         }
-                        // The end of the stream: clusterd exited.
-                        Err(Failure::Unreachable(_)) => return Ok(()),
-                        Err(e) => return Err(e),
                     }
+                    // Before any batch, the request as asked; after, the
+                    // newest lines kept, to resume in.
+                    let again = match *request {
+                        Request::Logs { worker, .. } if resumable => Request::Logs {
+                            lines: u32::MAX,
+                            follow: true,
+                            worker,
+                        },
+                        _ => request.clone(),
+                    };
+                    let conn = match Conn::connect(&target.path, CONNECT_TIMEOUT) {
+                        Ok(conn) => conn,
+                        // Nobody listens any more: clusterd exited.
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                            ) =>
+                        {
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            return Err(Failure::Unreachable(format!(
+                                "cannot reach clusterd at {} again: {}",
+                                target.path.display(),
+                                os_error(&e)
+                            )));
+                        }
+                    };
+                    if conn.peer_pid().ok() != pid {
+                        // Another clusterd: the one followed has exited.
+                        return Ok(());
+                    }
+                    *self = session(target, conn, &again, None, json)?;
+                    answered = false;
+                    continue;
                 }
                 Err(e) => return Err(e),
             };
-            if std::mem::take(&mut resumed) {
+            if !std::mem::replace(&mut answered, true) {
                 fruitless = 0;
-                batch.drain(..printed.resume_at(&batch));
+                if resumable {
+                    batch.drain(..printed.resume_at(&batch));
+                }
+                resumable = true;
             }
             for entry in &batch {
                 let line = if self.json {
@@ -677,29 +704,43 @@ fn unexpected(response: &Response) -> Failure {
 
 /// The last lines `clusterctl logs -f` printed, to find where to resume in
 /// the backlog of a clusterd that upgraded itself meanwhile.
-#[derive(Default)]
-struct Printed(std::collections::VecDeque<LogEntry>);
+struct Printed {
+    lines: std::collections::VecDeque<LogEntry>,
+    /// When following began (ms since the epoch; clusterd is on this host).
+    since_ms: u64,
+}
 
 impl Printed {
     /// How many lines are kept to match.
     const KEPT: usize = 32;
 
-    fn push(&mut self, entry: &LogEntry) {
-        if self.0.len() == Self::KEPT {
-            self.0.pop_front();
+    fn new(since_ms: u64) -> Printed {
+        Printed {
+            lines: std::collections::VecDeque::new(),
+            since_ms,
         }
-        self.0.push_back(entry.clone());
+    }
+
+    fn push(&mut self, entry: &LogEntry) {
+        if self.lines.len() == Self::KEPT {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(entry.clone());
     }
 
     /// Where the new lines begin in `backlog` (oldest first): after the
     /// latest place where the lines printed last end; if they are not there
-    /// (the buffer turned over), after the last printed line's time.
+    /// (the buffer turned over), after the last printed line's time; with
+    /// nothing printed, from when following began.
     fn resume_at(&self, backlog: &[LogEntry]) -> usize {
-        let Some(last) = self.0.back() else {
-            return 0;
+        let Some(last) = self.lines.back() else {
+            return backlog
+                .iter()
+                .position(|e| e.ts_ms >= self.since_ms)
+                .unwrap_or(backlog.len());
         };
         let ends_here = |end: usize| {
-            self.0
+            self.lines
                 .iter()
                 .rev()
                 .zip(backlog[..end].iter().rev())
@@ -741,8 +782,10 @@ mod tests {
 
     #[test]
     fn following_resumes_after_the_last_printed_line() {
-        let mut printed = Printed::default();
-        assert_eq!(printed.resume_at(&[entry(1, "a")]), 0, "nothing printed");
+        // Nothing printed: from when following began.
+        let mut printed = Printed::new(2);
+        assert_eq!(printed.resume_at(&[entry(1, "a"), entry(2, "b")]), 1);
+        assert_eq!(printed.resume_at(&[entry(1, "a")]), 1);
         for e in [entry(1, "a"), entry(2, "x"), entry(2, "x")] {
             printed.push(&e);
         }
@@ -767,6 +810,6 @@ mod tests {
         for t in 10..100 {
             printed.push(&entry(t, "n"));
         }
-        assert_eq!(printed.0.len(), Printed::KEPT);
+        assert_eq!(printed.lines.len(), Printed::KEPT);
     }
 }

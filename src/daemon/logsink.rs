@@ -174,23 +174,21 @@ pub fn write(entries: &[LogEntry], stderr_of: Option<u32>) {
     });
 }
 
-/// The last `n` lines kept (of worker `worker` only, if given), oldest first.
+/// The last `n` lines kept (of worker `worker` only, if given), oldest first,
+/// and no more than [`TAIL_BUDGET`] bytes of them.
 pub fn tail(n: usize, worker: Option<u32>) -> Vec<LogEntry> {
-    let guard = sink();
-    let Some(sink) = guard.as_ref() else {
-        return Vec::new();
-    };
-    let mut lines: Vec<LogEntry> = sink
-        .ring
-        .iter()
-        .rev()
-        .filter(|(id, _)| worker.is_none() || *id == worker)
-        .take(n)
-        .filter_map(|(_, text)| parse(text))
-        .collect();
-    lines.reverse();
-    lines
+    match sink().as_ref() {
+        Some(sink) => sink.tail(n, worker, TAIL_BUDGET),
+        None => Vec::new(),
+    }
 }
+
+/// How much text one [`tail`] answers with at most: the answer must fit in a
+/// control response ([`crate::proto::MAX_RESPONSE`]), and an entry encodes
+/// in fewer bytes than its text line. A `log_buffer` larger than this is
+/// not sent whole (`clusterctl logs -n` with a huge count, or a follower
+/// resuming after an upgrade, gets the newest lines).
+const TAIL_BUDGET: usize = crate::proto::MAX_RESPONSE / 2;
 
 /// Sends every line from now on (of `worker` only, if given) to `tx`.
 pub fn follow(tx: Sender<Response>, worker: Option<u32>) {
@@ -259,6 +257,26 @@ fn parse(text: &str) -> Option<LogEntry> {
 const RING_OVERHEAD: usize = 48;
 
 impl Sink {
+    /// The last `n` lines of `worker` (or all), oldest first, within
+    /// `budget` bytes of text.
+    fn tail(&self, n: usize, worker: Option<u32>, budget: usize) -> Vec<LogEntry> {
+        let mut bytes = 0;
+        let mut lines: Vec<LogEntry> = self
+            .ring
+            .iter()
+            .rev()
+            .filter(|(id, _)| worker.is_none() || *id == worker)
+            .take(n)
+            .take_while(|(_, text)| {
+                bytes += text.len() + 1;
+                bytes <= budget
+            })
+            .filter_map(|(_, text)| parse(text))
+            .collect();
+        lines.reverse();
+        lines
+    }
+
     fn keep(&mut self, entry: &LogEntry) {
         if self.ring_limit == 0 {
             return;
@@ -381,5 +399,43 @@ mod tests {
         assert!(sink.ring_bytes <= 1000);
         assert!(sink.ring.len() > 5 && sink.ring.len() < 100);
         assert!(sink.ring.back().unwrap().1.ends_with("line=\"line 99\""));
+    }
+
+    #[test]
+    fn a_tail_is_the_newest_lines_within_its_count_and_its_bytes() {
+        let mut sink = Sink {
+            ring_limit: 1 << 20,
+            ..Sink::default()
+        };
+        for i in 0..100 {
+            let id = if i % 2 == 0 { "1" } else { "2" };
+            sink.keep(&entry(
+                "worker.output",
+                &[("id", id), ("line", &format!("line {i}"))],
+            ));
+        }
+        let lines = |t: Vec<LogEntry>| -> Vec<String> {
+            t.iter()
+                .map(|e| e.get("line").unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            lines(sink.tail(2, None, usize::MAX)),
+            ["line 98", "line 99"]
+        );
+        assert_eq!(
+            lines(sink.tail(2, Some(1), usize::MAX)),
+            ["line 96", "line 98"]
+        );
+        assert_eq!(sink.tail(1000, None, usize::MAX).len(), 100);
+        // The budget keeps the newest lines whose text fits.
+        let one = sink.ring.back().unwrap().1.len() + 1;
+        assert_eq!(
+            lines(sink.tail(1000, None, 2 * one)),
+            ["line 98", "line 99"]
+        );
+        assert!(sink.tail(1000, None, one - 1).is_empty());
+        // The whole default buffer is sent.
+        assert!(crate::config::DEFAULT_LOG_BUFFER as usize <= TAIL_BUDGET);
     }
 }
