@@ -180,7 +180,9 @@ fn an_empty_pool_in_reset_mode_resets_connections_at_once() {
 /// A worker that makes the shared listener blocking (the file status flags
 /// belong to the socket, so every copy sees them) must not leave clusterd
 /// blocked in `accept` while it answers for the empty pool: clusterd sets
-/// the flag back, says so once, and goes on answering.
+/// the flag back, says so once, and goes on answering. (Here clusterd is the
+/// only one accepting, so an accept would not block anyway: the log line is
+/// what shows the guard at work.)
 #[test]
 fn a_worker_that_makes_the_listener_blocking_does_not_block_clusterd() {
     let cluster = Cluster::start(
