@@ -749,14 +749,7 @@ async fn accept(
             return;
         }
         let fd = listener.get_ref().as_fd();
-        if super::listen::keep_nonblocking(fd) && !warned {
-            crate::log!(
-                warn,
-                "dispatch.blocking",
-                reason = "a worker made a listener blocking; clusterd set it non-blocking again"
-            );
-            warned = true;
-        }
+        super::listen::keep_nonblocking(fd, &mut warned, "dispatch.blocking");
         // Take what is queued, a bounded batch at a time.
         for _ in 0..64 {
             match rustix::net::accept_with(fd, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {

@@ -264,14 +264,7 @@ async fn accept(listener: Rc<Async<OwnedFd>>, shared: Rc<Shared>, ex: Rc<LocalEx
             std::future::pending::<()>().await;
         }
         let fd = listener.get_ref().as_fd();
-        if super::listen::keep_nonblocking(fd) && !warned {
-            crate::log!(
-                warn,
-                "empty_pool.blocking",
-                reason = "a worker made a listener blocking; clusterd set it non-blocking again"
-            );
-            warned = true;
-        }
+        super::listen::keep_nonblocking(fd, &mut warned, "empty_pool.blocking");
         match rustix::net::accept_with(fd, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
             Ok(conn) => {
                 if state.mode == EmptyPool::Http503 && shared.answering.get() < MAX_ANSWERING {

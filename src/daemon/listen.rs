@@ -26,14 +26,21 @@ pub struct Listener {
 /// Makes a shared listener non-blocking again when a worker made it blocking
 /// (the file status flags belong to the socket, shared by every copy; an old
 /// worker that accepts itself may set them): clusterd, accepting on it, must
-/// never block. Returns whether it had to, for the caller to log once.
-pub fn keep_nonblocking(fd: BorrowedFd<'_>) -> bool {
+/// never block. Logs `event` the first time, as `warned` records.
+pub fn keep_nonblocking(fd: BorrowedFd<'_>, warned: &mut bool, event: &str) {
     match rustix::fs::fcntl_getfl(fd) {
         Ok(flags) if !flags.contains(rustix::fs::OFlags::NONBLOCK) => {
             let _ = rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK);
-            true
+            if !std::mem::replace(warned, true) {
+                crate::log!(
+                    warn,
+                    event,
+                    reason =
+                        "a worker made a listener blocking; clusterd set it non-blocking again"
+                );
+            }
         }
-        _ => false,
+        _ => {}
     }
 }
 
